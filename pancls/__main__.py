@@ -1,0 +1,5 @@
+import sys
+
+from pancls.cli import main
+
+sys.exit(main())

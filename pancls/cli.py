@@ -1,0 +1,53 @@
+"""The ``pancls`` command line: parse, dispatch, and turn a :class:`UserError` into one line + exit 2.
+
+Each subcommand lives in ``pancls/commands/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from pancls import __version__
+from pancls.errors import UserError
+
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "lt": ("pancls.commands.lt", "train and evaluate on a long-tailed benchmark (CIFAR-10/100-LT)"),
+    "ingest": ("pancls.commands.ingest", "convert DICOM/NIfTI studies into checked NIfTI volumes + a manifest"),
+    "synth": ("pancls.commands.synth", "write the synthetic pancreatic-tumour CT demo dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pancls", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"pancls {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as exc:
+        print(f"pancls {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pancls {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

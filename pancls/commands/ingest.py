@@ -1,0 +1,54 @@
+"""Convert DICOM/NIfTI studies into checked NIfTI volumes, a manifest and an inventory.
+
+Walks every SRC (folders recursively, files, zip archives), skips non-image objects by SOP class,
+chooses one CT series per study, builds it with pancls' own geometry checks and writes
+OUT/images/*.nii.gz + sidecars, OUT/manifest.csv and OUT/inventory.csv. Re-running converts only
+what changed (``--force`` redoes everything). Exit status 1 when any input failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from pancls.errors import UserError
+from pancls.ingest import ingest, load_config
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
+                        help="DICOM folders/files, zip archives or NIfTI files")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--config", type=Path, help="YAML with 'selection', 'geometry' and 'patient_salt'")
+    parser.add_argument("--force", action="store_true", help="convert again even when up to date")
+    parser.add_argument("--workers", type=_workers, help="threads for header reading and decoding")
+    for problem in ("gap", "tilt", "uneven"):
+        parser.add_argument(f"--on-{problem}", choices=("refuse", "resample"),
+                            help=f"what to do with a series with {problem} (overrides the config; default refuse)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    overrides = {f"on_{p}": getattr(args, f"on_{p}") for p in ("gap", "tilt", "uneven") if getattr(args, f"on_{p}")}
+    if overrides:
+        config.geometry = dataclasses.replace(config.geometry, **overrides)
+    out = args.out.resolve()
+    for src in args.sources:
+        # a later scan of that source would pick up our own NIfTI outputs as inputs
+        if src.exists() and src.is_dir() and (out == src.resolve() or src.resolve() in out.parents):
+            raise UserError(f"the output folder must not be inside the source {src}", "--out")
+    report = ingest(args.sources, args.out, config, force=args.force, workers=args.workers,
+                    progress=not args.no_progress)
+    print(f"pancls ingest: {report.summary()} -> {args.out}")
+    return 1 if report.problems else 0

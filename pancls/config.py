@@ -1,0 +1,146 @@
+"""Config files: YAML mapped onto dataclasses, with ``key.sub=value`` overrides and strict validation.
+
+Every experiment writes the fully resolved config into its run folder (``config.yaml``) so that a run
+can be re-read and resumed exactly. Unknown keys and wrongly typed values are refused with a
+:class:`~pancls.errors.UserError` naming the key, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Type, TypeVar
+
+import yaml
+
+from pancls.errors import UserError
+
+T = TypeVar("T")
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; a missing, unreadable or non-mapping file is a :class:`UserError`."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError("config file not found", path) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read config: {str(exc).splitlines()[0]}", path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError("a config file must hold a mapping at its top level", path)
+    return data
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place; returns it."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not of the form key=value", "--set")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section", "--set")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise UserError(f"expected a mapping, got {value!r}", where)
+        return from_dict(annotation, value, where)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UserError as exc:
+                errors.append(exc.reason)
+        raise UserError("; ".join(errors), where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{value!r} is not one of {list(args)}", where)
+        return value
+    if origin in (list, tuple, Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"expected a list, got {value!r}", where)
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or annotation is tuple else items
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise UserError(f"expected a mapping, got {value!r}", where)
+        return dict(value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"expected true or false, got {value!r}", where)
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"expected an integer, got {value!r}", where)
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"expected a number, got {value!r}", where)
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"expected a string, got {value!r}", where)
+        return value
+    return value
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types.
+
+    Nested dataclass fields take nested mappings; missing keys keep their defaults.
+    """
+    if not isinstance(data, Mapping):
+        raise UserError(f"expected a mapping, got {data!r}", where)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}", where)
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc), where) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain YAML-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
+    """Write a dataclass or mapping as YAML, atomically."""
+    from pancls.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

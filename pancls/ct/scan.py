@@ -1,0 +1,461 @@
+"""Find DICOM image objects under folders, skip everything else, and group them into series.
+
+Only headers are read here (``pydicom.dcmread(stop_before_pixels=True)``, in a thread pool); the
+pixels are decoded later, one chosen series at a time, by :func:`pancls.ct.volume.build_volume`.
+
+Classification of every file found
+----------------------------------
+* ``.nii`` / ``.nii.gz`` files are returned as NIfTI inputs (:attr:`ScanResult.nifti`).
+* A file without the ``DICM`` marker at byte 128 that pydicom can only parse with ``force=True``
+  (e.g. pydicom's ``rtstruct.dcm``) is skipped: "no DICOM preamble/file meta". Anything else
+  without the marker is skipped as "not a DICOM file".
+* A DICOM file whose header cannot be parsed (truncated, corrupt) is *unreadable*: unlike a skip
+  this is reported as a problem, since it is most likely a lost slice.
+* The SOP class is the dataset's SOPClassUID or, when that is empty (anonymisers blank it), the
+  file meta's MediaStorageSOPClassUID. Only *image storage* classes are kept; DICOMDIR, structured
+  reports, segmentations, RT structure sets/plans/doses, presentation states and every other
+  non-image class are skipped by SOP class -- never by extension or by the presence of PixelData
+  (RT Dose and SEG carry pixel data and SimpleITK and dcm2niix read them as images).
+
+Grouping rule
+-------------
+1. **Study**: StudyInstanceUID; when empty, the fallback key (PatientID, StudyDate, StudyTime,
+   StudyID, AccessionNumber, grand-parent folder of the file -- series folders of one study are
+   usually siblings).
+2. **Copies**: if one SOPInstanceUID occurs in more than one folder, the study was stored more than
+   once (a re-export, or a hand-made subset such as the ``gap`` fixture). The study is then split
+   where the copies diverge: below the common folder of the duplicated instances, each top-level
+   sub-folder is a separate copy with its own study hash. A series split over several folders
+   without repeated instances stays one series.
+3. **Series**: SeriesInstanceUID; when empty, the fallback key (SeriesNumber, SeriesDescription,
+   ImageType, orientation rounded to 0.01, PixelSpacing rounded to 0.001 mm, Rows, Columns, KVP,
+   ConvolutionKernel, AcquisitionNumber, FrameOfReferenceUID, folder).
+4. Inside a series, files are further split by (LOCALIZER in ImageType, orientation rounded to
+   0.01), so that a scout stored under the series' UID becomes its own (excluded) sub-series
+   instead of breaking the volume.
+5. Files repeating a SOPInstanceUID inside one series are duplicates (e.g. the same slice stored
+   compressed and uncompressed): the first by path is kept and the series gets a note.
+
+Nothing here writes patient identifiers: studies and series are named by truncated sha256 hashes of
+their UIDs (or fallback keys); PatientID is only ever used hashed, for :attr:`Series.patient_key`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+from tqdm.auto import tqdm
+
+from pancls.errors import UserError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: SOP classes from which a CT volume can be built.
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+}
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC and its multi-frame variants (.7.1-.7.4)
+
+
+def short_hash(text: str, n: int = 10) -> str:
+    """First ``n`` hex digits of sha256(``text``): a stable, non-identifying name."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
+
+
+def sop_class_name(uid: str) -> str:
+    """Human name of a SOP class UID (pydicom's dictionary), or the UID itself when unknown."""
+    if not uid:
+        return "unknown SOP class"
+    name = UID(uid).name
+    return name if name and name != uid else f"unknown SOP class {uid}"
+
+
+def is_image_storage(uid: str) -> bool:
+    """True for image storage SOP classes ("... Image Storage"), which hold a viewable image."""
+    return "Image Storage" in sop_class_name(uid)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Header facts of one DICOM image object (no pixels, no patient identifiers except hashed)."""
+
+    path: Path
+    folder: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    series_number: Optional[int]
+    series_description: str
+    modality: str
+    image_type: Tuple[str, ...]
+    orientation: Optional[Tuple[float, ...]]  # ImageOrientationPatient (6 cosines)
+    pixel_spacing: Optional[Tuple[float, float]]
+    rows: int
+    columns: int
+    n_frames: int
+    acquisition_key: Tuple[str, ...]  # KVP, kernel, AcquisitionNumber, FrameOfReferenceUID
+    study_fallback: Tuple[str, ...]  # StudyDate, StudyTime, StudyID, AccessionNumber
+    patient_hash: str  # sha256 of PatientID ('' when absent)
+    size: int
+    mtime_ns: int
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file that holds no usable image; ``problem`` marks unreadable DICOM (a real failure)."""
+
+    path: Path
+    reason: str
+    problem: bool = False
+
+
+@dataclass
+class Series:
+    """The image objects of one series (one copy of it, one orientation), with naming hashes."""
+
+    study_hash: str
+    series_hash: str
+    patient_key: str
+    instances: List[Instance]
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def first(self) -> Instance:
+        return self.instances[0]
+
+    @property
+    def paths(self) -> List[Path]:
+        return [inst.path for inst in self.instances]
+
+    @property
+    def n_slices(self) -> int:
+        return sum(inst.n_frames for inst in self.instances)
+
+    @property
+    def name(self) -> str:
+        """Display name without identifiers: ``<series hash> S<number> <description>``."""
+        number = "S?" if self.first.series_number is None else f"S{self.first.series_number}"
+        desc = self.first.series_description
+        return f"{self.series_hash} {number}" + (f" {desc}" if desc else "")
+
+    @property
+    def orientation_label(self) -> str:
+        return orientation_label(self.first.orientation)
+
+    def fingerprint(self) -> str:
+        """sha256 over (path, size, mtime) of every file: changes when any source file changes."""
+        h = hashlib.sha256()
+        for inst in sorted(self.instances, key=lambda i: str(i.path)):
+            h.update(f"{inst.path.resolve()}\0{inst.size}\0{inst.mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class ScanResult:
+    series: List[Series]
+    skipped: List[SkippedFile]
+    nifti: List[Path]
+    origin: Dict[Path, Path]  # every file found -> the source (argument) it was found under
+
+
+def orientation_label(iop: Optional[Sequence[float]], oblique_deg: float = 30.0) -> str:
+    """'axial' / 'coronal' / 'sagittal' from the slice normal's nearest patient axis, else 'oblique'.
+
+    The normal is n = row cosines x column cosines; the label is the axis (x: sagittal, y: coronal,
+    z: axial) with the largest |n| component, provided the normal is within ``oblique_deg`` of it
+    (so an 18.5 deg gantry tilt is still axial).
+    """
+    if iop is None or len(iop) != 6:
+        return "unknown"
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        return "unknown"
+    normal = np.abs(normal / norm)
+    axis = int(np.argmax(normal))
+    if np.degrees(np.arccos(min(1.0, normal[axis]))) > oblique_deg:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None) -> Iterator[Tuple[Path, Path]]:
+    """Yield ``(file, source root)`` for every regular file under ``sources`` (recursively).
+
+    Zip archives are extracted into ``tmp_dir`` (required when one is met) and walked like folders.
+    Hidden files and folders (``.name``) are ignored. A missing source is a :class:`UserError`.
+    """
+    for src in sources:
+        src = Path(src)
+        if not src.exists():
+            raise UserError("no such file or folder", src)
+        for path in [src] if src.is_file() else _walk(src):
+            if zipfile.is_zipfile(path) and not _is_nifti(path):
+                if tmp_dir is None:
+                    raise ValueError("iter_files needs tmp_dir to extract zip archives")
+                target = Path(tmp_dir) / short_hash(str(path.resolve()))
+                _extract_zip(path, target)
+                yield from ((p, src) for p, _ in iter_files([target]))
+            else:
+                yield path, src
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # in place: prunes the walk
+        yield from (Path(folder) / n for n in sorted(names) if not n.startswith("."))
+
+
+def _extract_zip(path: Path, target: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.infolist():
+                # refuse absolute paths and '..' (zip-slip): they would escape the temp folder
+                dest = (target / member.filename).resolve()
+                if not str(dest).startswith(str(target.resolve())):
+                    raise UserError(f"zip member {member.filename!r} escapes the archive", path)
+            zf.extractall(target)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"bad zip archive: {exc}", path) from None
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def _floats(value) -> Optional[Tuple[float, ...]]:
+    if value is None or value == "":
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _functional(ds: pydicom.Dataset, sequence: str, keyword: str):
+    """``keyword`` from the top level, else from the shared, else the first per-frame functional
+    group (Enhanced CT keeps orientation and spacing only there)."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            item = ds[groups][0][sequence][0]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _str(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def read_header(path: Path) -> Instance | SkippedFile:
+    """Classify one file from its header; never raises for a bad file (returns a skip instead)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+        stat = path.stat()
+    except OSError as exc:
+        return SkippedFile(path, f"cannot read file: {exc.strerror}", problem=True)
+    if head[128:132] != b"DICM":
+        return _classify_without_preamble(path)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on corrupt input; the batch must go on
+        return SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", problem=True)
+    if "DirectoryRecordSequence" in ds:
+        return SkippedFile(path, "DICOMDIR (Media Storage Directory Storage): not an image")
+    meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or "") or meta_class
+    if not is_image_storage(sop_class):
+        return SkippedFile(path, f"{sop_class_name(sop_class)}: not an image storage SOP class")
+    if "Rows" not in ds or "Columns" not in ds:
+        # pydicom stops quietly at end of file, so a truncated header shows up as missing elements
+        return SkippedFile(path, f"incomplete {sop_class_name(sop_class)} header (truncated?): no Rows/Columns",
+                           problem=True)
+    spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    series_number = ds.get("SeriesNumber")
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        series_number = None if series_number in (None, "") else int(series_number)
+    except (TypeError, ValueError) as exc:
+        return SkippedFile(path, f"bad NumberOfFrames/SeriesNumber: {exc}", problem=True)
+    patient_id = _str(ds, "PatientID")
+    return Instance(
+        path=path,
+        folder=path.parent,
+        sop_class_uid=sop_class,
+        sop_instance_uid=_str(ds, "SOPInstanceUID"),
+        study_uid=_str(ds, "StudyInstanceUID"),
+        series_uid=_str(ds, "SeriesInstanceUID"),
+        series_number=series_number,
+        series_description=_str(ds, "SeriesDescription"),
+        modality=_str(ds, "Modality"),
+        image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
+        orientation=_floats(_functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")),
+        pixel_spacing=spacing[:2] if spacing and len(spacing) >= 2 else None,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        n_frames=n_frames,
+        acquisition_key=tuple(_str(ds, k) for k in ("KVP", "ConvolutionKernel", "AcquisitionNumber", "FrameOfReferenceUID")),
+        study_fallback=tuple(_str(ds, k) for k in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber")),
+        patient_hash=short_hash("patient:" + patient_id, 64) if patient_id else "",
+        size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+    )
+
+
+def _classify_without_preamble(path: Path) -> SkippedFile:
+    """A file lacking 'DICM': either a raw DICOM dataset (readable only with force=True) or not DICOM."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+    except Exception:  # force=True on arbitrary bytes fails in arbitrary ways
+        return SkippedFile(path, "not a DICOM file")
+    # force=True "parses" almost any bytes; only a real SOP class UID shows it is a DICOM dataset
+    if sop_class.startswith("1.2.840.10008."):
+        return SkippedFile(path, f"{sop_class_name(sop_class)}: no DICOM preamble/file meta")
+    return SkippedFile(path, "not a DICOM file")
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def _rounded(values: Optional[Sequence[float]], ndigits: int) -> Tuple[float, ...]:
+    # + 0.0 turns -0.0 into 0.0 so that both round to the same key
+    return () if values is None else tuple(round(v, ndigits) + 0.0 for v in values)
+
+
+def _study_key(inst: Instance) -> str:
+    if inst.study_uid:
+        return "uid:" + inst.study_uid
+    return "fallback:" + repr((inst.patient_hash, inst.study_fallback, str(inst.folder.parent)))
+
+
+def _series_key(inst: Instance) -> str:
+    if inst.series_uid:
+        return "uid:" + inst.series_uid
+    return "fallback:" + repr((
+        inst.series_number, inst.series_description, inst.image_type,
+        _rounded(inst.orientation, 2), _rounded(inst.pixel_spacing, 3),
+        inst.rows, inst.columns, inst.acquisition_key, str(inst.folder),
+    ))
+
+
+def _copy_tags(instances: Sequence[Instance]) -> List[str]:
+    """Per instance, which stored copy of the study it belongs to ('' when stored once); see rule 2."""
+    folders_of = defaultdict(set)
+    for inst in instances:
+        if inst.sop_instance_uid:
+            folders_of[inst.sop_instance_uid].add(inst.folder)
+    dup_folders = sorted({f for fs in folders_of.values() if len(fs) > 1 for f in fs})
+    if not dup_folders:
+        return [""] * len(instances)
+    common = Path(os.path.commonpath([str(f) for f in dup_folders]))
+    tags = []
+    for inst in instances:
+        try:
+            rel = inst.folder.relative_to(common)
+        except ValueError:  # outside the copies' common folder: a copy of its own
+            rel = inst.folder
+        tags.append(rel.parts[0] if rel.parts else ".")
+    return tags
+
+
+def group_series(instances: Sequence[Instance]) -> List[Series]:
+    """Group image objects into series following the rules in the module docstring."""
+    by_study = defaultdict(list)
+    for inst in instances:
+        by_study[_study_key(inst)].append(inst)
+    series: List[Series] = []
+    for study_key, members in by_study.items():
+        tagged = defaultdict(list)
+        for inst, tag in zip(members, _copy_tags(members)):
+            tagged[tag].append(inst)
+        for tag, copy_members in tagged.items():
+            study_id = study_key + (f"|copy:{tag}" if tag else "")
+            buckets = defaultdict(list)
+            for inst in copy_members:
+                sub = (inst.is_localizer, _rounded(inst.orientation, 2))
+                buckets[(_series_key(inst), sub)].append(inst)
+            # the sub-series key enters the hash only when a series really was split
+            n_subs = defaultdict(int)
+            for key, _ in buckets:
+                n_subs[key] += 1
+            for (key, sub), files in buckets.items():
+                series_id = study_id + "|" + key + (f"|{sub}" if n_subs[key] > 1 else "")
+                series.append(_make_series(study_id, series_id, files))
+    series.sort(key=lambda s: (s.study_hash, s.first.series_number or 0, s.series_hash))
+    return series
+
+
+def _make_series(study_id: str, series_id: str, files: List[Instance]) -> Series:
+    files = sorted(files, key=lambda i: str(i.path))
+    kept, seen, duplicates = [], set(), 0
+    for inst in files:
+        if inst.sop_instance_uid and inst.sop_instance_uid in seen:
+            duplicates += 1
+            continue
+        seen.add(inst.sop_instance_uid)
+        kept.append(inst)
+    notes = [f"{duplicates} duplicate file(s) of the same SOP Instance UID ignored"] if duplicates else []
+    patient = kept[0].patient_hash
+    return Series(
+        study_hash=short_hash(study_id),
+        series_hash=short_hash(series_id),
+        patient_key=patient or "study:" + short_hash(study_id),
+        instances=kept,
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def scan(sources: Sequence[Path], workers: Optional[int] = None, tmp_dir: Optional[Path] = None,
+         progress: bool = True) -> ScanResult:
+    """Walk ``sources``, read every file's header in a thread pool, and group images into series.
+
+    ``workers`` defaults to ``min(8, cpu_count + 4)``: header reading waits on the disk as much as on
+    the GIL, so a few more threads than cores helps on network storage and costs little locally.
+    """
+    files, nifti, origin = [], [], {}
+    for path, root in iter_files(sources, tmp_dir):
+        origin[path] = root
+        (nifti if _is_nifti(path) else files).append(path)
+    workers = workers or min(8, (os.cpu_count() or 1) + 4)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(tqdm(pool.map(read_header, files), total=len(files), desc="headers",
+                            unit="file", disable=None if progress else True, leave=False))
+    instances = [r for r in results if isinstance(r, Instance)]
+    skipped = [r for r in results if isinstance(r, SkippedFile)]
+    return ScanResult(series=group_series(instances), skipped=skipped, nifti=nifti, origin=origin)

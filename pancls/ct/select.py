@@ -1,0 +1,144 @@
+"""Choose, per study, the one CT series to convert; every other series gets a reason.
+
+Decision order
+--------------
+1. **Exclusions** (a series is never used, whatever else the study holds):
+   not a CT SOP class (Secondary Capture is excluded even when Modality says CT -- scanners save
+   dose sheets and exam summaries that way), Modality not CT, ImageType LOCALIZER, a single-slice
+   series whose slice normal is more than ``localizer_angle_deg`` away from the study's largest
+   series (an unlabelled scout), fewer than ``min_slices`` slices, and the description
+   include/exclude regexes.
+2. **Preference** among the remaining series of a study, lexicographically:
+   contrast phase (position of the first keyword of ``phase_preference`` found in the
+   description; no keyword ranks last), ORIGINAL before DERIVED, axial before other orientations,
+   then the tie-break: ``"thinnest"`` (smallest in-plane pixel area, then most slices) or
+   ``"most_slices"``; finally the lowest series number, so the choice is deterministic.
+   The winner is kept; the others are skipped as "not preferred: <winner> chosen".
+
+``min_slices`` defaults to 1 so that a study with a single valid CT object (the ``jpeg2000``
+fixture, a 2-frame enhanced object) is still converted: the preference step already picks the
+proper volume in a real study, and localizers are excluded by their own rule. Set it (e.g. 20) in
+the config for training data, where short stacks are useless.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+
+from pancls.ct.scan import CT_SOP_CLASSES, SECONDARY_CAPTURE_PREFIX, Series, sop_class_name
+from pancls.errors import UserError
+
+
+@dataclass
+class SelectionRules:
+    """Series selection rules (YAML section ``selection``; see the module docstring)."""
+
+    include_description: Optional[str] = None  # regex; when set a series must match (search, case-insensitive)
+    exclude_description: Optional[str] = None  # regex; a matching series is excluded
+    phase_preference: List[str] = field(default_factory=lambda: ["venous", "portal", "arterial"])
+    min_slices: int = 1
+    tie_break: Literal["thinnest", "most_slices"] = "thinnest"
+    localizer_angle_deg: float = 45.0
+    one_per_study: bool = True  # False keeps every eligible series
+    nifti_exclude: Optional[str] = r"seg|mask|label"  # regex on NIfTI file names found in folders
+
+    def __post_init__(self) -> None:
+        for name in ("include_description", "exclude_description", "nifti_exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise UserError(f"bad regular expression {pattern!r}: {exc}", f"selection.{name}") from None
+        if self.min_slices < 1:
+            raise UserError(f"must be >= 1, got {self.min_slices}", "selection.min_slices")
+        if not 0 < self.localizer_angle_deg <= 90:
+            raise UserError(f"must be in (0, 90], got {self.localizer_angle_deg}", "selection.localizer_angle_deg")
+
+
+@dataclass(frozen=True)
+class Decision:
+    series: Series
+    kept: bool
+    reason: str
+
+
+def _normal(series: Series) -> Optional[np.ndarray]:
+    iop = series.first.orientation
+    if iop is None or len(iop) != 6:
+        return None
+    n = np.cross(iop[:3], iop[3:])
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 1e-6 else None
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    # slice normals have no sign: a stack can run either way
+    return float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(a, b)))))))
+
+
+def exclusion_reason(series: Series, rules: SelectionRules, reference: Optional[Series]) -> Optional[str]:
+    """Why ``series`` can never be used (None when eligible); ``reference`` is the study's largest series."""
+    first = series.first
+    if first.sop_class_uid.startswith(SECONDARY_CAPTURE_PREFIX):
+        return f"secondary capture ({sop_class_name(first.sop_class_uid)}), not a CT acquisition"
+    if first.sop_class_uid not in CT_SOP_CLASSES:
+        return f"not a CT image SOP class ({sop_class_name(first.sop_class_uid)})"
+    if first.modality != "CT":
+        return f"modality {first.modality or 'missing'}, not CT"
+    if first.is_localizer:
+        return "localizer/scout (ImageType LOCALIZER)"
+    if series.n_slices == 1 and reference is not None and reference is not series:
+        n, ref = _normal(series), _normal(reference)
+        if n is not None and ref is not None and _angle_deg(n, ref) > rules.localizer_angle_deg:
+            return f"localizer/scout (single {series.orientation_label} slice, {_angle_deg(n, ref):.0f} deg off the study's main series)"
+    if series.n_slices < rules.min_slices:
+        return f"{series.n_slices} slice(s), fewer than min_slices={rules.min_slices}"
+    desc = first.series_description
+    if rules.include_description and not re.search(rules.include_description, desc, re.IGNORECASE):
+        return f"description {desc!r} does not match include_description"
+    if rules.exclude_description and re.search(rules.exclude_description, desc, re.IGNORECASE):
+        return f"description {desc!r} matches exclude_description"
+    return None
+
+
+def preference_key(series: Series, rules: SelectionRules) -> Tuple:
+    """Sort key: smaller is preferred (see the module docstring)."""
+    first = series.first
+    desc = first.series_description.lower()
+    phase = next((i for i, word in enumerate(rules.phase_preference) if word.lower() in desc), len(rules.phase_preference))
+    derived = "DERIVED" in first.image_type
+    not_axial = series.orientation_label != "axial"
+    spacing = first.pixel_spacing or (np.inf, np.inf)
+    thinnest = (spacing[0] * spacing[1], -series.n_slices)
+    most = (-series.n_slices, spacing[0] * spacing[1])
+    tie = thinnest if rules.tie_break == "thinnest" else most
+    number = first.series_number if first.series_number is not None else np.inf
+    return (phase, derived, not_axial, *tie, number, series.series_hash)
+
+
+def select_series(series: Sequence[Series], rules: SelectionRules = SelectionRules()) -> List[Decision]:
+    """One :class:`Decision` per series, in input order; at most one kept per study by default."""
+    by_study: Dict[str, List[Series]] = {}
+    for s in series:
+        by_study.setdefault(s.study_hash, []).append(s)
+    decisions: Dict[int, Decision] = {}
+    for members in by_study.values():
+        reference = max(members, key=lambda s: (s.n_slices, s.series_hash))
+        eligible = []
+        for s in members:
+            reason = exclusion_reason(s, rules, reference)
+            if reason is None:
+                eligible.append(s)
+            else:
+                decisions[id(s)] = Decision(s, False, reason)
+        eligible.sort(key=lambda s: preference_key(s, rules))
+        for rank, s in enumerate(eligible):
+            if rank == 0 or not rules.one_per_study:
+                decisions[id(s)] = Decision(s, True, "selected")
+            else:
+                decisions[id(s)] = Decision(s, False, f"not preferred: {eligible[0].name} chosen for this study")
+    return [decisions[id(s)] for s in series]

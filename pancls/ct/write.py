@@ -1,0 +1,61 @@
+"""Write a :class:`~pancls.ct.volume.Volume` as NIfTI-1 plus a JSON sidecar, atomically.
+
+The image is int16 with ``qform = sform = volume.affine`` (code 1, scanner anatomical), units mm, and no
+scaling (``scl_slope`` = 1, ``scl_inter`` = 0), so the stored integers are the HU. The sidecar holds the
+geometry, the flags and ``volume.meta``; it is written only from those fields, so it cannot carry a
+header value pancls did not choose to keep (no names, IDs, dates or UIDs).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pancls.ct.volume import Volume
+from pancls.errors import UserError
+from pancls.io import atomic_save, atomic_write_json
+
+NIFTI_SCANNER_CODE = 1
+
+
+def _has_shear(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return bool(np.max(np.abs(axes.T @ axes - np.eye(3))) > tolerance)
+
+
+def sidecar_dict(volume: Volume) -> dict:
+    """The JSON sidecar content: geometry, flags and the volume's non-identifying metadata."""
+    return {
+        "shape": [int(s) for s in volume.array.shape],
+        "spacing_mm": [float(s) for s in volume.spacing],
+        "affine_ras": [[float(v) for v in row] for row in volume.affine],
+        "axcodes": list(nib.aff2axcodes(volume.affine)),
+        "dtype": "int16",
+        "units": "HU" if not any(f.startswith("rescale_type:") for f in volume.flags) else "rescaled stored values",
+        "flags": list(volume.flags),
+        "meta": volume.meta,
+    }
+
+
+def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: str | os.PathLike | None = None) -> None:
+    """Write ``volume`` to ``nifti_path`` (``.nii`` or ``.nii.gz``) and, if given, its JSON sidecar.
+
+    Each file appears complete or not at all (temporary file + rename). A sheared affine is refused:
+    the NIfTI qform can only store rotations and zooms.
+    """
+    nifti_path = Path(nifti_path)
+    if not (nifti_path.name.endswith(".nii.gz") or nifti_path.name.endswith(".nii")):
+        raise UserError("the output file name must end in .nii.gz or .nii", nifti_path)
+    if _has_shear(volume.affine):
+        raise UserError("the volume's affine has shear, which a NIfTI qform cannot store; resample it first",
+                        nifti_path)
+    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.int16), volume.affine)
+    img.set_qform(volume.affine, code=NIFTI_SCANNER_CODE)
+    img.set_sform(volume.affine, code=NIFTI_SCANNER_CODE)
+    img.header.set_xyzt_units(xyz="mm")
+    img.header.set_slope_inter(1.0, 0.0)
+    atomic_save(nifti_path, lambda tmp: nib.save(img, tmp))
+    if sidecar_path is not None:
+        atomic_write_json(sidecar_path, sidecar_dict(volume))

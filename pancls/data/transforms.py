@@ -1,0 +1,342 @@
+"""3D CT preprocessing with MONAI: a deterministic part that is cached on disk, and a random training part.
+
+Deterministic part (:func:`deterministic_transforms`), per volume::
+
+    load -> channel first -> RAS -> resample to `spacing` (image linear, mask nearest)
+         -> window(s) to [0, 1] -> ROI crop -> pad/crop to `size`
+
+Windowing maps a CT window of width W and level L linearly onto [0, 1] with clipping,
+
+    x' = clip((HU - (L - W/2)) / W, 0, 1),
+
+so the abdominal window W400/L40 sends [-160, 240] HU to [0, 1]. Several windows become stacked channels.
+It runs *before* cropping and padding so that padded voxels are 0, i.e. "below the window" like air or fat,
+never the 0.5 that a padded 0 HU would become.
+
+ROI (``roi``): ``"mask"`` crops the bounding box of the mask's foreground plus ``margin_mm`` on each side
+(then centre-pads/crops to ``size``; choose ``size * spacing`` to cover the largest ROI plus margins, or
+its centre is kept and the rim is cut); ``"box"`` a fixed voxel box of the resampled RAS grid; ``"centre"``
+the centre of the volume.
+
+Caching (:func:`make_dataset`): the deterministic output of each volume is stored by MONAI's
+:class:`~monai.data.PersistentDataset` under ``cache_root/<preprocess_fingerprint(cfg)>/``. MONAI keys its
+cache files by the input item only, so a changed pipeline would silently reuse stale tensors; the
+fingerprint (config + :data:`PREPROCESS_VERSION` + MONAI version) gives every pipeline its own folder. Items
+are keyed by the volume paths plus their size and modification time, not by the label or fold, so one cache
+serves every fold and a corrected label never meets a stale cached copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import monai
+import numpy as np
+from monai.data import PersistentDataset
+from monai.transforms import (
+    Compose,
+    ConcatItemsd,
+    CopyItemsd,
+    CropForegroundd,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialCropd,
+)
+from torch.utils.data import Dataset
+
+from pancls.config import to_dict
+from pancls.errors import UserError
+from pancls.io import atomic_write_json
+
+#: Bump whenever the deterministic pipeline's code changes what it outputs: old caches then go unused.
+PREPROCESS_VERSION = 1
+IMAGE_KEY = "image"
+MASK_KEY = "mask"
+
+
+def _list_field(*values):
+    """A list default (a fresh copy per instance: dataclasses refuse a shared mutable default)."""
+    return field(default_factory=lambda: [list(v) if isinstance(v, (list, tuple)) else v for v in values])
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic preprocessing (YAML section ``preprocess``).
+
+    Defaults suit pancreas work on portal-venous CT: 1.5 x 1.5 mm in plane, 3 mm slices (the usual
+    clinical reconstruction, so z is rarely upsampled), and a 96 x 96 x 48 output, i.e. a 144 mm cube that
+    holds a whole pancreas or any lesion with its margin.
+    """
+
+    spacing: List[float] = _list_field(1.5, 1.5, 3.0)
+    #: (width, level) in HU per output channel; W400/L40 is the standard abdominal soft-tissue window.
+    windows: List[List[float]] = _list_field([400.0, 40.0])
+    roi: Literal["mask", "box", "centre"] = "mask"
+    margin_mm: float = 10.0
+    size: List[int] = _list_field(96, 96, 48)
+    #: roi "box" only: first voxel and one-past-last voxel in the resampled RAS grid.
+    box_start: Optional[List[int]] = None
+    box_end: Optional[List[int]] = None
+
+    def __post_init__(self):
+        # Normalised types keep the fingerprint identical for [1.5, 1.5, 3] and [1.5, 1.5, 3.0].
+        self.spacing = [float(s) for s in _triple(self.spacing, "spacing")]
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be positive (mm), got {self.spacing}")
+        self.size = [int(s) for s in _triple(self.size, "size")]
+        if any(s <= 0 for s in self.size):
+            raise ValueError(f"size must be positive (voxels), got {self.size}")
+        if not self.windows:
+            raise ValueError("windows: give at least one (width, level) pair")
+        windows = []
+        for i, window in enumerate(self.windows):
+            if len(window) != 2 or float(window[0]) <= 0:
+                raise ValueError(f"windows[{i}] must be [width > 0, level] in HU, got {window}")
+            windows.append([float(window[0]), float(window[1])])
+        self.windows = windows
+        if self.roi not in ("mask", "box", "centre"):
+            raise ValueError(f"roi must be 'mask', 'box' or 'centre', got {self.roi!r}")
+        if self.margin_mm < 0:
+            raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
+        self.margin_mm = float(self.margin_mm)
+        if self.roi == "box":
+            if self.box_start is None or self.box_end is None:
+                raise ValueError("roi 'box' needs box_start and box_end (voxels of the resampled RAS grid)")
+            self.box_start = [int(v) for v in _triple(self.box_start, "box_start")]
+            self.box_end = [int(v) for v in _triple(self.box_end, "box_end")]
+            if any(s < 0 or e <= s for s, e in zip(self.box_start, self.box_end)):
+                raise ValueError(f"box must satisfy 0 <= box_start < box_end, got {self.box_start}..{self.box_end}")
+        elif self.box_start is not None or self.box_end is not None:
+            raise ValueError(f"box_start/box_end are only used with roi 'box', not {self.roi!r}")
+
+    @property
+    def margin_voxels(self) -> List[int]:
+        """``margin_mm`` in output voxels, rounded up so that any margin > 0 is at least one voxel."""
+        return [math.ceil(self.margin_mm / s - 1e-9) for s in self.spacing]
+
+
+@dataclass
+class AugmentConfig:
+    """Random training augmentation (YAML section ``augment``), applied after the cache.
+
+    Intensities are in windowed units ([0, 1] = the window), so ``intensity_shift: 0.05`` is 5% of the
+    window width (20 HU for W400). A probability of 0 switches a transform off.
+    """
+
+    flip_prob: float = 0.5
+    #: RAS axes to flip, each independently with ``flip_prob``.
+    flip_axes: List[int] = _list_field(0, 1, 2)
+    affine_prob: float = 0.3
+    #: Largest rotation about the x, y, z (RAS) axes in degrees; the default turns within the axial plane.
+    rotate_deg: List[float] = _list_field(0.0, 0.0, 15.0)
+    #: Largest relative zoom, e.g. 0.1 for factors in [0.9, 1.1].
+    scale: float = 0.1
+    intensity_prob: float = 0.5
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    noise_prob: float = 0.2
+    noise_std: float = 0.01
+
+    def __post_init__(self):
+        for name in ("flip_prob", "affine_prob", "intensity_prob", "noise_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in ("scale", "intensity_scale", "intensity_shift", "noise_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"flip_axes must be among 0, 1, 2, got {self.flip_axes}")
+        self.rotate_deg = [float(v) for v in _triple(self.rotate_deg, "rotate_deg")]
+
+
+def _triple(values: Sequence, name: str) -> Sequence:
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise ValueError(f"{name} needs 3 values (x, y, z), got {values!r}")
+    return values
+
+
+def window_transforms(windows: Sequence[Sequence[float]], key: str = IMAGE_KEY) -> List[monai.transforms.Transform]:
+    """CT windows ``[(width, level), ...]`` -> one [0, 1] channel each, stacked along the channel axis."""
+    ranges = [(level - width / 2.0, level + width / 2.0) for width, level in windows]
+    if len(ranges) == 1:
+        lo, hi = ranges[0]
+        return [ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+    names = [f"{key}_window{i}" for i in range(len(ranges))]
+    steps: List[monai.transforms.Transform] = [CopyItemsd(key, times=len(names), names=names)]
+    steps += [ScaleIntensityRanged(name, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+              for name, (lo, hi) in zip(names, ranges)]
+    steps += [ConcatItemsd(names, key), DeleteItemsd(names)]
+    return steps
+
+
+class RequireForegroundd(MapTransform):
+    """Refuse an empty ROI mask (also one that vanished in resampling): MONAI's crop would silently
+    return a crop of background instead."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if not bool((d[key] > 0).any()):
+                source = getattr(d[key], "meta", {}).get("filename_or_obj", key)
+                raise UserError("the ROI mask has no foreground voxels at the preprocessing spacing", source)
+        return d
+
+
+def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
+    """The cacheable pipeline for a dict of file paths.
+
+    ``keys`` are the volumes to load: ``"image"`` (the CT in HU) and optionally ``"mask"`` (any label map,
+    resampled with nearest neighbour and returned as uint8 on the same grid). ``roi="mask"`` needs the mask.
+    Output: ``image`` float32 ``(len(windows), *size)`` in [0, 1], ``mask`` uint8 ``(1, *size)``.
+    """
+    keys = list(keys)
+    if IMAGE_KEY not in keys:
+        raise ValueError(f"keys must include {IMAGE_KEY!r}, got {keys}")
+    if cfg.roi == "mask" and MASK_KEY not in keys:
+        raise UserError(f"roi 'mask' needs a {MASK_KEY!r} volume for every image", "preprocess.roi")
+    is_image = [k == IMAGE_KEY for k in keys]
+    steps: List[monai.transforms.Transform] = [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        # labels=None: take the axis convention from the image's own space (RAS for NIfTI).
+        Orientationd(keys, axcodes="RAS", labels=None),
+        Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear" if i else "nearest" for i in is_image]),
+        *window_transforms(cfg.windows),
+    ]
+    if cfg.roi == "mask":
+        steps.append(RequireForegroundd(MASK_KEY))
+        steps.append(CropForegroundd(keys, source_key=MASK_KEY, margin=cfg.margin_voxels,
+                                     start_coord_key=None, end_coord_key=None))
+    elif cfg.roi == "box":
+        steps.append(SpatialCropd(keys, roi_start=cfg.box_start, roi_end=cfg.box_end))
+    steps += [
+        ResizeWithPadOrCropd(keys, spatial_size=cfg.size),  # pads with 0 = below the window
+        EnsureTyped(keys, dtype=[np.float32 if i else np.uint8 for i in is_image], track_meta=False),
+    ]
+    return Compose(steps)
+
+
+def random_transforms(cfg: AugmentConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
+    """Training augmentation on preprocessed tensors: spatial ones move image and mask together,
+    intensity ones touch the image only. Missing keys (no mask) are allowed.
+
+    Reproducible with ``random_transforms(cfg).set_random_state(seed)``.
+    """
+    keys = list(keys)
+    spatial_modes = ["bilinear" if k == IMAGE_KEY else "nearest" for k in keys]
+    steps: List[monai.transforms.Transform] = []
+    if cfg.flip_prob > 0:
+        steps += [RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=axis, allow_missing_keys=True)
+                  for axis in cfg.flip_axes]
+    if cfg.affine_prob > 0 and (any(cfg.rotate_deg) or cfg.scale > 0):
+        steps.append(RandAffined(keys, prob=cfg.affine_prob, rotate_range=[math.radians(d) for d in cfg.rotate_deg],
+                                 scale_range=[cfg.scale] * 3, mode=spatial_modes, padding_mode="zeros",
+                                 allow_missing_keys=True))
+    if cfg.intensity_prob > 0 and cfg.intensity_scale > 0:
+        steps.append(RandScaleIntensityd(IMAGE_KEY, factors=cfg.intensity_scale, prob=cfg.intensity_prob))
+    if cfg.intensity_prob > 0 and cfg.intensity_shift > 0:
+        steps.append(RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_prob))
+    if cfg.noise_prob > 0 and cfg.noise_std > 0:
+        steps.append(RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std))
+    # Same types as the evaluation path: plain tensors, float32 image, uint8 mask.
+    steps.append(EnsureTyped(keys, dtype=[np.float32 if k == IMAGE_KEY else np.uint8 for k in keys],
+                             track_meta=False, allow_missing_keys=True))
+    return Compose(steps)
+
+
+def preprocess_fingerprint(cfg: PreprocessConfig) -> str:
+    """Short sha256 of everything that determines the cached tensors: config, pipeline version, MONAI version."""
+    identity = {"pancls_preprocess": PREPROCESS_VERSION, "monai": monai.__version__, "config": to_dict(cfg)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _volume_hash(item: Dict[str, str]) -> bytes:
+    """Cache key of one item: its volume paths with size and mtime, so a rewritten file is recomputed."""
+    identity = {}
+    for key, path in sorted(item.items()):
+        stat = os.stat(path)
+        identity[key] = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest().encode()
+
+
+class PreprocessedDataset(Dataset):
+    """Records joined with their cached deterministic volumes, then (training) the random transforms.
+
+    ``transform`` is the random part (or None); MONAI's DataLoader seeds it per worker.
+    """
+
+    def __init__(self, records: Sequence[Dict[str, Any]], volumes: PersistentDataset, transform: Optional[Compose]):
+        self.records = list(records)
+        self.volumes = volumes
+        self.transform = transform
+        self.cache_dir = Path(volumes.cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        try:
+            volumes = self.volumes[index]
+        except RuntimeError as exc:  # MONAI wraps transform errors; surface a data problem as itself
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+        item = {**self.records[index], **volumes}
+        return self.transform(item) if self.transform is not None else item
+
+
+def make_dataset(
+    records: Sequence[Dict[str, Any]],
+    cfg: PreprocessConfig,
+    cache_root: str | os.PathLike,
+    train: bool,
+    aug_cfg: Optional[AugmentConfig] = None,
+) -> PreprocessedDataset:
+    """A dataset over manifest records (:meth:`pancls.data.manifest.Manifest.records`).
+
+    The deterministic output is cached under ``cache_root/<preprocess_fingerprint(cfg)>/`` (with a
+    ``preprocess.json`` saying which config made it); ``train=True`` adds ``random_transforms(aug_cfg)``
+    (default :class:`AugmentConfig`) after the cache. Masks are used when every record has one.
+    """
+    if not records:
+        raise UserError("no records to build a dataset from", "records")
+    has_mask = [MASK_KEY in r for r in records]
+    if cfg.roi == "mask" and not all(has_mask):
+        raise UserError(f"roi 'mask' needs a mask for every image; {has_mask.count(False)} of {len(records)} "
+                        f"records have none", "preprocess.roi")
+    keys = [IMAGE_KEY, MASK_KEY] if all(has_mask) else [IMAGE_KEY]
+    # The volume paths go to the cache; everything else (label, fold, ids) is joined on afterwards.
+    records = [{k: v for k, v in r.items() if k not in (IMAGE_KEY, MASK_KEY) or k in keys} for r in records]
+
+    cache_dir = Path(cache_root) / preprocess_fingerprint(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp = cache_dir / "preprocess.json"
+    if not stamp.exists():
+        atomic_write_json(stamp, {"pancls_preprocess": PREPROCESS_VERSION, "monai": monai.__version__,
+                                  "config": to_dict(cfg)})
+    volumes = PersistentDataset(data=[{k: r[k] for k in keys} for r in records],
+                                transform=deterministic_transforms(cfg, keys), cache_dir=cache_dir,
+                                hash_func=_volume_hash)
+    augment = random_transforms(aug_cfg or AugmentConfig(), keys) if train else None
+    return PreprocessedDataset(records, volumes, augment)

@@ -1,0 +1,211 @@
+"""Long-tailed benchmark runs (CIFAR-10/100-LT): data -> model -> the shared engine -> results.
+
+A run is a folder (after nnU-Net): ``config.yaml`` (resolved), ``classes.json``, ``last.pt``,
+``metrics.jsonl``, ``results.json`` and ``crowding.png``. It can be resumed with ``--resume`` and
+re-read later. The headline number is the LAST epoch's top-1; the best epoch is kept only as a
+labelled extra because choosing it looks at the test set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from pancls.config import dump_yaml, from_dict
+from pancls.errors import UserError
+from pancls.io import atomic_write_json
+from pancls.train.engine import TrainConfig
+
+
+@dataclass
+class LTDataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100
+    path: Optional[str] = None  # npz, official archive or extracted folder
+    imbalance_ratio: float = 100.0
+    construction: str = "ldam"  # ldam | first
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet32_cifar"
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    head: str = "tsp"
+    head_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Augment2DConfig:
+    crop_padding: int = 4  # pad-4 random crop (He et al. 2016); 0 disables
+    flip: bool = True
+
+
+@dataclass
+class LTConfig:
+    data: LTDataConfig = field(default_factory=LTDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: Augment2DConfig = field(default_factory=Augment2DConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    eval_batch_size: int = 1000
+    note: str = ""  # free text carried into results.json (e.g. where the paper is vague)
+
+
+def load_config(mapping: Dict[str, Any]) -> LTConfig:
+    return from_dict(LTConfig, mapping, "config")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda", "--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but no CUDA device is available to this torch build", "--device")
+    return torch.device(name)
+
+
+def _build(cfg: LTConfig):
+    from pancls.data.cifar import load_cifar_lt
+    from pancls.losses import create_loss
+    from pancls.models import create_model
+
+    if cfg.data.path is None:
+        raise UserError("no data path given; pass --data PATH (an npz, an official archive or its folder)", "--data")
+    data = load_cifar_lt(cfg.data.path, cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.construction)
+    model = create_model(
+        cfg.model.backbone, cfg.model.head, len(data.classes),
+        backbone_kwargs=cfg.model.backbone_kwargs, head_kwargs=cfg.model.head_kwargs,
+    )
+    loss_fn = create_loss(cfg.loss.name, data.class_counts, **cfg.loss.kwargs)
+    return data, model, loss_fn
+
+
+def dry_run(cfg: LTConfig) -> Dict[str, Any]:
+    """Build data and model only; return the facts a user checks before a long run."""
+    data, model, _ = _build(cfg)
+    return {
+        "dataset": cfg.data.dataset,
+        "imbalance_ratio": cfg.data.imbalance_ratio,
+        "construction": cfg.data.construction,
+        "n_train": int(len(data.train_labels)),
+        "n_test": int(len(data.test_labels)),
+        "class_counts": [int(c) for c in data.class_counts],
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "backbone": cfg.model.backbone,
+        "head": cfg.model.head,
+        "loss": cfg.loss.name,
+    }
+
+
+def _loaders(cfg: LTConfig, data, device: torch.device):
+    from pancls.data import augment
+    from pancls.train.loaders import TensorBatchLoader
+    from pancls.train.samplers import sample_weights
+
+    if cfg.data.dataset == "cifar100":
+        mean, std = augment.CIFAR100_MEAN, augment.CIFAR100_STD
+    else:
+        mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    flip_prob = 0.5 if cfg.augment.flip else 0.0
+    # Images stay uint8 NHWC on the device; conversion and augmentation happen per batch, on the device.
+    train_x = torch.from_numpy(data.train_images).to(device)
+    test_x = torch.from_numpy(data.test_images).to(device)
+
+    def train_transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = augment.to_float_normalised(x, mean, std, device)
+        if cfg.augment.crop_padding > 0 or flip_prob > 0:
+            x = augment.random_crop_flip(x, padding=cfg.augment.crop_padding, generator=generator, flip_prob=flip_prob)
+        return x
+
+    def eval_transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return augment.to_float_normalised(x, mean, std, device)
+
+    weights = sample_weights(data.train_labels, cfg.train.sampler)
+    train_loader = TensorBatchLoader(
+        train_x, torch.from_numpy(data.train_labels).to(device), batch_size=cfg.train.batch_size, shuffle=True,
+        sample_weights=weights, transform=train_transform, seed=cfg.train.seed,
+        weights_from_epoch=cfg.train.sampler_start_epoch,
+    )
+    eval_loader = TensorBatchLoader(
+        test_x, torch.from_numpy(data.test_labels).to(device), batch_size=cfg.eval_batch_size, shuffle=False,
+        transform=eval_transform, seed=cfg.train.seed,
+    )
+    return train_loader, eval_loader
+
+
+def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[str, Any]:
+    """Train and evaluate one configuration; write and return ``results.json``."""
+    from pancls.eval.crowding import mean_angle_to_other_centres, plot_crowding
+    from pancls.eval.metrics import classification_report
+    from pancls.train.engine import fit
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.train.seed)  # model initialisation depends only on the seed
+    data, model, loss_fn = _build(cfg)
+    model.to(device)
+    loss_fn.to(device)
+    train_loader, eval_loader = _loaders(cfg, data, device)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (out_dir / "last.pt").exists():
+        raise UserError("a run already exists here; pass --resume to continue it or choose another --out", out_dir)
+    dump_yaml(cfg, out_dir / "config.yaml")
+    atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes), "train_counts": list(map(int, data.class_counts))})
+
+    def evaluate(y_true: np.ndarray, logits: np.ndarray) -> Dict[str, Any]:
+        return classification_report(y_true, logits, data.class_counts)
+
+    started = time.time()
+    run_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "note")}
+    result = fit(model, train_loader, eval_loader, loss_fn, cfg.train, out_dir, device=device,
+                 evaluate=evaluate, resume=resume, log=log, run_config=run_config)
+    final = classification_report(result.eval_labels, result.eval_logits, data.class_counts)
+    angles = mean_angle_to_other_centres(model.head.centres().detach().cpu())
+    plot_crowding(angles, data.class_counts, data.classes, out_dir / "crowding.png",
+                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, last epoch")
+
+    results = {
+        "reported": "last epoch",
+        "epochs": cfg.train.epochs,
+        **final,
+        "crowding_mean_angle_deg": [float(a) for a in angles],
+        "class_counts": [int(c) for c in data.class_counts],
+        "classes": list(data.classes),
+        "best_epoch_on_test_set__not_reported": result.best_epoch_metrics,
+        "provenance": _provenance(device, cfg, time.time() - started),
+    }
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str, Any]:
+    from pancls import __version__
+
+    return {
+        "pancls": __version__,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "seed": cfg.train.seed,
+        "epochs": cfg.train.epochs,
+        "wall_seconds_this_session": round(seconds, 1),
+        "config": dataclasses.asdict(cfg),
+        "note": cfg.note,
+    }
+
+
+def results_table_row(results: Dict[str, Any]) -> str:
+    return json.dumps({k: results[k] for k in ("top1", "many_shot_top1", "medium_shot_top1", "few_shot_top1")})

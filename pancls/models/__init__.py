@@ -1,0 +1,51 @@
+"""Models: a backbone from :data:`BACKBONES` plus a head from :data:`pancls.heads.HEADS`.
+
+``create_model(backbone="resnet32_cifar", head="tsp", num_classes=10, head_kwargs={...})`` is the one
+entry point (after timm's ``create_model``). A head only ever sees the backbone's feature width, so
+every head works on every backbone, 2D or 3D.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pancls.models.classifier import Classifier
+from pancls.registry import Registry
+
+BACKBONES = Registry("backbone")
+
+
+def _register_builtin_backbones() -> None:
+    # Imported for their @BACKBONES.register side effects.
+    from pancls.models import monai_resnet, resnet_cifar  # noqa: F401
+
+
+def create_model(
+    backbone: str,
+    head: str,
+    num_classes: int,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+    head_kwargs: Mapping[str, Any] | None = None,
+) -> Classifier:
+    """Build ``Classifier(backbone, head)`` by name.
+
+    Parameters
+    ----------
+    backbone : str
+        A name in :data:`BACKBONES` (``resnet32_cifar``, ``resnet10``, ``resnet18``, ...).
+    head : str
+        A name in :data:`pancls.heads.HEADS` (``linear``, ``cosine``, ``tsp``).
+    num_classes : int
+        K, the number of classes.
+    """
+    from pancls.heads import HEADS
+    from pancls.errors import UserError
+
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}", "num_classes")
+    _register_builtin_backbones()
+    net = BACKBONES.create(backbone, **dict(backbone_kwargs or {}))
+    classifier_head = HEADS.create(head, in_features=net.out_features, num_classes=num_classes, **dict(head_kwargs or {}))
+    return Classifier(net, classifier_head)
+
+
+__all__ = ["BACKBONES", "Classifier", "create_model"]

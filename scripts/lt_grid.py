@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Run a grid of long-tailed CIFAR runs (datasets x IR x variants x seeds) and print our table beside
+the published one.
+
+Every cell is one ``pancls lt`` run in its own folder under ``--out``; finished cells are re-read,
+unfinished ones resumed, so the grid can be stopped and restarted. The table reports the LAST-epoch
+top-1 (mean ± std over seeds) with where each number came from (device, epochs, seeds).
+
+Example (the reduced CPU protocol of the README):
+    python scripts/lt_grid.py --config configs/lt_cpu_reduced.yaml --data ../shared/data/cifar10.npz \
+        --datasets cifar10 --ratios 100 --variants softmax cosine tsp_kernel tsp_paper --seeds 0 --out runs/grid_cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# name -> (head, loss, extra --set overrides). A variant is a head/loss recipe; everything else comes
+# from the --config recipe, identical across variants.
+VARIANTS = {
+    "softmax": ("softmax", "ce", []),
+    "cosine": ("cosine", "ce", ["model.head_kwargs.scale=16.0"]),
+    "tsp_kernel": ("tsp", "ce", ["model.head_kwargs.form=kernel"]),
+    "tsp_paper": ("tsp", "ce", ["model.head_kwargs.form=paper"]),
+    # the kernel form with a larger starting scale: its logits are bounded by 2s (see TSPHead)
+    "tsp_kernel_s16": ("tsp", "ce", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
+    "tsp_kernel_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
+    "softmax_la": ("softmax", "logit_adjust", []),
+    "softmax_ldam_drw": ("cosine", "ldam", ["model.head_kwargs.scale=1.0", "loss.kwargs.drw_epoch=160"]),
+}
+
+# Published top-1 (%) for context only; never printed as our result.
+# tSP: Yang et al., AAAI 2023, Table 2 (ResNet-32). CE: Cao et al. (LDAM-DRW), NeurIPS 2019, Table 2 "ERM".
+PUBLISHED = {
+    ("cifar10", 100): {"tSP (paper)": 84.5, "CE (LDAM-DRW paper)": 70.36},
+    ("cifar10", 50): {"tSP (paper)": 86.9, "CE (LDAM-DRW paper)": 74.81},
+    ("cifar100", 100): {"tSP (paper)": 51.7, "CE (LDAM-DRW paper)": 38.32},
+    ("cifar100", 50): {"tSP (paper)": 55.1, "CE (LDAM-DRW paper)": 43.85},
+}
+
+
+def run_cell(args, dataset: str, ratio: float, variant: str, seed: int) -> dict | None:
+    head, loss, extra = VARIANTS[variant]
+    out = args.out / f"{dataset}_ir{ratio:g}_{variant}_s{seed}"
+    results = out / "results.json"
+    if not results.exists():
+        cmd = [sys.executable, "-m", "pancls", "lt", "--config", str(args.config), "--dataset", dataset,
+               "--imbalance-ratio", str(ratio), "--head", head, "--loss", loss, "--data", str(args.data),
+               "--out", str(out), "--seed", str(seed), "--resume"]
+        if args.epochs:
+            cmd += ["--epochs", str(args.epochs)]
+        if args.device:
+            cmd += ["--device", args.device]
+        for item in extra + args.set:
+            cmd += ["--set", item]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            print(f"cell failed: {out}", file=sys.stderr)
+            return None
+    return json.loads(results.read_text())
+
+
+def fmt(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    pct = 100 * np.asarray(values)
+    return f"{pct.mean():.1f}" if len(pct) == 1 else f"{pct.mean():.1f} ± {pct.std(ddof=1):.1f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--datasets", nargs="+", default=["cifar10"])
+    p.add_argument("--ratios", nargs="+", type=float, default=[100.0])
+    p.add_argument("--variants", nargs="+", default=["softmax", "tsp_kernel"], choices=sorted(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", default=[], help="extra override for every cell")
+    args = p.parse_args()
+
+    rows = []
+    for dataset in args.datasets:
+        for ratio in args.ratios:
+            for variant in args.variants:
+                cells = [run_cell(args, dataset, ratio, variant, s) for s in args.seeds]
+                cells = [c for c in cells if c]
+                if not cells:
+                    continue
+                prov = cells[0]["provenance"]
+                rows.append((f"{dataset}-LT", f"{ratio:g}", variant, fmt([c["top1"] for c in cells]),
+                             fmt([c["many_shot_top1"] for c in cells]), fmt([c["medium_shot_top1"] for c in cells]),
+                             fmt([c["few_shot_top1"] for c in cells]),
+                             f"{prov['device']}, {prov['epochs']} ep, seeds {','.join(str(c['provenance']['seed']) for c in cells)}"))
+            for name, value in PUBLISHED.get((dataset, int(ratio)), {}).items():
+                rows.append((f"{dataset}-LT", f"{ratio:g}", name, f"{value:.1f}", "", "", "", "published, not run here"))
+
+    header = ("dataset", "IR", "variant", "top-1 (last epoch)", "many", "medium", "few", "source")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

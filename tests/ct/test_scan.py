@@ -1,0 +1,130 @@
+"""Discovery, classification and grouping of DICOM files on the real fixtures (headers only)."""
+from __future__ import annotations
+
+import dataclasses
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pancls.ct.scan import SkippedFile, group_series, orientation_label, read_header, scan
+from pancls.errors import UserError
+
+
+def test_series_ct_recurses_and_finds_three_series(ct_data: Path):
+    result = scan([ct_data / "series_ct"], progress=False)
+    assert not result.skipped or all(s.path.name == "expected.json" for s in result.skipped)
+    by_number = {s.first.series_number: s for s in result.series}
+    assert sorted(by_number) == [100, 201, 401]
+    assert len({s.study_hash for s in result.series}) == 1
+    axial = by_number[201]
+    assert axial.n_slices == 10 and axial.orientation_label == "axial"
+    assert {p.parent.name for p in axial.paths} == {"S2010"}
+    assert by_number[100].first.is_localizer
+    assert by_number[401].first.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert by_number[401].first.modality == "CT"  # says CT, yet it is a secondary capture
+
+
+def test_names_carry_no_uids(ct_data: Path):
+    result = scan([ct_data / "series_ct"], progress=False)
+    for s in result.series:
+        assert s.first.series_uid not in s.name and s.first.study_uid not in s.name
+        assert len(s.series_hash) == 10 and int(s.series_hash, 16) >= 0
+
+
+def test_abdomen_empty_uids_grouped_by_fallback(ct_data: Path):
+    result = scan([ct_data / "abdomen" / "dicom_series"], progress=False)
+    assert len(result.series) == 1
+    series = result.series[0]
+    assert series.first.series_uid == "" and series.first.study_uid == "" and series.first.series_number is None
+    assert series.first.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"  # from the file meta
+    assert len(series.instances) == 20 and series.notes == []
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("DICOMDIR", "DICOMDIR"),
+    ("test-SR.dcm", "Comprehensive SR Storage"),
+    ("sr_document.dcm", "Comprehensive 3D SR Storage"),
+    ("seg_image_ct_binary.dcm", "Segmentation Storage"),
+    ("GSPS.dcm", "Grayscale Softcopy Presentation State Storage"),
+    ("rtstruct.dcm", "no DICOM preamble/file meta"),
+    ("rtplan.dcm", "RT Plan Storage"),
+    ("rtdose.dcm", "RT Dose Storage"),
+])
+def test_nonimage_objects_skipped_by_sop_class(ct_data: Path, name: str, expected: str):
+    result = read_header(ct_data / "nonimage" / name)
+    assert isinstance(result, SkippedFile) and not result.problem
+    assert expected in result.reason
+
+
+def test_nonimage_folder_yields_no_series(ct_data: Path):
+    result = scan([ct_data / "nonimage"], progress=False)
+    assert result.series == []
+    assert {s.path.name for s in result.skipped} >= {"DICOMDIR", "rtdose.dcm", "seg_image_ct_binary.dcm"}
+
+
+def test_jpeg2000_twin_is_deduplicated_with_a_note(ct_data: Path):
+    (series,) = scan([ct_data / "jpeg2000"], progress=False).series
+    assert len(series.instances) == 1
+    assert "duplicate" in series.notes[0]
+
+
+def test_copy_of_a_series_in_another_folder_stays_separate(ct_data: Path):
+    # gap/removed_slices holds 6 byte-identical files of series_ct's S2010 (same UIDs)
+    result = scan([ct_data / "series_ct", ct_data / "gap" / "removed_slices"], progress=False)
+    s201 = sorted((s for s in result.series if s.first.series_number == 201), key=lambda s: s.n_slices)
+    assert [s.n_slices for s in s201] == [6, 10]
+    assert s201[0].study_hash != s201[1].study_hash
+    assert all(s.notes == [] for s in s201)
+
+
+def test_bad_files_are_classified_not_raised(tmp_path: Path, ct_data: Path):
+    good = ct_data / "series_ct" / "S21570" / "S2010" / "I10"
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(good.read_bytes()[:700])
+    text = tmp_path / "notes.txt"
+    text.write_text("not dicom at all\n" * 20)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    res = {p.name: read_header(p) for p in (truncated, text, empty)}
+    assert res["truncated.dcm"].problem and "truncated" in res["truncated.dcm"].reason
+    assert not res["notes.txt"].problem and res["notes.txt"].reason == "not a DICOM file"
+    assert res["empty"].reason == "not a DICOM file"
+
+
+def test_zip_archives_are_walked(tmp_path: Path, ct_data: Path):
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir()):
+            zf.write(f, f"a/{f.name}")
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    result = scan([archive], tmp_dir=unpacked, progress=False)
+    assert [s.n_slices for s in result.series] == [10]
+    assert set(result.origin.values()) == {archive}
+
+
+def test_missing_source_is_a_user_error(tmp_path: Path):
+    with pytest.raises(UserError, match="no such file"):
+        scan([tmp_path / "nope"], progress=False)
+
+
+def test_localizer_sharing_the_series_uid_becomes_its_own_subseries(ct_data: Path):
+    axial = [read_header(p) for p in sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir())]
+    scout = read_header(ct_data / "series_ct" / "S21570" / "S1000" / "I10")
+    scout = dataclasses.replace(scout, series_uid=axial[0].series_uid, folder=axial[0].folder)
+    series = group_series(axial + [scout])
+    assert sorted(s.n_slices for s in series) == [1, 10]
+    assert len({s.series_hash for s in series}) == 2
+
+
+@pytest.mark.parametrize("iop, label", [
+    ((1, 0, 0, 0, 1, 0), "axial"),
+    ((1, 0, 0, 0, 0, -1), "coronal"),
+    ((0, 1, 0, 0, 0, -1), "sagittal"),
+    ((1, 0, 0, 0, 0.9483, -0.3173), "axial"),  # 18.5 deg gantry tilt
+    ((1, 0, 0, 0, 0.7071, -0.7071), "oblique"),
+    (None, "unknown"),
+])
+def test_orientation_label(iop, label):
+    assert orientation_label(iop) == label

@@ -1,0 +1,196 @@
+"""Classification heads: formulas, invariances, numerical safety and the tSP gradient claim."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pancls.errors import UserError
+from pancls.heads import GAMMA_MIN, HEADS, CosineHead, TSPHead
+
+TSP_FORMS = ("kernel", "paper")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _identity_tsp(dim: int, num_classes: int, **options) -> TSPHead:
+    """A tSP head whose projection is the identity, so a feature on mu_k has cos_k = 1 exactly."""
+    head = TSPHead(dim, num_classes, dim=dim, **options)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(dim))
+    return head
+
+
+def test_paper_form_softmax_is_eq12():
+    head = TSPHead(24, 5, dim=16, form="paper", gamma_init=GAMMA_MIN * 1.001, learn_gamma=False)
+    features = torch.randn(32, 24)
+    probs = head(features).softmax(dim=1).double()
+
+    # eq. 12 directly, in float64, from the head's own parameters
+    x = F.normalize(features.double() @ head.proj.weight.double().T, dim=1)
+    mu = F.normalize(head.mu.double(), dim=1)
+    kernel = 1.0 / (1.0 - (1.0 + x @ mu.T) / 2.0)
+    expected = kernel / kernel.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_paper_form_logit_range_with_relaxed_gamma():
+    # gamma well away from 0, so the (1 - cos) / 2 scaling matters; x on mu_1 and on -mu_1
+    gamma, nu = 0.3, 2.0
+    head = _identity_tsp(8, 4, form="paper", gamma_init=gamma, nu=nu)
+    features = torch.stack([head.mu[1].detach(), -head.mu[1].detach()])
+    logits = head(features)[:, 1]
+    torch.testing.assert_close(logits, torch.tensor([-nu * math.log(gamma), -nu * math.log(1 + gamma)]))
+
+
+def test_kernel_form_logits_follow_formula_and_range():
+    head = TSPHead(24, 5, dim=16, form="kernel", kappa=4.0, scale_init=3.0)
+    features = torch.randn(64, 24)
+    cos = F.normalize(head.proj(features), dim=1) @ head.centres().T
+    logits = head(features)
+    torch.testing.assert_close(logits, 2 * 3.0 / (1 + 4.0 * (1 - cos)))
+    assert logits.max() <= 2 * 3.0 + 1e-5 and logits.min() >= 2 * 3.0 / (1 + 2 * 4.0) - 1e-5
+
+
+@pytest.mark.parametrize("name,options", [("cosine", {}), ("tsp", {"form": "kernel"}), ("tsp", {"form": "paper"})])
+@pytest.mark.parametrize("factor", [1e-3, 7.5, 1e3])
+def test_normalising_heads_ignore_feature_scale(name, options, factor):
+    head = HEADS.create(name, in_features=20, num_classes=6, **options)
+    features = torch.randn(8, 20)
+    torch.testing.assert_close(head(features * factor), head(features), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_head_is_not_scale_invariant():
+    # the invariance test above must be able to fail: a head that does not normalise changes
+    head = HEADS.create("linear", in_features=20, num_classes=6)
+    features = torch.randn(8, 20)
+    assert not torch.allclose(head(features * 7.5), head(features), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [{"form": "kernel"}, {"form": "paper"}])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_tsp_gradients_finite_at_cos_plus_and_minus_one(options, sign):
+    head = _identity_tsp(8, 4, **options)
+    features = (sign * head.mu[1].detach()).repeat(3, 1).requires_grad_(True)
+    cos = head.cosines(features)
+    assert torch.allclose(cos[:, 1], torch.full((3,), sign), atol=1e-6)
+    loss = F.cross_entropy(head(features), torch.tensor([0, 1, 2]))
+    loss.backward()
+    grads = [features.grad] + [p.grad for p in head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert head.mu.grad.abs().sum() > 0  # something is learned at the poles
+
+
+def _push_down(head, parameter_name: str, steps: int = 5, lr: float = 1e3):
+    """Large-lr SGD on a loss that wants the head's scale-like parameter to shrink; returns it per step."""
+    optimiser = torch.optim.SGD(head.parameters(), lr=lr)
+    features = torch.randn(16, head.in_features)
+    target = head(features).argmax(dim=1)
+    if parameter_name == "scale":  # wrong targets: a softer head loses less
+        target = (target + 1) % head.num_classes
+    values = []
+    for _ in range(steps):
+        optimiser.zero_grad()
+        F.cross_entropy(head(features), target).backward()
+        optimiser.step()
+        values.append(getattr(head, parameter_name).item())
+    return values
+
+
+@pytest.mark.parametrize("make,parameter,start", [
+    (lambda: TSPHead(12, 4, dim=8, form="paper"), "gamma", 0.01),
+    (lambda: TSPHead(12, 4, dim=8, form="kernel"), "scale", 1 + math.log(2)),
+    (lambda: CosineHead(12, 4, scale=16.0, learn_scale=True), "scale", 16.0),
+])
+def test_scale_parameters_stay_positive_under_large_lr(make, parameter, start):
+    head = make()
+    values = _push_down(head, parameter)
+    assert values[-1] < start  # the loss did push it down ...
+    assert all(v > 0 and math.isfinite(v) for v in values)  # ... and it stayed a valid scale
+    assert torch.isfinite(head(torch.randn(4, 12))).all()
+
+
+def _tail_centre_gradient(logits_of_cos, tail_cos: float, num_classes: int = 10, dim: int = 32) -> float:
+    """||dCE/d mu_tail|| for a feature sitting on the head-class centre (class 0, its target).
+
+    All heads see the same raw centres and the same feature; only the map cos -> logit differs.
+    The tail centre (last class) is placed at cosine ``tail_cos`` from the head centre.
+    """
+    generator = torch.Generator().manual_seed(1)
+    mu = F.normalize(torch.randn(num_classes, dim, generator=generator, dtype=torch.float64), dim=1)
+    ortho = F.normalize(mu[-1] - (mu[-1] @ mu[0]) * mu[0], dim=0)
+    mu[-1] = tail_cos * mu[0] + math.sqrt(1 - tail_cos ** 2) * ortho
+    mu.requires_grad_(True)
+    x = mu[0].detach()
+    cos = F.normalize(mu, dim=1) @ x
+    F.cross_entropy(logits_of_cos(cos)[None], torch.tensor([0])).backward()
+    return mu.grad[-1].norm().item()
+
+
+def _logits_of_cos(head):
+    """The head's own cos -> logit map (default parameters), applied to given cosines."""
+    if isinstance(head, CosineHead):
+        return lambda cos: head.scale.double() * cos
+    if head.form == "kernel":
+        return lambda cos: 2 * head.scale.double() / (1 + head.kappa * (1 - cos))
+    return lambda cos: -head.nu * torch.log(head.gamma.double() + (1 - cos) / 2)
+
+
+@pytest.mark.parametrize("form", TSP_FORMS)
+def test_tsp_gradient_on_tail_centres_decays_polynomially(form):
+    """Figure 2 of the tSP paper, measured: which centres does a head-class sample push away?
+
+    With the feature on its head-class centre, the cosine (vMF, s = 16) head puts the larger
+    gradient on a *nearby* tail centre, but its push decays like exp(s (cos - 1)), so on a *far*
+    tail centre it is orders of magnitude smaller than tSP's, whose kernel decays polynomially
+    (heavy tail). The ratio tSP / cosine therefore grows steadily with the angle.
+    """
+    tsp = _logits_of_cos(TSPHead(8, 10, form=form))
+    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
+    angles = (0.9, 0.5, 0.0, -0.5)
+    ratios = [_tail_centre_gradient(tsp, c) / _tail_centre_gradient(vmf, c) for c in angles]
+    assert ratios[0] < 1.0  # near tail centre: tSP pushes less than vMF
+    assert ratios[2] > 100.0 and ratios[3] > ratios[2]  # far tail centres: tSP pushes far more
+    assert all(a < b for a, b in zip(ratios, ratios[1:]))
+
+
+@pytest.mark.parametrize("name", sorted(HEADS.names()))
+def test_registry_builds_every_head_with_unit_centres(name):
+    head = HEADS.create(name, in_features=20, num_classes=7)
+    logits = head(torch.randn(5, 20))
+    assert logits.shape == (5, 7)
+    centres = head.centres()
+    assert centres.shape[0] == 7 and centres.shape[1] == (head.dim if isinstance(head, TSPHead) else 20)
+    torch.testing.assert_close(centres.norm(dim=1), torch.ones(7))
+    assert not centres.requires_grad
+
+
+def test_unknown_form_names_form():
+    with pytest.raises(UserError) as info:
+        HEADS.create("tsp", in_features=8, num_classes=3, form="student")
+    assert info.value.where == "form" and "kernel" in info.value.reason
+
+
+@pytest.mark.parametrize("options,where", [
+    ({"form": "paper", "kappa": 8.0}, "kappa"),
+    ({"form": "kernel", "gamma_init": 0.1}, "gamma_init"),
+    ({"form": "kernel", "scale_init": 0.5}, "scale_init"),
+    ({"form": "paper", "gamma_init": 0.0}, "gamma_init"),
+    ({"dim": 0}, "dim"),
+])
+def test_bad_tsp_options_are_user_errors(options, where):
+    with pytest.raises(UserError) as info:
+        HEADS.create("tsp", in_features=8, num_classes=3, **options)
+    assert info.value.where == where
+
+
+def test_unknown_head_and_option_are_user_errors():
+    with pytest.raises(UserError, match="cosine"):
+        HEADS.create("arcface", in_features=8, num_classes=3)
+    with pytest.raises(UserError, match="scael"):
+        HEADS.create("cosine", in_features=8, num_classes=3, scael=10.0)

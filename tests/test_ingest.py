@@ -1,0 +1,179 @@
+"""`pancls ingest` end to end on the real CT fixtures, through ``pancls.cli.main``."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from pancls.cli import main
+
+S2010 = ("series_ct", "S21570", "S2010")
+
+
+def _run(capsys, *argv):
+    code = main(["ingest", *map(str, argv), "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _csv(path: Path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _mtimes(out: Path):
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "images").iterdir())}
+
+
+@pytest.fixture(scope="module")
+def whole_ct(ct_data: Path, tmp_path_factory):
+    """One default ingest of the whole ct/ folder, shared by the tests below (it is the slow part)."""
+    out = tmp_path_factory.mktemp("ingest") / "out"
+    err, std = io.StringIO(), io.StringIO()  # capsys is function-scoped
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
+        code = main(["ingest", str(ct_data), "--out", str(out), "--no-progress"])
+    return code, std.getvalue(), err.getvalue().splitlines(), out
+
+
+def test_whole_folder_default_policy(whole_ct, ct_data: Path):
+    code, out_text, err, out = whole_ct
+    assert code == 1
+    assert "Traceback" not in "\n".join(err)
+    gap_lines = [l for l in err if "removed_slices" in l]
+    tilt_lines = [l for l in err if "tilt_variable_spacing" in l]
+    assert len(gap_lines) == 1 and "gap" in gap_lines[0] and "25" in gap_lines[0]
+    assert len(tilt_lines) == 1 and "tilt" in tilt_lines[0] and "18.5" in tilt_lines[0]
+    assert len(err) == 2, err
+    assert "5 series kept (5 converted, 0 up to date)" in out_text and "2 failed" in out_text
+
+    manifest = _csv(out / "manifest.csv")
+    assert list(manifest[0]) == ["patient_id", "image", "label", "study_id", "series_id", "series_number",
+                                 "description", "n_slices", "flags", "source"]
+    by_desc = {(r["source"], r["description"]): r for r in manifest}
+    assert set(by_desc) == {("dicom", "STD BRAIN 5MM"), ("dicom", "CT Body 3.0"), ("dicom", ""),
+                            ("dicom", "5/5mm Plain"), ("nifti", "")}
+    assert all(r["label"] == "" and (out / r["image"]).exists() for r in manifest)
+    series = nib.load(out / by_desc["dicom", "STD BRAIN 5MM"]["image"])
+    assert series.shape == (512, 512, 10) and np.allclose(series.header.get_zooms(), (0.451172, 0.451172, 5.0), atol=1e-5)
+    abdomen = nib.load(out / by_desc["dicom", "CT Body 3.0"]["image"])
+    assert abdomen.shape == (512, 512, 20)
+    assert nib.load(out / by_desc["nifti", ""]["image"]).shape == (122, 101, 30)  # the masks were not taken
+
+    inventory = _csv(out / "inventory.csv")
+    status = {(r["kind"], r["series_number"], r["description"], r["path"]): (r["status"], r["reason"]) for r in inventory}
+    assert status["series", "100", "", ""][0] == "skipped" and "localizer" in status["series", "100", "", ""][1]
+    assert "secondary capture" in status["series", "401", "Exam Summary", ""][1]
+    series_status = {r["series_id"]: r["status"] for r in inventory if r["kind"] == "series"}
+    assert series_status[by_desc["dicom", "STD BRAIN 5MM"]["series_id"]] == "converted"
+    assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 4 + ["failed"] * 2
+    assert "duplicate" in status["series", "2", "5/5mm Plain", ""][1]
+    files = {r["path"]: r["reason"] for r in inventory if r["kind"] == "file"}
+    for name in ("DICOMDIR", "GSPS.dcm", "rtdose.dcm", "rtplan.dcm", "rtstruct.dcm", "seg_image_ct_binary.dcm",
+                 "sr_document.dcm", "test-SR.dcm"):
+        assert f"nonimage/{name}" in files
+    assert files["nonimage/rtstruct.dcm"].endswith("no DICOM preamble/file meta")
+    masks = [r for r in inventory if r["kind"] == "nifti" and r["status"] == "skipped"]
+    assert sorted(Path(r["path"]).name for r in masks) == ["example_seg.nii.gz", "example_seg_dicom.nii.gz",
+                                                           "pancreas_mask.nii.gz"]
+
+
+def test_outputs_carry_no_identifiers(whole_ct, ct_data: Path):
+    *_, out = whole_ct
+    ds = pydicom.dcmread(ct_data.joinpath(*S2010, "I10"), stop_before_pixels=True)
+    secrets = [str(v) for v in (ds.PatientID, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                ds.SOPInstanceUID) if str(v)]
+    texts = [(out / "manifest.csv").read_text(), (out / "inventory.csv").read_text()]
+    texts += [p.read_text() for p in (out / "images").glob("*.json")]
+    names = " ".join(p.name for p in (out / "images").iterdir())
+    for secret in secrets:
+        assert all(secret not in t for t in texts) and secret not in names
+
+
+def test_rerun_is_incremental_and_force_rewrites(whole_ct, ct_data: Path, capsys, tmp_path: Path):
+    *_, out = whole_ct
+    work = tmp_path / "out"
+    shutil.copytree(out, work, copy_function=shutil.copy2)
+    before = _mtimes(work)
+    code, text, err = _run(capsys, ct_data, "--out", work)
+    assert code == 1 and "0 converted, 5 up to date" in text
+    assert _mtimes(work) == before
+    assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")
+    (work / "manifest.csv").write_text("patient_id,image\nx,images/gone.nii.gz\n")  # stale rows are dropped
+    code, text, err = _run(capsys, ct_data, "--out", work, "--force")
+    assert code == 1 and "5 converted, 0 up to date" in text
+    after = _mtimes(work)
+    assert set(after) == set(before) and all(after[n] != before[n] for n in before)
+    assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")
+
+
+def test_run_on_one_source_keeps_the_other_rows(whole_ct, ct_data: Path, capsys, tmp_path: Path):
+    *_, out = whole_ct
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    code, text, _ = _run(capsys, ct_data / "jpeg2000", "--out", work)
+    assert code == 0 and "0 converted, 1 up to date" in text
+    assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")  # rows from the earlier sources stay
+
+
+def test_resample_policy_writes_and_flags_gap_and_tilt(ct_data: Path, capsys, tmp_path: Path):
+    out = tmp_path / "out"
+    code, text, err = _run(capsys, ct_data / "gap", "--out", out,
+                           "--on-gap", "resample", "--on-tilt", "resample", "--on-uneven", "resample")
+    assert code == 0, err
+    rows = _csv(out / "manifest.csv")
+    assert len(rows) == 2
+    flags = sorted(r["flags"] for r in rows)
+    assert "resampled:gap" in flags[0] + flags[1] and "resampled:tilt" in flags[0] + flags[1]
+
+
+def test_bad_inputs_each_give_one_line(ct_data: Path, capsys, tmp_path: Path):
+    src = tmp_path / "src"
+    good = src / "good"
+    shutil.copytree(ct_data.joinpath(*S2010), good)
+    broken = src / "broken"
+    broken.mkdir()
+    (broken / "cut.dcm").write_bytes((good / "I10").read_bytes()[:600])  # header cut short
+    only_sr = src / "only_sr"
+    only_sr.mkdir()
+    shutil.copy(ct_data / "nonimage" / "test-SR.dcm", only_sr)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nan = np.zeros((4, 4, 4), np.float32)
+    nan[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(nan, affine), tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), affine), tmp_path / "flat.nii.gz")
+
+    code, text, err = _run(capsys, good, broken, only_sr, notes, tmp_path / "nan.nii.gz",
+                           tmp_path / "flat.nii.gz", "--out", tmp_path / "out")
+    assert code == 1
+    assert "Traceback" not in "\n".join(err)
+    assert len(err) == 6, err  # cut.dcm, broken/ has no usable series, only_sr/, notes.txt, nan, flat
+    line = {key: [l for l in err if key in l] for key in ("cut.dcm", "only_sr", "notes.txt", "nan.nii.gz", "flat.nii.gz")}
+    assert all(len(v) == 1 for v in line.values()), line
+    assert "truncated" in line["cut.dcm"][0]
+    assert "no usable series" in line["only_sr"][0] and "Comprehensive SR Storage" in line["only_sr"][0]
+    assert line["notes.txt"][0].endswith("not a DICOM file")
+    assert "NaN" in line["nan.nii.gz"][0] or "nan" in line["nan.nii.gz"][0].lower()
+    assert "1 converted" in text
+    (row,) = _csv(tmp_path / "out" / "manifest.csv")
+    assert row["description"] == "STD BRAIN 5MM" and (tmp_path / "out" / row["image"]).exists()
+
+
+def test_missing_source_and_bad_config_exit_2(ct_data: Path, capsys, tmp_path: Path):
+    code, _, err = _run(capsys, tmp_path / "nope", "--out", tmp_path / "out")
+    assert code == 2 and err == [f"pancls ingest: error: {tmp_path / 'nope'}: no such file or folder"]
+    config = tmp_path / "bad.yaml"
+    config.write_text("selection:\n  min_slice: 3\n")
+    code, _, err = _run(capsys, ct_data / "jpeg2000", "--out", tmp_path / "out", "--config", config)
+    assert code == 2 and len(err) == 1 and "min_slice" in err[0]
+    assert not (tmp_path / "out").exists()
+    code, _, err = _run(capsys, tmp_path, "--out", tmp_path / "inside")
+    assert code == 2 and "inside the source" in err[0]

@@ -1,0 +1,31 @@
+import pytest
+
+from pancls.io import atomic_save, atomic_write_json, atomic_write_text
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "a" / "b.json"
+    atomic_write_json(path, {"x": 1})
+    atomic_write_json(path, {"x": 2})
+    assert path.read_text().strip().endswith("}") and '"x": 2' in path.read_text()
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]
+
+
+def test_failed_write_keeps_previous_version_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+
+    def broken_writer(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_save(path, broken_writer)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_temp_file_keeps_the_extension(tmp_path):
+    seen = []
+    atomic_save(tmp_path / "v.nii.gz", lambda tmp: (seen.append(tmp.name), tmp.write_bytes(b"x")))
+    assert seen[0].endswith(".nii.gz")
