@@ -5,16 +5,22 @@ page cache is warm after the first run, the same for all three). Timed work:
 
 * ``pancls``   -- :func:`pancls.ct.scan.scan` (headers of every file in the folder) +
   :func:`pancls.ct.select.select_series` + :func:`pancls.ct.volume.build_volume` of the chosen
-  series, in memory (no NIfTI written). Timed inside the child, after imports.
+  series from the scanned headers, in memory (no NIfTI written). Timed inside the child, after imports.
 * ``SimpleITK`` -- ``ImageSeriesReader.GetGDCMSeriesFileNames`` + ``Execute``, in memory; timed
   inside the child, after imports.
 * ``dcm2niix`` -- ``dcm2niix -z n`` on the folder, writing uncompressed NIfTI to a temp folder (it
   cannot skip writing); timed around the subprocess, so its (small, native) start-up is included.
+* ``--cli`` adds ``pancls ingest`` end to end (``python -m pancls ingest FOLDER --out TMP``: interpreter
+  start-up, imports, scan, build, gzip-compressed NIfTI + sidecar + manifest), timed around the
+  subprocess like dcm2niix. For reference only: it is dominated by Python start-up and gzip.
+
+Both in-memory readers hash their voxels (outside the timed part) and the table says whether pancls and
+SimpleITK returned the same HU volume, so a fast wrong answer cannot pass for a win.
 
 The table gives the median of ``--runs`` runs and the ratios pancls/SimpleITK and pancls/dcm2niix
-(< 1: pancls is faster). Goal: pancls no slower than SimpleITK, aiming for half its time.
+(< 1: pancls is faster), as markdown. Goal: pancls no slower than SimpleITK, aiming for half its time.
 
-    python bench/ingest_speed.py [--series FOLDER ...] [--runs 5] [--workers N]
+    python bench/ingest_speed.py [--series FOLDER ...] [--runs 5] [--workers N] [--cli]
 """
 from __future__ import annotations
 
@@ -33,9 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PANCLS_DATA", REPO.parent / "shared" / "data")) / "ct"
 DEFAULT_SERIES = [DATA / "series_ct" / "S21570" / "S2010", DATA / "abdomen" / "dicom_series"]
 
+# Each child prints "<seconds> <sha256 of the int16 HU volume as [slice, row, column], slices ascending>".
 PANCLS = """
-import sys, time
+import hashlib, sys, time
 from pathlib import Path
+import numpy as np
 from pancls.ct.scan import scan
 from pancls.ct.select import select_series
 from pancls.ct.volume import build_volume
@@ -43,36 +51,52 @@ workers = int(sys.argv[2]) or None
 t0 = time.perf_counter()
 kept = [d.series for d in select_series(scan([Path(sys.argv[1])], workers=workers, progress=False).series) if d.kept]
 assert len(kept) == 1, kept
-volume = build_volume(kept[0].paths, workers=workers)
-print(time.perf_counter() - t0, volume.array.shape)
+volume = build_volume(kept[0].paths, workers=workers, headers=kept[0].headers)
+elapsed = time.perf_counter() - t0
+print(elapsed, hashlib.sha256(np.ascontiguousarray(volume.array.transpose(2, 1, 0)).tobytes()).hexdigest())
 """
 
 SITK = """
-import sys, time
+import hashlib, sys, time
+import numpy as np
 import SimpleITK as sitk
 t0 = time.perf_counter()
 reader = sitk.ImageSeriesReader()
 reader.SetFileNames(reader.GetGDCMSeriesFileNames(sys.argv[1]))
 image = reader.Execute()
-print(time.perf_counter() - t0, image.GetSize())
+elapsed = time.perf_counter() - t0
+array = sitk.GetArrayFromImage(image)
+hu = array.astype(np.int16)
+print(elapsed, hashlib.sha256(hu.tobytes()).hexdigest() if np.array_equal(hu, array) else "not-int16")
 """
 
 
-def _child(code: str, *args: str) -> float:
+def _child(code: str, *args: str) -> tuple[float, str]:
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr}")
-    return float(proc.stdout.split()[0])
+    seconds, digest = proc.stdout.split()[:2]
+    return float(seconds), digest
+
+
+def _timed_subprocess(argv: list[str], cwd: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed:\n{proc.stdout}{proc.stderr}")
+    return elapsed
 
 
 def _dcm2niix(folder: Path) -> float:
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
-        proc = subprocess.run(["dcm2niix", "-z", "n", "-f", "%s", "-o", out, str(folder)], capture_output=True, text=True)
-        elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"dcm2niix failed:\n{proc.stdout}{proc.stderr}")
-    return elapsed
+        return _timed_subprocess(["dcm2niix", "-z", "n", "-f", "%s", "-o", out, str(folder)])
+
+
+def _pancls_cli(folder: Path, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        argv = [sys.executable, "-m", "pancls", "ingest", str(folder), "--out", str(Path(out) / "ds"), "--no-progress"]
+        return _timed_subprocess(argv + (["--workers", str(workers)] if workers else []), cwd=REPO)
 
 
 def _cpu_model() -> str:
@@ -85,26 +109,57 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def machine_line() -> str:
+    """CPU model, usable cores, load and the versions of the three readers: enough to compare runs."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    versions = [f"Python {platform.python_version()}"]
+    for module in ("pydicom", "SimpleITK"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            versions.append(f"{module} missing")
+    if shutil.which("dcm2niix"):
+        proc = subprocess.run(["dcm2niix", "--version"], capture_output=True, text=True)
+        version = next((w for w in (proc.stdout + proc.stderr).split() if w.startswith("v1.")), "?")
+        versions.append(f"dcm2niix {version}")
+    return (f"machine: {_cpu_model()}, {cores} cores usable ({os.cpu_count()} CPUs), load average {load}; "
+            + ", ".join(versions))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--series", type=Path, action="append", help="a folder holding one series (repeatable)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=0, help="pancls threads (0: its default)")
+    parser.add_argument("--cli", action="store_true", help="also time `pancls ingest` end to end, NIfTI written")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
     folders = args.series or DEFAULT_SERIES
     has_dcm2niix = shutil.which("dcm2niix") is not None
-    print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}; "
-          f"median of {args.runs} runs, each in a fresh process; pancls = scan+select+build, no write")
-    header = f"{'series':<40} {'files':>5} {'pancls s':>9} {'SimpleITK s':>11} {'dcm2niix s':>10} {'p/SITK':>7} {'p/d2n':>6}"
-    print(header)
-    print("-" * len(header))
+    print(machine_line())
+    print(f"median of {args.runs} runs, each in a fresh process; pancls = scan + select + build in memory, "
+          f"timed after imports, like SimpleITK; dcm2niix (-z n) timed around its process"
+          + ("; pancls ingest (CLI, .nii.gz written) timed around its process" if args.cli else ""))
+    print()
+    columns = ["series", "files", "pancls s", "SimpleITK s", "dcm2niix s", "pancls/SimpleITK", "pancls/dcm2niix",
+               "same HU as SimpleITK"] + (["pancls ingest CLI s"] if args.cli else [])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---" if c in ("series", "same HU as SimpleITK") else "---:" for c in columns) + "|")
     for folder in folders:
         n_files = sum(1 for p in folder.iterdir() if p.is_file())
-        pancls = statistics.median(_child(PANCLS, str(folder), str(args.workers)) for _ in range(args.runs))
-        sitk = statistics.median(_child(SITK, str(folder)) for _ in range(args.runs))
+        ours = [_child(PANCLS, str(folder), str(args.workers)) for _ in range(args.runs)]
+        theirs = [_child(SITK, str(folder)) for _ in range(args.runs)]
+        pancls, sitk = statistics.median(t for t, _ in ours), statistics.median(t for t, _ in theirs)
         d2n = statistics.median(_dcm2niix(folder) for _ in range(args.runs)) if has_dcm2niix else float("nan")
+        same = {d for _, d in ours} == {d for _, d in theirs} and len({d for _, d in ours}) == 1
         name = str(folder.relative_to(DATA)) if folder.is_relative_to(DATA) else str(folder)
-        print(f"{name:<40} {n_files:>5} {pancls:>9.3f} {sitk:>11.3f} {d2n:>10.3f} {pancls / sitk:>7.2f} {pancls / d2n:>6.2f}")
+        cells = [name, str(n_files), f"{pancls:.3f}", f"{sitk:.3f}", f"{d2n:.3f}", f"{pancls / sitk:.2f}",
+                 f"{pancls / d2n:.2f}", "yes" if same else "NO"]
+        if args.cli:
+            cells.append(f"{statistics.median(_pancls_cli(folder, args.workers) for _ in range(args.runs)):.3f}")
+        print("| " + " | ".join(cells) + " |", flush=True)
     return 0
 
 

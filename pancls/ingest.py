@@ -143,7 +143,7 @@ def _dicom_job(series: Series, inventory: Dict[str, str], config: IngestConfig, 
     fingerprint = hashlib.sha256(f"{series.fingerprint()}|{to_dict(config.geometry)}".encode()).hexdigest()
 
     def load() -> Volume:
-        volume = build_volume(series.paths, config.geometry, workers=workers)
+        volume = build_volume(series.paths, config.geometry, workers=workers, headers=series.headers)
         volume.meta[FINGERPRINT_KEY] = fingerprint
         return volume
 

@@ -209,3 +209,15 @@ def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str
 
 def results_table_row(results: Dict[str, Any]) -> str:
     return json.dumps({k: results[k] for k in ("top1", "many_shot_top1", "medium_shot_top1", "few_shot_top1")})
+
+
+def load_run(run_dir: Path):
+    """Re-read a finished or interrupted run: ``(cfg, data, model)`` with the last checkpoint's weights."""
+    from pancls.config import load_yaml
+    from pancls.train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = load_config(load_yaml(run_dir / "config.yaml"))
+    data, model, _ = _build(cfg)
+    model.load_state_dict(load_checkpoint(run_dir / "last.pt")["model"])
+    return cfg, data, model

@@ -177,3 +177,15 @@ def test_missing_source_and_bad_config_exit_2(ct_data: Path, capsys, tmp_path: P
     assert not (tmp_path / "out").exists()
     code, _, err = _run(capsys, tmp_path, "--out", tmp_path / "inside")
     assert code == 2 and "inside the source" in err[0]
+
+
+def test_each_file_is_parsed_once(ct_data: Path, capsys, tmp_path: Path, monkeypatch):
+    """The scan's headers are reused to build the volume, and native pixels are read without re-parsing."""
+    calls = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda src, *a, **k: calls.append(getattr(src, "name", src))
+                        or real(src, *a, **k))
+    code, text, err = _run(capsys, ct_data.joinpath(*S2010), "--out", tmp_path / "out")
+    assert code == 0 and "1 converted" in text, err
+    files = sorted(str(p) for p in ct_data.joinpath(*S2010).iterdir())
+    assert sorted(map(str, calls)) == files

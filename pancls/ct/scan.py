@@ -1,7 +1,9 @@
 """Find DICOM image objects under folders, skip everything else, and group them into series.
 
-Only headers are read here (``pydicom.dcmread(stop_before_pixels=True)``, in a thread pool); the
-pixels are decoded later, one chosen series at a time, by :func:`pancls.ct.volume.build_volume`.
+Only headers are read here (``pydicom.dcmread(stop_before_pixels=True)``); the pixels are decoded
+later, one chosen series at a time, by :func:`pancls.ct.volume.build_volume`. Each image keeps its
+parsed header and the byte offset of its pixel data (:class:`Header`, ~50 KB per CT file in memory),
+so that the series chosen for conversion is neither parsed twice nor searched for its pixels again.
 
 Classification of every file found
 ----------------------------------
@@ -43,16 +45,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from tqdm.auto import tqdm
 
 from pancls.errors import UserError
@@ -66,6 +69,37 @@ CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
 }
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC and its multi-frame variants (.7.1-.7.4)
+
+
+#: (7FE0,0008) FloatPixelData, (7FE0,0009) DoubleFloatPixelData, (7FE0,0010) PixelData.
+PIXEL_DATA_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+PIXEL_DATA = 0x7FE00010
+
+# Below this many files a thread pool costs more (thread start-up, GIL hand-offs) than it saves: header
+# parsing is pure Python, so threads only hide I/O latency, which matters on network storage, not here.
+MIN_FILES_PER_THREAD = 16
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def default_workers(n_items: int) -> int:
+    """Threads for ``n_items`` files: one per ``MIN_FILES_PER_THREAD`` files, at most one per CPU (and 8).
+
+    1 means "no pool": for a small series the work is done in the calling thread.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_items // MIN_FILES_PER_THREAD, cpus, 8))
+
+
+def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], workers: Optional[int] = None) -> List[_R]:
+    """``[fn(x) for x in items]``, in a thread pool of ``workers`` (default :func:`default_workers`) threads
+    when that is more than one; results keep the input order and the first exception propagates."""
+    workers = workers or default_workers(len(items))
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def short_hash(text: str, n: int = 10) -> str:
@@ -84,6 +118,42 @@ def sop_class_name(uid: str) -> str:
 def is_image_storage(uid: str) -> bool:
     """True for image storage SOP classes ("... Image Storage"), which hold a viewable image."""
     return "Image Storage" in sop_class_name(uid)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A file's parsed header (no pixel data read) and where its pixel data element starts.
+
+    ``pixel_tag`` is the first pixel data element in the file (one of :data:`PIXEL_DATA_TAGS`), None
+    when it has none. ``pixel_offset`` is that element's byte offset in the file, None where the file
+    cannot be addressed that way (Deflated transfer syntax: the dataset is inflated in memory).
+    """
+
+    dataset: pydicom.Dataset
+    pixel_tag: Optional[int]
+    pixel_offset: Optional[int]
+
+
+def read_dicom_header(path: Path) -> Header:
+    """Parse ``path`` up to its pixel data (``stop_before_pixels``) and note where that starts.
+
+    pydicom leaves the file positioned at the element it stopped at, so the offset costs one 4-byte
+    read. Raises what :func:`pydicom.dcmread` raises (callers decide what a bad file means).
+    """
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        offset = fh.tell()
+        tag_bytes = fh.read(4)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if syntax == DeflatedExplicitVRLittleEndian:
+        full = pydicom.dcmread(path, specific_tags=list(PIXEL_DATA_TAGS))
+        return Header(ds, next((t for t in PIXEL_DATA_TAGS if t in full), None), None)
+    if len(tag_bytes) < 4:
+        return Header(ds, None, None)
+    _, little_endian = ds.original_encoding
+    group, element = struct.unpack("<HH" if little_endian else ">HH", tag_bytes)
+    tag = group << 16 | element
+    return Header(ds, tag, offset) if tag in PIXEL_DATA_TAGS else Header(ds, None, None)
 
 
 @dataclass(frozen=True)
@@ -110,6 +180,7 @@ class Instance:
     patient_hash: str  # sha256 of PatientID ('' when absent)
     size: int
     mtime_ns: int
+    header: Header = field(compare=False, repr=False)
 
     @property
     def is_localizer(self) -> bool:
@@ -142,6 +213,10 @@ class Series:
     @property
     def paths(self) -> List[Path]:
         return [inst.path for inst in self.instances]
+
+    @property
+    def headers(self) -> List[Header]:
+        return [inst.header for inst in self.instances]
 
     @property
     def n_slices(self) -> int:
@@ -289,9 +364,10 @@ def read_header(path: Path) -> Instance | SkippedFile:
     if head[128:132] != b"DICM":
         return _classify_without_preamble(path)
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        header = read_dicom_header(path)
     except Exception as exc:  # pydicom raises many types on corrupt input; the batch must go on
         return SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", problem=True)
+    ds = header.dataset
     if "DirectoryRecordSequence" in ds:
         return SkippedFile(path, "DICOMDIR (Media Storage Directory Storage): not an image")
     meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
@@ -331,6 +407,7 @@ def read_header(path: Path) -> Instance | SkippedFile:
         patient_hash=short_hash("patient:" + patient_id, 64) if patient_id else "",
         size=stat.st_size,
         mtime_ns=stat.st_mtime_ns,
+        header=header,
     )
 
 
@@ -443,19 +520,23 @@ def _make_series(study_id: str, series_id: str, files: List[Instance]) -> Series
 
 def scan(sources: Sequence[Path], workers: Optional[int] = None, tmp_dir: Optional[Path] = None,
          progress: bool = True) -> ScanResult:
-    """Walk ``sources``, read every file's header in a thread pool, and group images into series.
+    """Walk ``sources``, read every file's header, and group images into series.
 
-    ``workers`` defaults to ``min(8, cpu_count + 4)``: header reading waits on the disk as much as on
-    the GIL, so a few more threads than cores helps on network storage and costs little locally.
+    ``workers`` threads read headers (default :func:`default_workers`: none for a few files).
     """
     files, nifti, origin = [], [], {}
     for path, root in iter_files(sources, tmp_dir):
         origin[path] = root
         (nifti if _is_nifti(path) else files).append(path)
-    workers = workers or min(8, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(read_header, files), total=len(files), desc="headers",
-                            unit="file", disable=None if progress else True, leave=False))
+    bar = tqdm(total=len(files), desc="headers", unit="file", disable=None if progress else True, leave=False)
+
+    def read(path: Path) -> Instance | SkippedFile:
+        result = read_header(path)
+        bar.update()
+        return result
+
+    with bar:
+        results = parallel_map(read, files, workers)
     instances = [r for r in results if isinstance(r, Instance)]
     skipped = [r for r in results if isinstance(r, SkippedFile)]
     return ScanResult(series=group_series(instances), skipped=skipped, nifti=nifti, origin=origin)

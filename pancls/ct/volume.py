@@ -6,14 +6,17 @@ multi-frame file; choosing the files is the caller's job, see :mod:`pancls.ct.sc
 
 What it does, in order:
 
-1. Reads every header (``stop_before_pixels``), splitting multi-frame files into frames. Per-frame
+1. Takes every header (``stop_before_pixels``; those :func:`pancls.ct.scan.scan` already parsed are
+   passed in as ``headers`` and not read again), splitting multi-frame files into frames. Per-frame
    functional groups come first, then the shared ones (Enhanced CT keeps position, orientation, pixel
    spacing and the rescale there; ``pydicom.pixels.apply_rescale`` does not look there).
 2. Checks the series is one stack: one SeriesInstanceUID and FrameOfReferenceUID, one orientation, one
    matrix size and pixel spacing, a decoder for every transfer syntax. Then sorts and checks the
    geometry with :mod:`pancls.ct.geometry` (gaps, uneven spacing, tilt: refused unless the policy says to
    resample). All of this happens before a single pixel is decoded.
-3. Decodes the pixels in a thread pool and converts each plane to HU with its own slope/intercept::
+3. Reads each file's pixel data element, and only that, from the offset the header scan recorded (native
+   little-endian data straight into an integer array, compressed data through pydicom's decoder for the
+   transfer syntax), and converts each plane to HU with its own slope/intercept::
 
        HU = stored * RescaleSlope + RescaleIntercept,   rounded to the nearest integer
 
@@ -27,31 +30,27 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, BinaryIO, Iterable, Sequence
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
+from pydicom.pixels.utils import as_pixel_options
 
 from pancls.ct.geometry import (GeometryPolicy, analyse_stack, check_orientation, grid_affine, resample_flags,
                                 resample_stack)
+from pancls.ct.scan import PIXEL_DATA, Header, default_workers, parallel_map, read_dicom_header
 from pancls.errors import UserError
 
 # GeometryPolicy is re-exported: callers configure build_volume from this one module.
 __all__ = ["GeometryPolicy", "Volume", "build_volume", "default_workers"]
 
 INT16_MIN, INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max
-
-# Pixel decoding (file reads, numpy copies, OpenJPEG via Pillow/pylibjpeg) runs mostly in C with the GIL
-# released, so threads can use every free core; more threads than cores only add contention. On the
-# 2-core development machine, shared and loaded (load average 5-6), 1 and 2 threads were within noise of
-# each other (20 JPEG 2000 slices: 0.83-1.19 s either way); rerun the benchmark on an idle machine.
-DEFAULT_MAX_WORKERS = 8
 
 
 @dataclass
@@ -62,6 +61,8 @@ class Volume:
     ----------
     array : np.ndarray
         int16 ``(I, J, K)``; ``array[i, j, k]`` is the voxel whose world position is ``affine @ (i, j, k, 1)``.
+        :func:`build_volume` returns it Fortran-ordered (a transposed view of the decoded planes, no copy),
+        which is NIfTI's on-disk order.
     affine : np.ndarray
         4x4 voxel -> RAS world (mm).
     spacing : np.ndarray
@@ -126,8 +127,9 @@ def _number(value: Any, name: str, where: Path) -> float:
     return number
 
 
-def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
+def _frames_of(header: Header, path: Path) -> list[_Frame]:
     """Split one header into planes, taking each attribute from the functional groups when present."""
+    ds = header.dataset
     n_frames = int(ds.get("NumberOfFrames") or 1)
     has_groups = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     if n_frames > 1 and not has_groups:
@@ -135,7 +137,7 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
                         "frame positions unknown", path)
     if int(ds.get("SamplesPerPixel") or 1) != 1:
         raise UserError(f"not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})", path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+    if header.pixel_tag is None:
         raise UserError("no pixel data", path)
     frames = []
     for f in range(n_frames):
@@ -185,43 +187,97 @@ def _check_decoder(ds: Dataset, path: Path) -> None:
         raise UserError(f"no decoder installed for transfer syntax {syntax.name} ({syntax}); install {needs}", path)
 
 
-def _read_header(path: Path) -> tuple[Dataset, list[_Frame]]:
+def _read_header(path: Path) -> Header:
     try:
-        # defer_size skips over the pixel data (and other large values) without loading it, yet keeps
-        # the element so that a file without pixels is recognised.
-        ds = pydicom.dcmread(path, defer_size="1 KB")
+        return read_dicom_header(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise UserError(f"cannot read DICOM file: {exc}", path) from None
-    _check_decoder(ds, path)
-    return ds, _frames_of(ds, path)
 
 
-def _to_hu(stored: np.ndarray, frame: _Frame) -> np.ndarray:
-    """``stored * slope + intercept`` rounded to int16; refuses values int16 cannot hold."""
+def _native_stored(fh: BinaryIO, ds: Dataset, value_length: int) -> np.ndarray:
+    """Stored values of native little-endian pixel data, read from ``fh`` (positioned at the value).
+
+    ``BitsAllocated``-bit integers, signed when PixelRepresentation is 1. When BitsStored < BitsAllocated
+    the unused high bits may hold anything (PS3.5 8.1.1): shifting left then right by the difference clears
+    them (unsigned) or sign-extends (signed), exactly as pydicom's ``correct_unused_bits``.
+    """
+    allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    dtype = np.dtype(f"<{'i' if int(ds.PixelRepresentation) == 1 else 'u'}{allocated // 8}")
+    shape = (int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns))
+    n_bytes = math.prod(shape) * dtype.itemsize
+    if value_length < n_bytes:
+        raise ValueError(f"the pixel data element holds {value_length} bytes, Rows x Columns x frames x "
+                         f"BitsAllocated need {n_bytes}")
+    buffer = bytearray(n_bytes)  # writable, so that the bit correction below works in place
+    if fh.readinto(buffer) != n_bytes:
+        raise ValueError(f"the file ends inside the pixel data ({n_bytes} bytes expected): truncated?")
+    array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    if stored < allocated:
+        np.left_shift(array, allocated - stored, out=array)
+        np.right_shift(array, allocated - stored, out=array)
+    return array
+
+
+def _stored_values(path: Path, header: Header) -> np.ndarray:
+    """Decoded stored values of ``path``, ``(frames, rows, columns)``, reading only its pixel data element.
+
+    The element starts at ``header.pixel_offset``: its tag (4 bytes), then with an explicit VR the VR and 2
+    reserved bytes, then a 4-byte length (PS3.5 7.1.2). Native little-endian data of 8/16/32 bits is read
+    straight into an array (:func:`_native_stored`); anything else goes to pydicom's decoder for the transfer
+    syntax, reading from the open file. Files that cannot be addressed that way (Deflated, float pixel
+    data) are decoded from a full read.
+    """
+    ds = header.dataset
+    if header.pixel_offset is None or header.pixel_tag != PIXEL_DATA:
+        return pydicom.dcmread(path).pixel_array
+    implicit_vr, little_endian = ds.original_encoding
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax = syntax or (pydicom.uid.ImplicitVRLittleEndian if implicit_vr else pydicom.uid.ExplicitVRLittleEndian)
+    with open(path, "rb") as fh:
+        fh.seek(header.pixel_offset)
+        element = fh.read(8 if implicit_vr else 12)
+        (value_length,) = struct.unpack("<I" if little_endian else ">I", element[-4:])
+        if (not syntax.is_encapsulated and syntax.is_little_endian and not syntax.is_deflated
+                and int(ds.BitsAllocated) in (8, 16, 32)):
+            return _native_stored(fh, ds, value_length)
+        array, _ = get_decoder(syntax).as_array(fh, **as_pixel_options(ds, transfer_syntax_uid=syntax,
+                                                                          pixel_keyword="PixelData"))
+    return array
+
+
+def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
+    """``out[...] = rint(stored * slope + intercept)`` as int16; refuses values int16 cannot hold."""
     if frame.slope == 1.0 and frame.intercept == round(frame.intercept):
-        hu = stored.astype(np.int32) + int(frame.intercept)  # exact and ~3x faster than the float path
+        # Integer rescale (nearly all CT): the range from the stored extremes, then one exact add into
+        # ``out`` (numpy widens chunk by chunk inside the ufunc: no full-size temporary).
+        intercept = int(frame.intercept)
+        lo, hi = int(stored.min()) + intercept, int(stored.max()) + intercept
+        hu = None
     else:
         hu = np.rint(stored.astype(np.float64) * frame.slope + frame.intercept)
-    lo, hi = hu.min(), hu.max()
+        lo, hi = hu.min(), hu.max()
     if lo < INT16_MIN or hi > INT16_MAX:
         raise UserError(f"frame {frame.index}: rescaled values {lo:g}..{hi:g} do not fit int16 "
                         f"(slope {frame.slope:g}, intercept {frame.intercept:g}); not CT in HU?", frame.path)
-    return hu.astype(np.int16)
+    if hu is None:
+        wide = np.int64 if stored.dtype.itemsize >= 4 else np.int32
+        np.add(stored, intercept, out=out, dtype=wide, casting="unsafe")
+    else:
+        out[...] = hu
 
 
-def _decode_into(out: np.ndarray, path: Path, targets: list[tuple[int, _Frame]]) -> None:
+def _decode_into(out: np.ndarray, path: Path, header: Header, targets: list[tuple[int, _Frame]]) -> None:
     """Decode ``path`` and write each of its frames, converted to HU, into ``out[k]`` (k = sorted plane)."""
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
+        pixels = _stored_values(path, header)
     except Exception as exc:  # noqa: BLE001 - any decoder failure on user data is a bad file, not a bug
         raise UserError(f"cannot decode pixel data: {type(exc).__name__}: {exc}", path) from None
     pixels = pixels.reshape((-1,) + pixels.shape[-2:])
     if pixels.shape[1:] != targets[0][1].shape or len(pixels) <= max(fr.index for _, fr in targets):
         raise UserError(f"decoded pixel data has shape {pixels.shape}, the header says "
-                        f"{int(ds.get('NumberOfFrames') or 1)} x {targets[0][1].shape}", path)
+                        f"{int(header.dataset.get('NumberOfFrames') or 1)} x {targets[0][1].shape}", path)
     for k, frame in targets:
-        out[k] = _to_hu(pixels[frame.index], frame)
+        _to_hu(pixels[frame.index], frame, out[k])
 
 
 def _series_folder(paths: Sequence[Path]) -> Path:
@@ -312,14 +368,8 @@ def _acquisition_meta(ds: Dataset, frames: Iterable[_Frame]) -> dict[str, Any]:
     return meta
 
 
-def default_workers(n_files: int) -> int:
-    """Thread count for reading: one per CPU (never more than files), capped at ``DEFAULT_MAX_WORKERS``."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n_files, cpus, DEFAULT_MAX_WORKERS))
-
-
 def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = GeometryPolicy(),
-                 workers: int | None = None) -> Volume:
+                 workers: int | None = None, headers: Sequence[Header] | None = None) -> Volume:
     """Build the HU volume of ONE series from its DICOM files (see the module docstring for the rules).
 
     Parameters
@@ -330,7 +380,11 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     policy : GeometryPolicy
         What to do with gaps, uneven spacing and gantry tilt (default: refuse each).
     workers : int, optional
-        Threads decoding pixel data; default :func:`default_workers`.
+        Threads reading headers and decoding pixel data; default :func:`~pancls.ct.scan.default_workers`
+        (none for a small series).
+    headers : sequence of Header, optional
+        ``headers[i]`` is ``paths[i]``'s header as :func:`pancls.ct.scan.read_dicom_header` read it (e.g.
+        :attr:`pancls.ct.scan.Series.headers`); read from the files when not given.
 
     Returns
     -------
@@ -349,13 +403,16 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
         raise UserError("no DICOM files given", "build_volume")
     if workers is not None and workers < 1:
         raise UserError(f"workers must be >= 1, got {workers}", "workers")
+    if headers is not None and len(headers) != len(paths):
+        raise ValueError(f"build_volume got {len(headers)} headers for {len(paths)} paths")
     where = _series_folder(paths)
     n_workers = workers or default_workers(len(paths))
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        headers_frames = list(pool.map(_read_header, paths))
-    headers = [h for h, _ in headers_frames]
-    frames = [fr for _, frs in headers_frames for fr in frs]
-    _check_one_stack(headers, frames, policy, where)
+    if headers is None:
+        headers = parallel_map(_read_header, paths, n_workers)
+    for path, header in zip(paths, headers):
+        _check_decoder(header.dataset, path)
+    frames = [fr for path, header in zip(paths, headers) for fr in _frames_of(header, path)]
+    _check_one_stack([h.dataset for h in headers], frames, policy, where)
 
     try:
         row_cos, col_cos = check_orientation(frames[0].iop)
@@ -375,11 +432,11 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     by_file: dict[Path, list[tuple[int, _Frame]]] = {}
     for k, fr in enumerate(sorted_frames):
         by_file.setdefault(fr.path, []).append((k, fr))
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        list(pool.map(lambda item: _decode_into(planes, *item), by_file.items()))
+    header_of = dict(zip(paths, headers))
+    parallel_map(lambda item: _decode_into(planes, item[0], header_of[item[0]], item[1]), list(by_file.items()),
+                 n_workers)
 
-    header_of = {frs[0].path: h for h, frs in headers_frames}
-    meta = _acquisition_meta(header_of[sorted_frames[0].path], sorted_frames)
+    meta = _acquisition_meta(header_of[sorted_frames[0].path].dataset, sorted_frames)
     if sorted_frames[0].rescale_type not in (None, "HU"):
         flags.append(f"rescale_type:{sorted_frames[0].rescale_type}")
     dr, dc = geo.pixel_spacing
@@ -401,6 +458,6 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
                     tilt_deg=round(geo.tilt_deg, 4), resample_interpolation="linear", resample_fill_hu=fill)
     spacing = np.array([dc, dr, spacing_k])
     affine = grid_affine(origin, row_cos, col_cos, spacing)
-    array = np.ascontiguousarray(planes.transpose(2, 1, 0))
+    array = planes.transpose(2, 1, 0)
     meta.update(shape=list(array.shape), spacing_mm=[round(float(s), 6) for s in spacing])
     return Volume(array=array, affine=affine, spacing=spacing, flags=flags, meta=meta)

@@ -8,7 +8,7 @@ import pytest
 
 from pancls.config import from_dict
 from pancls.ct.geometry import (GeometryError, GeometryPolicy, analyse_stack, check_orientation, grid_affine,
-                                resample_flags, resample_stack)
+                                median, resample_flags, resample_stack)
 from pancls.errors import UserError
 
 AXIAL = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
@@ -154,3 +154,10 @@ def test_resample_without_tilt_keeps_original_planes_exactly():
     for src, k in zip(range(5), [0, 1, 2, 7, 8]):
         np.testing.assert_array_equal(out[k], planes[src])
     np.testing.assert_allclose(out[4], 0.6 * planes[2] + 0.4 * planes[3], atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 101])
+def test_median_equals_numpy(n):
+    values = np.random.default_rng(n).normal(5.0, 2.0, n)
+    assert median(values) == np.median(values)
+    assert median(np.sort(values)[::-1]) == np.median(values)  # order does not matter

@@ -5,9 +5,11 @@ import dataclasses
 import zipfile
 from pathlib import Path
 
+import pydicom
 import pytest
 
-from pancls.ct.scan import SkippedFile, group_series, orientation_label, read_header, scan
+from pancls.ct.scan import (PIXEL_DATA, SkippedFile, default_workers, group_series, orientation_label,
+                            parallel_map, read_dicom_header, read_header, scan)
 from pancls.errors import UserError
 
 
@@ -128,3 +130,43 @@ def test_localizer_sharing_the_series_uid_becomes_its_own_subseries(ct_data: Pat
 ])
 def test_orientation_label(iop, label):
     assert orientation_label(iop) == label
+
+
+@pytest.mark.parametrize("name", ["series_ct/S21570/S2010/I10", "jpeg2000/693_J2KR.dcm", "enhanced/eCT_Supplemental.dcm"])
+def test_header_records_where_the_pixel_data_starts(ct_data: Path, name: str):
+    path = ct_data / name
+    header = read_dicom_header(path)
+    assert header.pixel_tag == PIXEL_DATA and "PixelData" not in header.dataset  # pixels not read
+    with open(path, "rb") as fh:
+        fh.seek(header.pixel_offset)
+        assert fh.read(4) == b"\xe0\x7f\x10\x00"  # the (7FE0,0010) tag, little endian
+    full = pydicom.dcmread(path)
+    # the parsed header is the full dataset minus the pixel data
+    assert [e.tag for e in header.dataset] == [e.tag for e in full if e.tag != 0x7FE00010]
+
+
+def test_header_without_pixel_data(ct_data: Path):
+    header = read_dicom_header(ct_data / "nonimage" / "rtplan.dcm")
+    assert header.pixel_tag is None and header.pixel_offset is None
+
+
+def test_series_carry_their_headers(ct_data: Path):
+    (series,) = scan([ct_data / "series_ct" / "S21570" / "S2010"], progress=False).series
+    assert [h.dataset.SOPInstanceUID for h in series.headers] == [i.sop_instance_uid for i in series.instances]
+
+
+def test_parallel_map_keeps_order_and_raises(ct_data: Path):
+    items = list(range(40))
+    assert parallel_map(lambda x: x * x, items, workers=3) == [x * x for x in items]
+    assert parallel_map(lambda x: x * x, items) == [x * x for x in items]
+    with pytest.raises(ZeroDivisionError):
+        parallel_map(lambda x: 1 // (x - 17), items, workers=2)
+    assert default_workers(1) == 1  # a small series runs in the calling thread
+    assert 1 <= default_workers(10_000) <= 8
+
+
+def test_scan_with_threads_equals_scan_without(ct_data: Path):
+    one = scan([ct_data / "series_ct"], workers=1, progress=False)
+    many = scan([ct_data / "series_ct"], workers=4, progress=False)
+    assert [(s.series_hash, s.paths) for s in one.series] == [(s.series_hash, s.paths) for s in many.series]
+    assert one.skipped == many.skipped

@@ -290,3 +290,99 @@ def test_not_dicom_is_refused(tmp_path):
     junk.write_text("not dicom")
     with pytest.raises(UserError, match="cannot read DICOM file"):
         build_volume([junk])
+
+
+# ------------------------------------------------------------------ headers from the scan, pixel decoding
+def test_headers_from_scan_give_the_same_volume(series_files, series_volume):
+    from pancls.ct.scan import scan
+
+    (series,) = [s for s in scan([series_files[0].parent], progress=False).series]
+    vol = build_volume(series.paths, headers=series.headers)
+    np.testing.assert_array_equal(vol.array, series_volume.array)
+    np.testing.assert_array_equal(vol.affine, series_volume.affine)
+    assert vol.meta == series_volume.meta and vol.flags == series_volume.flags
+    with pytest.raises(ValueError, match="2 headers for 10 paths"):
+        build_volume(series.paths, headers=series.headers[:2])
+
+
+def test_headers_are_not_read_again(series_files, monkeypatch):
+    from pancls.ct.scan import read_dicom_header
+
+    headers = [read_dicom_header(p) for p in series_files]
+    calls = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: calls.append(a) or real(*a, **k))
+    build_volume(series_files, headers=headers)
+    assert calls == []  # native pixel data is read from the recorded offset, without parsing anything
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _synthetic_slice(path: Path, raw: np.ndarray, *, syntax=pydicom.uid.ExplicitVRLittleEndian, bits_stored=None,
+                     signed=False, z=0.0, slope=1.0, intercept=-1024.0, series_uid="1.2.826.0.1.3680043.10.1"):
+    """Write a tiny CT slice whose PixelData holds exactly ``raw`` (including any bits above BitsStored)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "CT", series_uid, series_uid + ".9"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, z], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept = [0.5, 0.5], slope, intercept
+    frames, ds.Rows, ds.Columns = (raw.shape[0], *raw.shape[1:]) if raw.ndim == 3 else (1, *raw.shape)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = raw.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, int(signed)
+    ds.PixelData = raw.astype(raw.dtype.newbyteorder(">" if syntax == pydicom.uid.ExplicitVRBigEndian else "<")).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+_RNG = np.random.default_rng(7)
+_U12 = _RNG.integers(0, 4096, (2, 5, 6)).astype(np.uint16)  # 12-bit unsigned values ...
+_S12 = _RNG.integers(-2048, 2048, (2, 5, 6)).astype(np.int16)  # ... and signed ones
+_JUNK = (_RNG.integers(0, 16, (2, 5, 6)) << 12).astype(np.uint16)  # overlay bits above BitsStored
+
+
+@pytest.mark.parametrize("raw, kwargs, values", [
+    (_U12[0] | _JUNK[0], dict(bits_stored=12), _U12[0]),
+    ((_S12[0].view(np.uint16) & 0x0FFF) | _JUNK[0], dict(bits_stored=12, signed=True), _S12[0]),
+    (_S12[0], dict(signed=True), _S12[0]),
+    (_U12[0], dict(syntax=pydicom.uid.ImplicitVRLittleEndian, bits_stored=12), _U12[0]),
+    (_U12[0].astype(np.uint8), dict(bits_stored=8), _U12[0].astype(np.uint8)),
+    (_S12.astype(np.int32), dict(signed=True), _S12),  # 32-bit, two frames
+    (_S12[0], dict(syntax=pydicom.uid.ExplicitVRBigEndian, signed=True), _S12[0]),  # via pydicom's decoder
+], ids=["u12-junk", "s12-junk", "s16", "implicit", "u8", "s32-2frames", "big-endian"])
+def test_stored_values_decode_every_native_encoding(tmp_path, raw, kwargs, values):
+    from pancls.ct.scan import read_dicom_header
+    from pancls.ct.volume import _stored_values
+
+    path = _synthetic_slice(tmp_path / "s.dcm", raw, **kwargs)
+    got = _stored_values(path, read_dicom_header(path))
+    np.testing.assert_array_equal(got.reshape(values.shape), values)  # the intended values ...
+    np.testing.assert_array_equal(got.reshape(values.shape), pydicom.dcmread(path).pixel_array)  # ... = pydicom's
+
+
+def test_float_rescale_is_rounded_per_slice(tmp_path):
+    stored = _U12[:, :4, :4]
+    paths = [_synthetic_slice(tmp_path / f"{k}.dcm", stored[k], bits_stored=12, z=2.0 * k, slope=0.5 + k,
+                              intercept=-1000.25 * (k + 1)) for k in range(2)]
+    vol = build_volume(paths)
+    for k in range(2):
+        expected = np.rint(stored[k] * (0.5 + k) - 1000.25 * (k + 1))
+        np.testing.assert_array_equal(vol.array[:, :, k].T, expected)
+
+
+def test_truncated_pixel_data_is_a_user_error(tmp_path):
+    path = _synthetic_slice(tmp_path / "s.dcm", _U12[0], bits_stored=12)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UserError, match="cannot decode pixel data.*truncated") as err:
+        build_volume([path])
+    assert err.value.where == str(path)
