@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA ?= $(abspath ../shared/data)
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test test-slow bench lint clean
+.PHONY: venv demo test test-slow bench carry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ test: venv
 
 test-slow: venv
 	PANCLS_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m slow
+
+# Data for a GPU session (see scripts/gpu_lt.sh): the device copies the repo only, 64 MiB at most.
+carry: venv
+	$(PY) -c "from pancls.data.cifar import write_lt_subset; write_lt_subset('$(SHARED_DATA)/cifar10.npz', 'carry/cifar10_lt_ir100.npz', 'cifar10', 100)"
+
+bench: venv
+	PANCLS_DATA=$(SHARED_DATA) $(PY) bench/ingest_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

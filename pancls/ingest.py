@@ -1,7 +1,8 @@
 """Turn folders of DICOM (and NIfTI files) into checked NIfTI volumes, a manifest and an inventory.
 
 Pipeline: :func:`pancls.ct.scan.scan` (headers only) -> :func:`pancls.ct.select.select_series`
-(one series per study) -> :func:`pancls.ct.volume.build_volume` -> :func:`pancls.ct.write.write_volume`.
+(one series per study) -> :func:`pancls.ct.volume.build_volume` (from the scan's headers: each file is
+parsed once, then only its pixel data is read) -> :func:`pancls.ct.write.write_volume`.
 
 Outputs in ``out``:
 
@@ -211,8 +212,9 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
         print(line, file=err, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="pancls-ingest-") as tmp:  # zip archives are unpacked here
-        result = scan(sources, workers=workers, tmp_dir=Path(tmp), progress=progress)
-        inventory, jobs = _plan(result, sources, config, workers, report, problem)
+        # no name is kept for the scan result: the headers of series that are not converted can be freed
+        inventory, jobs = _plan(scan(sources, workers=workers, tmp_dir=Path(tmp), progress=progress), sources,
+                                config, workers, report, problem)
         manifest = _previous_manifest(out / "manifest.csv", out)
         for job in tqdm(jobs, desc="volumes", unit="series", disable=None if progress else True, leave=False):
             flags = _run_job(job, out, force, report, problem)

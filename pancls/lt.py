@@ -8,7 +8,6 @@ labelled extra because choosing it looks at the test set.
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -163,7 +162,8 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (out_dir / "last.pt").exists():
         raise UserError("a run already exists here; pass --resume to continue it or choose another --out", out_dir)
-    dump_yaml(cfg, out_dir / "config.yaml")
+    if not (out_dir / "last.pt").exists():  # a resumed run keeps its config until fit() has checked it matches
+        dump_yaml(cfg, out_dir / "config.yaml")
     atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes), "train_counts": list(map(int, data.class_counts))})
 
     def evaluate(y_true: np.ndarray, logits: np.ndarray) -> Dict[str, Any]:
@@ -173,6 +173,7 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
     run_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "note")}
     result = fit(model, train_loader, eval_loader, loss_fn, cfg.train, out_dir, device=device,
                  evaluate=evaluate, resume=resume, log=log, run_config=run_config)
+    dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
     final = classification_report(result.eval_labels, result.eval_logits, data.class_counts)
     angles = mean_angle_to_other_centres(model.head.centres().detach().cpu())
     plot_crowding(angles, data.class_counts, data.classes, out_dir / "crowding.png",
@@ -205,10 +206,6 @@ def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str
         "config": dataclasses.asdict(cfg),
         "note": cfg.note,
     }
-
-
-def results_table_row(results: Dict[str, Any]) -> str:
-    return json.dumps({k: results[k] for k in ("top1", "many_shot_top1", "medium_shot_top1", "few_shot_top1")})
 
 
 def load_run(run_dir: Path):

@@ -30,8 +30,16 @@ VARIANTS = {
     # the kernel form with a larger starting scale: its logits are bounded by 2s (see TSPHead)
     "tsp_kernel_s16": ("tsp", "ce", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
     "tsp_kernel_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
+    "tsp_paper_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=paper"]),
+    # a flatter kernel (kappa 4): far-away classes keep distinguishable logits
+    "tsp_kernel_k4_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0",
+                                                 "model.head_kwargs.kappa=4.0"]),
     "softmax_la": ("softmax", "logit_adjust", []),
-    "softmax_ldam_drw": ("cosine", "ldam", ["model.head_kwargs.scale=1.0", "loss.kwargs.drw_epoch=160"]),
+    # deferred re-weighting from the recipe's first lr milestone ({drw_epoch}), as in LDAM-DRW
+    "softmax_drw": ("softmax", "ce", ["loss.kwargs.drw_epoch={drw_epoch}"]),
+    "tsp_kernel_drw": ("tsp", "ce", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0",
+                                     "loss.kwargs.drw_epoch={drw_epoch}"]),
+    "cosine_ldam_drw": ("cosine", "ldam", ["model.head_kwargs.scale=1.0", "loss.kwargs.drw_epoch={drw_epoch}"]),
 }
 
 # Published top-1 (%) for context only; never printed as our result.
@@ -44,8 +52,22 @@ PUBLISHED = {
 }
 
 
+def first_milestone(config: Path, overrides) -> int:
+    """The recipe's first lr milestone, where DRW switches on (160 of 200 epochs in LDAM-DRW)."""
+    from pancls.config import apply_overrides, load_yaml
+
+    data = apply_overrides(load_yaml(config), overrides)
+    milestones = data.get("train", {}).get("milestones") or []
+    if not milestones:
+        raise SystemExit(f"{config}: a DRW variant needs train.milestones in the recipe")
+    return int(milestones[0])
+
+
 def run_cell(args, dataset: str, ratio: float, variant: str, seed: int) -> dict | None:
     head, loss, extra = VARIANTS[variant]
+    if any("{drw_epoch}" in item for item in extra):
+        drw_epoch = first_milestone(args.config, args.set)
+        extra = [item.replace("{drw_epoch}", str(drw_epoch)) for item in extra]
     out = args.out / f"{dataset}_ir{ratio:g}_{variant}_s{seed}"
     results = out / "results.json"
     if not results.exists():

@@ -55,3 +55,31 @@ def test_missing_and_corrupt_archives(tmp_path, capsys):
 def test_console_script_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "pancls", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lt" in proc.stdout and "ingest" in proc.stdout
+
+
+def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["lt", "--dataset", "cifar10", "--imbalance-ratio", "100", "--head", "tsp", "--loss", "logit_adjust",
+            "--data", str(cifar10_npz), "--out", str(out), "--epochs", "1", "--device", "cpu",
+            "--set", "model.backbone=resnet20_cifar", "--set", "model.backbone_kwargs.width=0.25",
+            "--set", "train.warmup_epochs=0", "--set", "train.progress=false"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    assert results["reported"] == "last epoch" and summary["top1"] == results["top1"]
+    assert 0.0 <= results["top1"] <= 1.0 and len(results["per_class_accuracy"]) == 10
+    assert results["medium_shot_top1"] is not None and results["few_shot_top1"] is None  # no class < 20 images
+    assert len(results["crowding_mean_angle_deg"]) == 10
+    assert "evaluation set" in results["best_epoch_on_test_set__not_reported"]["selected_on"]
+    assert (out / "crowding.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "head: tsp" in (out / "config.yaml").read_text()
+
+    code, _, err = _run(argv, capsys)  # the same folder again without --resume
+    assert code == 2 and "--resume" in err
+    code, _, err = _run(argv[:-2] + ["--set", "train.lr=0.5", "--resume"], capsys)  # another recipe
+    assert code == 2 and "lr" in err
+    assert "lr: 0.1" in (out / "config.yaml").read_text()  # the refused resume did not touch the run
+    code, stdout, err = _run(argv + ["--resume"], capsys)  # finished: resuming is a no-op
+    assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]

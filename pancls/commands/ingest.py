@@ -12,7 +12,6 @@ import dataclasses
 from pathlib import Path
 
 from pancls.errors import UserError
-from pancls.ingest import ingest, load_config
 
 
 def _workers(text: str) -> int:
@@ -39,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pancls.ingest import ingest, load_config  # pydicom/nibabel only when ingesting
+
     config = load_config(args.config)
     overrides = {f"on_{p}": getattr(args, f"on_{p}") for p in ("gap", "tilt", "uneven") if getattr(args, f"on_{p}")}
     if overrides:

@@ -14,11 +14,6 @@ from pancls.registry import Registry
 BACKBONES = Registry("backbone")
 
 
-def _register_builtin_backbones() -> None:
-    # Imported for their @BACKBONES.register side effects.
-    from pancls.models import monai_resnet, resnet_cifar  # noqa: F401
-
-
 def create_model(
     backbone: str,
     head: str,
@@ -42,10 +37,12 @@ def create_model(
 
     if not isinstance(num_classes, int) or num_classes < 2:
         raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}", "num_classes")
-    _register_builtin_backbones()
     net = BACKBONES.create(backbone, **dict(backbone_kwargs or {}))
     classifier_head = HEADS.create(head, in_features=net.out_features, num_classes=num_classes, **dict(head_kwargs or {}))
     return Classifier(net, classifier_head)
 
+
+# Imported for their @BACKBONES.register side effects (after BACKBONES exists).
+from pancls.models import monai_resnet, resnet_cifar  # noqa: E402,F401
 
 __all__ = ["BACKBONES", "Classifier", "create_model"]

@@ -6,7 +6,6 @@ on top. Reference: He et al., "Deep Residual Learning for Image Recognition", CV
 """
 from __future__ import annotations
 
-from monai.networks.nets import resnet as monai_resnet
 from torch import nn
 
 from pancls.models import BACKBONES
@@ -17,6 +16,9 @@ class MonaiResNetFeatures(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        # Imported here so that the 2D benchmarks run where MONAI is not installed (e.g. a bare GPU image).
+        from monai.networks.nets import resnet as monai_resnet
+
         factory = getattr(monai_resnet, f"resnet{depth}")
         self.net = factory(spatial_dims=spatial_dims, n_input_channels=in_channels, widen_factor=widen_factor,
                            num_classes=1, feed_forward=False)

@@ -82,7 +82,8 @@ def test_series_sorted_by_position_with_exact_hu(series_volume, series_files, ct
 
 
 def test_series_parallel_decoding_is_deterministic(series_volume, series_files):
-    np.testing.assert_array_equal(build_volume(series_files, workers=1).array, series_volume.array)
+    # the default runs 10 files in the calling thread; 4 threads must give the same volume
+    np.testing.assert_array_equal(build_volume(series_files, workers=4).array, series_volume.array)
 
 
 def test_series_affine_matches_dcm2niix_record_and_simpleitk(series_volume, series_files, ct_data):
@@ -359,13 +360,17 @@ _JUNK = (_RNG.integers(0, 16, (2, 5, 6)) << 12).astype(np.uint16)  # overlay bit
     (_U12[0].astype(np.uint8), dict(bits_stored=8), _U12[0].astype(np.uint8)),
     (_S12.astype(np.int32), dict(signed=True), _S12),  # 32-bit, two frames
     (_S12[0], dict(syntax=pydicom.uid.ExplicitVRBigEndian, signed=True), _S12[0]),  # via pydicom's decoder
-], ids=["u12-junk", "s12-junk", "s16", "implicit", "u8", "s32-2frames", "big-endian"])
+    (_U12[0], dict(syntax=pydicom.uid.DeflatedExplicitVRLittleEndian, bits_stored=12), _U12[0]),  # full read
+], ids=["u12-junk", "s12-junk", "s16", "implicit", "u8", "s32-2frames", "big-endian", "deflated"])
 def test_stored_values_decode_every_native_encoding(tmp_path, raw, kwargs, values):
     from pancls.ct.scan import read_dicom_header
     from pancls.ct.volume import _stored_values
 
     path = _synthetic_slice(tmp_path / "s.dcm", raw, **kwargs)
-    got = _stored_values(path, read_dicom_header(path))
+    header = read_dicom_header(path)
+    deflated = kwargs.get("syntax") == pydicom.uid.DeflatedExplicitVRLittleEndian
+    assert header.pixel_tag == 0x7FE00010 and (header.pixel_offset is None) == deflated  # inflated: no offset
+    got = _stored_values(path, header)
     np.testing.assert_array_equal(got.reshape(values.shape), values)  # the intended values ...
     np.testing.assert_array_equal(got.reshape(values.shape), pydicom.dcmread(path).pixel_array)  # ... = pydicom's
 
@@ -386,3 +391,27 @@ def test_truncated_pixel_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot decode pixel data.*truncated") as err:
         build_volume([path])
     assert err.value.where == str(path)
+
+
+def test_only_compressed_series_are_decoded_in_processes(ct_data, series_files):
+    import os
+
+    from pancls.ct.scan import read_dicom_header
+    from pancls.ct.volume import decode_processes
+
+    native = [read_dicom_header(p) for p in series_files]
+    j2k = [read_dicom_header(p) for p in sorted((ct_data / "abdomen/dicom_series").iterdir())]
+    assert decode_processes(native) == 1  # numpy copies need no second process
+    assert decode_processes(j2k) == min(len(os.sched_getaffinity(0)), 20 // 4)
+    assert decode_processes(j2k, workers=1) == 1 and decode_processes(j2k[:7]) == 1
+
+
+def test_worker_process_failure_names_the_file(ct_data, tmp_path):
+    files = sorted((ct_data / "abdomen/dicom_series").iterdir())
+    for f in files:
+        shutil.copy(f, tmp_path / f.name)
+    bad = tmp_path / files[5].name
+    bad.write_bytes(bad.read_bytes()[:-60_000])  # the JPEG 2000 codestream loses its end
+    with pytest.raises(UserError, match="cannot decode pixel data") as err:
+        build_volume(sorted(tmp_path.iterdir()))
+    assert err.value.where == str(bad)

@@ -7,10 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pancls.models import BACKBONES, _register_builtin_backbones
+from pancls.models import BACKBONES
 from pancls.models.resnet_cifar import ShortcutA
-
-_register_builtin_backbones()
 
 
 def n_params(module: nn.Module) -> int:
