@@ -72,6 +72,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 errors.append(exc.reason)
         raise UserError("; ".join(errors), where)
     if origin is typing.Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean; map it back onto the word the key allows
+            words = ("off", "no", "false") if value is False else ("on", "yes", "true")
+            value = next((a for a in args if a in words), value)
         if value not in args:
             raise UserError(f"{value!r} is not one of {list(args)}", where)
         return value

@@ -56,3 +56,15 @@ def test_bad_yaml_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("a: [1,\n")
     with pytest.raises(UserError, match="cannot read config"):
         load_yaml(tmp_path / "broken.yaml")
+
+
+def test_yaml_off_is_the_word_off_where_a_choice_expects_it():
+    from typing import Literal
+
+    @dataclass
+    class Amp:
+        amp: Literal["auto", "off"] = "auto"
+
+    assert from_dict(Amp, apply_overrides({}, ["amp=off"])).amp == "off"
+    with pytest.raises(UserError, match="not one of"):
+        from_dict(Amp, {"amp": True})

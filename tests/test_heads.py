@@ -159,6 +159,39 @@ def test_tsp_gradient_on_tail_centres_decays_polynomially(form):
     assert all(a < b for a, b in zip(ratios, ratios[1:]))
 
 
+def test_fig2_claim_holds_only_at_a_matched_scale():
+    """At the cosine head's scale (s = 16) the kernel form does what the paper's Fig. 2 says: a
+    head-class sample barely pushes any other centre, near or far (its logit gap saturates at
+    2 s * 2 kappa / (1 + 2 kappa) instead of growing like s (1 - cos)). The default initial scale
+    (1.69) is what breaks the claim (previous test)."""
+    tsp = _logits_of_cos(TSPHead(8, 10, form="kernel", scale_init=16.0))
+    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
+    for c in (0.9, 0.5, 0.0, -0.5):
+        assert _tail_centre_gradient(tsp, c) < 1e-2 * _tail_centre_gradient(vmf, c)
+
+
+def _own_centre_gradient(logits_of_cos, own_cos: float, num_classes: int = 10, dim: int = 32) -> float:
+    """||dCE/d mu_y|| for a feature at cosine ``own_cos`` from its own centre, orthogonal to the others."""
+    mu = torch.eye(num_classes, dim, dtype=torch.float64, requires_grad=True)
+    x = torch.zeros(dim, dtype=torch.float64)
+    x[0], x[-1] = own_cos, math.sqrt(1 - own_cos ** 2)
+    F.cross_entropy(logits_of_cos(F.normalize(mu, dim=1) @ x)[None], torch.tensor([0])).backward()
+    return mu.grad[0].norm().item()
+
+
+def test_flat_far_field_also_mutes_the_pull_of_hard_samples():
+    """The other side of the heavy tail: a misclassified sample far from its own centre (cos 0.1)
+    pulls that centre several times less under tSP than under vMF, at either scale; tail classes,
+    whose samples are mostly hard, learn slowly. Near the centre the default scale keeps pulling on
+    samples that are already right (bounded logits: the loss never gets small)."""
+    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
+    for scale in (None, 16.0):
+        tsp = _logits_of_cos(TSPHead(8, 10, form="kernel", scale_init=scale))
+        assert _own_centre_gradient(tsp, 0.1) < 0.25 * _own_centre_gradient(vmf, 0.1)
+    default = _logits_of_cos(TSPHead(8, 10, form="kernel"))
+    assert _own_centre_gradient(default, 0.95) > 1e3 * _own_centre_gradient(vmf, 0.95)
+
+
 @pytest.mark.parametrize("name", sorted(HEADS.names()))
 def test_registry_builds_every_head_with_unit_centres(name):
     head = HEADS.create(name, in_features=20, num_classes=7)

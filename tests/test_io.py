@@ -29,3 +29,19 @@ def test_temp_file_keeps_the_extension(tmp_path):
     seen = []
     atomic_save(tmp_path / "v.nii.gz", lambda tmp: (seen.append(tmp.name), tmp.write_bytes(b"x")))
     assert seen[0].endswith(".nii.gz")
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    import pancls.io
+
+    old = os.umask(0o027)
+    pancls.io._UMASK = None  # read afresh
+    try:
+        atomic_write_text(tmp_path / "p.txt", "x")
+    finally:
+        os.umask(old)
+        pancls.io._UMASK = None
+    assert stat.S_IMODE((tmp_path / "p.txt").stat().st_mode) == 0o640
