@@ -50,12 +50,14 @@ def main() -> int:
         tail = class_terciles(data.class_counts)["tail"]
         tail_top1 = sum(results["per_class_accuracy"][k] for k in tail) / len(tail)
         rows.append((run.name, _pct(results["top1"]), _pct(tail_top1), param,
-                     f"{diag['mean_logit_range']:.1f}", f"{diag['train_ce']:.3f}",
+                     f"{diag['mean_logit_range']:.1f}",
+                     f"{diag['mean_cos_to_own_centre']:.2f}" if "mean_cos_to_own_centre" in diag else "—",
+                     f"{diag['train_ce']:.3f}",
                      _pct(diag["head"]["mean_p_true"]), _pct(diag["tail"]["mean_p_true"]),
                      _pct(diag["head"]["loss_share"]),
                      f"{diag['head']['push_on_tail_centres']:.3g} / {diag['tail']['push_on_tail_centres']:.3g}",
                      _pct(share["tail"])))
-    header = ("run", "top-1", "tail-third top-1", "head param", "logit range", "train CE", "p_true head", "p_true tail",
+    header = ("run", "top-1", "tail-third top-1", "head param", "logit range", "cos to own centre", "train CE", "p_true head", "p_true tail",
               "loss share of head classes", "push on tail centres: head / tail samples", "test preds in tail classes (%)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -3,6 +3,10 @@
 The standard CIFAR recipe (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, sec. 4.2;
 used unchanged by LDAM-DRW and the tSP paper): zero-pad 4 pixels on each side, take a random 32x32 crop,
 flip horizontally with probability 1/2, then normalise per channel.
+
+One deliberate difference: pancls normalises first and pads the normalised batch with zeros, i.e. with the
+per-channel mean colour, where torchvision's ``RandomCrop(32, padding=4)`` pads the raw image with black.
+Both are common; the figures in the README were measured with this one.
 """
 from __future__ import annotations
 

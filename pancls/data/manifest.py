@@ -275,7 +275,10 @@ def _check_header(path: Path, header: List[str], problems: List[Tuple[int, str]]
 
 
 def _check_volumes(files: Dict[str, Path]) -> List[str]:
-    """Header-only checks: readable, 3D, and the mask on the image's voxel grid."""
+    """Readable, 3D, the mask on the image's voxel grid, and a mask that marks something.
+
+    Images are checked from their headers only; masks are small label maps and are read in full, since
+    an empty mask would otherwise crop background silently (and a truncated one fail mid-training)."""
     problems, headers = [], {}
     for key, file in files.items():
         try:
@@ -299,4 +302,10 @@ def _check_volumes(files: Dict[str, Path]) -> List[str]:
             if off > AFFINE_ATOL_MM:
                 problems.append(f"mask affine differs from the image affine by up to {off:.4g} mm "
                                 f"(tolerance {AFFINE_ATOL_MM} mm)")
+    if "mask" in headers:
+        try:
+            if not np.any(np.asanyarray(nib.load(files["mask"]).dataobj)):
+                problems.append("mask is empty (no non-zero voxel)")
+        except _READ_ERRORS as exc:
+            problems.append(f"mask voxel data cannot be read ({type(exc).__name__}: {exc})")
     return problems

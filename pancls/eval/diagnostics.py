@@ -13,7 +13,7 @@ few-shot class):
   cosine weight, or the tSP centres ``mu``), i.e. how hard those samples move the tail centres;
 
 and, over all samples, the mean logit range ``max_k z_k - min_k z_k``, bounded by ``2 s (1 - 1/(1+2 kappa))``
-for the tSP kernel form.
+for the tSP kernel form, and for a tSP head the mean cosine of each embedding to its own class centre.
 """
 from __future__ import annotations
 
@@ -57,6 +57,9 @@ def head_diagnostics(head: nn.Module, features: torch.Tensor, labels: torch.Tens
         "mean_logit_range": float((logits.max(1).values - logits.min(1).values).mean().detach()),
         "train_ce": float(ce.mean().detach()),
     }
+    if hasattr(head, "cosines"):  # tSP: how close the embeddings sit to their own centres
+        own = head.cosines(features).gather(1, labels[:, None])[:, 0]
+        report["mean_cos_to_own_centre"] = float(own.mean().detach())
     tail = groups["tail"]
     for name, classes in groups.items():
         member = torch.isin(labels, classes)

@@ -20,9 +20,9 @@ def _link(dataset: Path, name: str, target: Path) -> None:
     path.symlink_to(target)
 
 
-def _tiny_nifti(path: Path, affine: np.ndarray, shape=(4, 4, 4)) -> None:
+def _tiny_nifti(path: Path, affine: np.ndarray, shape=(4, 4, 4), value: int = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), affine), path)
+    nib.save(nib.Nifti1Image(np.full(shape, value, np.int16), affine), path)
 
 
 @pytest.fixture()
@@ -88,6 +88,19 @@ def test_every_problem_is_listed_once_with_its_line(dataset: Path, tmp_path: Pat
         assert any(t.startswith(f"{manifest}:{line}: ") for t in text)
     assert "PDAC, IPMN, NET, SCN, ASC, CP" in str(err)
     assert "P11" not in str(err) and "P1," not in str(err)  # patient ids are never echoed
+
+
+def test_an_empty_mask_is_a_problem_of_its_line(dataset: Path):
+    _tiny_nifti(dataset / "images/tiny.nii.gz", np.eye(4))
+    _tiny_nifti(dataset / "masks/empty.nii.gz", np.eye(4), value=0)
+    manifest = _write(dataset / "manifest.csv", [
+        "patient_id,image,mask,label",
+        "P1,images/ct1.nii.gz,masks/pancreas.nii.gz,PDAC",
+        "P2,images/tiny.nii.gz,masks/empty.nii.gz,CP",
+    ])
+    with pytest.raises(ManifestError) as info:
+        load_manifest(manifest, DEFAULT_CLASSES)
+    assert info.value.problems == [(3, "mask is empty (no non-zero voxel)")]
 
 
 def test_missing_columns_are_reported_with_the_row_problems(dataset: Path):

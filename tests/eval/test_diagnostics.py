@@ -18,6 +18,7 @@ def test_diagnostics_shapes_and_shares(name):
     assert all(0 <= report[g]["mean_p_true"] <= 1 for g in ("head", "middle", "tail"))
     assert centre_parameter(head).shape[0] == 3
     assert report["tail"]["push_on_tail_centres"] > 0
+    assert ("mean_cos_to_own_centre" in report) == (name == "tsp")
 
 
 def test_push_is_zero_from_samples_that_are_certain():
@@ -43,3 +44,12 @@ def test_terciles_follow_counts_not_index():
 
     t = class_terciles([5, 500, 50, 1, 1000, 100])
     assert t["head"].tolist() == [1, 4] and t["middle"].tolist() == [2, 5] and t["tail"].tolist() == [0, 3]
+
+
+def test_mean_cos_to_own_centre_is_one_on_the_centres():
+    head = HEADS.create("tsp", in_features=4, num_classes=3, dim=4)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(4))
+        head.mu.copy_(torch.eye(3, 4))
+    report = head_diagnostics(head, torch.eye(3, 4) * 5.0, torch.tensor([0, 1, 2]), [50, 20, 5])
+    assert report["mean_cos_to_own_centre"] == pytest.approx(1.0)
