@@ -177,7 +177,7 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
     final = classification_report(result.eval_labels, result.eval_logits, data.class_counts)
     angles = mean_angle_to_other_centres(model.head.centres().detach().cpu())
     plot_crowding(angles, data.class_counts, data.classes, out_dir / "crowding.png",
-                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, last epoch")
+                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, loss {cfg.loss.name}, last epoch")
 
     results = {
         "reported": "last epoch",
