@@ -47,7 +47,6 @@ Construction = Literal["ldam", "first"]
 
 NUM_CLASSES: Dict[str, int] = {"cifar10": 10, "cifar100": 100}
 CONSTRUCTIONS = ("ldam", "first")
-IMAGE_SHAPE = (32, 32, 3)
 _TILE, _COLUMNS = 32, 128  # the packed npz layout: 32x32 tiles, 128 per PNG row
 
 

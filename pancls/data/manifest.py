@@ -35,7 +35,6 @@ from pancls.data.classes import check_classes
 from pancls.errors import UserError
 
 REQUIRED_COLUMNS = ("patient_id", "image", "label")
-OPTIONAL_COLUMNS = ("mask", "study_id", "fold")
 #: Image and mask must share the voxel grid; affines may differ by float noise from a NIfTI round trip.
 AFFINE_ATOL_MM = 1e-3
 
