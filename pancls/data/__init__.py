@@ -1,0 +1,1 @@
+"""Data: long-tailed CIFAR, on-device augmentation, CT manifests, MONAI preprocessing, the synthetic cohort."""

@@ -1,0 +1,1 @@
+"""Evaluation: classification metrics, crowding of class centres, head diagnostics."""

@@ -1,0 +1,1 @@
+"""The one training core (``engine.fit``) and its parts: optimiser and schedule, samplers, loaders, checkpoints."""
