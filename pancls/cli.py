@@ -18,6 +18,8 @@ COMMANDS = {
     "lt": ("pancls.commands.lt", "train and evaluate on a long-tailed benchmark (CIFAR-10/100-LT)"),
     "ingest": ("pancls.commands.ingest", "convert DICOM/NIfTI studies into checked NIfTI volumes + a manifest"),
     "synth": ("pancls.commands.synth", "write the synthetic pancreatic-tumour CT demo dataset"),
+    "cv": ("pancls.commands.cv", "patient-grouped k-fold cross-validation of the 3D CT classifier, with a report"),
+    "report": ("pancls.commands.report", "regenerate the summary, report and model card of a cv run folder"),
 }
 
 

@@ -20,6 +20,7 @@ import torch
 from pancls.config import dump_yaml, from_dict
 from pancls.errors import UserError
 from pancls.io import atomic_write_json
+from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.engine import TrainConfig
 
 
@@ -29,20 +30,6 @@ class LTDataConfig:
     path: Optional[str] = None  # npz, official archive or extracted folder
     imbalance_ratio: float = 100.0
     construction: str = "ldam"  # ldam | first
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet32_cifar"
-    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
-    head: str = "tsp"
-    head_kwargs: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LossConfig:
-    name: str = "ce"
-    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -79,17 +66,12 @@ def resolve_device(name: str) -> torch.device:
 
 def _build(cfg: LTConfig):
     from pancls.data.cifar import load_cifar_lt
-    from pancls.losses import create_loss
-    from pancls.models import create_model
+    from pancls.schemas import build_model_and_loss
 
     if cfg.data.path is None:
         raise UserError("no data path given; pass --data PATH (an npz, an official archive or its folder)", "--data")
     data = load_cifar_lt(cfg.data.path, cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.construction)
-    model = create_model(
-        cfg.model.backbone, cfg.model.head, len(data.classes),
-        backbone_kwargs=cfg.model.backbone_kwargs, head_kwargs=cfg.model.head_kwargs,
-    )
-    loss_fn = create_loss(cfg.loss.name, data.class_counts, **cfg.loss.kwargs)
+    model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts)
     return data, model, loss_fn
 
 

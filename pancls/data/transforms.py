@@ -280,14 +280,25 @@ def _volume_hash(item: Dict[str, str]) -> bytes:
 class PreprocessedDataset(Dataset):
     """Records joined with their cached deterministic volumes, then (training) the random transforms.
 
-    ``transform`` is the random part (or None); MONAI's DataLoader seeds it per worker.
+    ``transform`` is the random part (or None). :meth:`set_epoch` (called by the training engine before
+    every epoch) reseeds it from ``(seed, epoch)``, so that with ``num_workers=0`` an epoch's augmentation
+    depends on nothing else and a resumed run repeats it bit for bit; with worker processes MONAI reseeds
+    each worker from the DataLoader's worker seed, which comes from the (checkpointed) global torch RNG.
     """
 
-    def __init__(self, records: Sequence[Dict[str, Any]], volumes: PersistentDataset, transform: Optional[Compose]):
+    def __init__(self, records: Sequence[Dict[str, Any]], volumes: PersistentDataset, transform: Optional[Compose],
+                 seed: int = 0):
         self.records = list(records)
         self.volumes = volumes
         self.transform = transform
+        self.seed = int(seed)
         self.cache_dir = Path(volumes.cache_dir)
+
+    def set_epoch(self, epoch: int) -> None:
+        from pancls.train.samplers import epoch_seed
+
+        if self.transform is not None:
+            self.transform.set_random_state(seed=epoch_seed(self.seed, epoch) % (2 ** 32))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -312,6 +323,7 @@ def make_dataset(
     cache_root: str | os.PathLike,
     train: bool,
     aug_cfg: Optional[AugmentConfig] = None,
+    seed: int = 0,
 ) -> PreprocessedDataset:
     """A dataset over manifest records (:meth:`pancls.data.manifest.Manifest.records`).
 
@@ -339,4 +351,4 @@ def make_dataset(
                                 transform=deterministic_transforms(cfg, keys), cache_dir=cache_dir,
                                 hash_func=_volume_hash)
     augment = random_transforms(aug_cfg or AugmentConfig(), keys) if train else None
-    return PreprocessedDataset(records, volumes, augment)
+    return PreprocessedDataset(records, volumes, augment, seed=seed)

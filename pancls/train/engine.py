@@ -50,6 +50,7 @@ from pancls.train.checkpoint import (capture_rng_state, check_same_config, confi
 from pancls.train.optim import LRSchedule, build_optimizer
 
 CHECKPOINT = "last.pt"
+BEST = "best.pt"  # weights of the selected epoch, written only when fit() is given a selection metric
 METRICS = "metrics.jsonl"
 #: how the best epoch is labelled wherever it is written: it was chosen by looking at the evaluation set
 BEST_SELECTED_ON = "evaluation set (max eval_top1; optimistic, not a held-out estimate)"
@@ -64,7 +65,8 @@ class TrainConfig:
 
     Defaults are the LDAM-DRW CIFAR-LT recipe (Cao et al., NeurIPS 2019): SGD, momentum 0.9,
     weight decay 2e-4 on every parameter, batch 128, 200 epochs, lr 0.1 with 5 linear warm-up epochs
-    and x0.01 at epochs 160 and 180 (see :class:`~pancls.train.optim.LRSchedule` for the exact formula).
+    and x0.01 at epochs 160 and 180 (see :class:`~pancls.train.optim.LRSchedule` for the exact formula),
+    except that the warm-up ramps per iteration; ``warmup: epoch`` is LDAM-DRW's per-epoch staircase.
 
     ``sampler`` and ``sampler_start_epoch`` are applied by whoever builds the training loader:
     ``TensorBatchLoader(..., sample_weights=sample_weights(labels, cfg.sampler),
@@ -81,6 +83,7 @@ class TrainConfig:
     weight_decay: float = 2e-4
     wd_on_all: bool = True  # False: no decay on biases, norm and scalar parameters (ndim <= 1)
     warmup_epochs: int = 5
+    warmup: Literal["step", "epoch"] = "step"  # linear per iteration, or LDAM-DRW's constant-per-epoch steps
     schedule: Literal["step", "cosine", "constant"] = "step"
     milestones: Tuple[int, ...] = (160, 180)  # 0-based epochs from which lr is multiplied by gamma once more
     gamma: float = 0.01
@@ -120,8 +123,10 @@ class TrainConfig:
             bad("gamma", "must be > 0")
         if any(m < 1 for m in self.milestones) or any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
             bad("milestones", "must be strictly increasing epochs >= 1")
-        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
-            bad("warmup_epochs", f"must be < epochs ({self.epochs}) for the cosine schedule")
+        if self.warmup_epochs > self.epochs:
+            bad("warmup_epochs", f"must be <= epochs ({self.epochs}), or the run would end inside its warm-up")
+        if self.schedule == "cosine" and self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            bad("warmup_epochs", f"must be < epochs ({self.epochs}) for the cosine schedule, which decays after it")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             bad("clip_grad_norm", "must be > 0 (or null to disable clipping)")
 
@@ -151,6 +156,9 @@ def fit(
     resume: bool = False,
     log: Callable[[str], None] = print,
     run_config: Optional[Mapping[str, Any]] = None,
+    select_metric: str = "eval_top1",
+    selected_on: str = BEST_SELECTED_ON,
+    save_best: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``cfg.epochs`` epochs, evaluating and checkpointing to ``run_dir`` as it goes.
 
@@ -177,6 +185,14 @@ def fit(
     run_config : mapping, optional
         The rest of the experiment config (model, loss, data); it joins ``cfg`` in the fingerprint that
         a resumed run must match.
+    select_metric : str
+        The record key (``eval_top1`` or an ``eval_<name>`` of ``evaluate``) whose maximum defines the
+        best epoch; ties keep the earlier epoch.
+    selected_on : str
+        What the evaluation loader is, written into the best record (``"inner validation split ..."``
+        when ``eval_loader`` holds training-fold patients; the default warns that it is the test set).
+    save_best : bool
+        Also write the best epoch's weights to ``run_dir/best.pt`` (atomically, when it improves).
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -232,7 +248,7 @@ def fit(
             for epoch in range(start_epoch, cfg.epochs):
                 started = time.perf_counter()
                 for loader in (train_loader, eval_loader):
-                    _set_epoch(loader, epoch)
+                    _set_epoch(loader, epoch)  # loader, its sampler and its dataset (random transforms)
                 if hasattr(loss_fn, "set_epoch"):
                     loss_fn.set_epoch(epoch)
                 mean_epoch_s = float(np.mean([r["seconds"] for r in history])) if history else None
@@ -247,8 +263,14 @@ def fit(
                     if evaluate is not None:
                         record.update({f"eval_{k}": v for k, v in _jsonable(evaluate(labels, logits)).items()})
                     last_eval = {"logits": torch.from_numpy(logits), "labels": torch.from_numpy(labels)}
-                    if best is None or record["eval_top1"] > best["eval_top1"]:
-                        best = {"selected_on": BEST_SELECTED_ON, **record}
+                    if select_metric not in record:
+                        raise ValueError(f"select_metric {select_metric!r} is not among the evaluation keys "
+                                         f"{sorted(k for k in record if k.startswith('eval_'))}")
+                    if best is None or record[select_metric] > best[select_metric]:
+                        best = {"selected_on": selected_on, "select_metric": select_metric, **record}
+                        if save_best:
+                            save_checkpoint(run_dir / BEST, {"epoch": epoch + 1, "model": model.state_dict(),
+                                                             "record": record})
                 record["seconds"] = round(time.perf_counter() - started, 3)
                 record["images_per_s"] = round(train["images"] / train["seconds"], 1)
                 history.append(record)
@@ -355,6 +377,40 @@ class _Step:
         return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", amp: str = "auto",
+                   features: bool = False) -> Dict[str, np.ndarray]:
+    """Label-free inference: ``{"logits": (N, K) float32[, "features": (N, d)]}`` in loader order.
+
+    Batches may be bare image tensors, ``(image, ...)`` tuples or mappings with an ``"image"`` key (labels,
+    if any, are ignored). The model is put in eval mode; ``features=True`` needs ``model.features`` and
+    ``model.head`` (a :class:`~pancls.models.Classifier`) and returns the backbone features too.
+    """
+    device = torch.device(device)
+    amp_dtype = _amp_dtype(amp, device)
+    model.eval().to(device)
+    out: Dict[str, List[torch.Tensor]] = {"logits": [], "features": []}
+    for batch in loader:
+        if isinstance(batch, Mapping):
+            x = batch["image"]
+        elif isinstance(batch, (tuple, list)):
+            x = batch[0]
+        else:
+            x = batch
+        x = torch.as_tensor(x).as_subclass(torch.Tensor).to(device, non_blocking=True)
+        ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with ctx:
+            if features:
+                f = model.features(x)
+                out["features"].append(f.float().cpu())
+                out["logits"].append(model.head(f).float().cpu())
+            else:
+                out["logits"].append(model(x).float().cpu())
+    if not out["logits"]:
+        raise ValueError("the loader yielded no batches")
+    return {k: torch.cat(v).numpy() for k, v in out.items() if v}
+
+
 _MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -429,7 +485,8 @@ def _set_epoch(loader: Optional[Iterable], epoch: int) -> None:
     """``set_epoch`` on the loader and on its (batch) sampler, each object once."""
     if loader is None:
         return
-    candidates = (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+    candidates = (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+                  getattr(loader, "dataset", None))
     seen = set()
     for obj in candidates:
         if id(obj) not in seen and callable(getattr(obj, "set_epoch", None)):

@@ -96,7 +96,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     lines = _lines(tmp_path / "split")
     assert [r["epoch"] for r in lines] == [0, 1, 2, 3]
     assert _strip(lines) == _strip(whole_result.history)
-    assert [r["lr"] for r in lines] == pytest.approx([0.05, 0.05, 0.05, 0.005])
+    assert [r["lr"] for r in lines] == pytest.approx([0.05 / 6, 0.05, 0.05, 0.005])  # per-step warm-up, 6 steps
 
 
 def test_metrics_and_result(tmp_path):

@@ -23,8 +23,8 @@ def ldam_drw_lr(epoch, base=0.1):
     return base
 
 
-def test_default_recipe_is_ldam_drw_for_every_epoch_and_step():
-    schedule = LRSchedule(TrainConfig(), steps_per_epoch=97)
+def test_epoch_warmup_is_ldam_drw_for_every_epoch_and_step():
+    schedule = LRSchedule(TrainConfig(warmup="epoch"), steps_per_epoch=97)
     for epoch in range(200):
         for step in (0, 50, 96):
             assert math.isclose(schedule.lr_at(epoch, step), ldam_drw_lr(epoch), rel_tol=1e-12), (epoch, step)
@@ -33,12 +33,25 @@ def test_default_recipe_is_ldam_drw_for_every_epoch_and_step():
 @pytest.mark.parametrize("epoch, lr", [(0, 0.02), (4, 0.1), (5, 0.1), (159, 0.1), (160, 1e-3), (179, 1e-3),
                                        (180, 1e-5), (199, 1e-5)])
 def test_ldam_drw_values_at_chosen_epochs(epoch, lr):
-    assert math.isclose(LRSchedule(TrainConfig(), 10).lr_at(epoch), lr, rel_tol=1e-12)
+    assert math.isclose(LRSchedule(TrainConfig(warmup="epoch"), 10).lr_at(epoch), lr, rel_tol=1e-12)
+
+
+def test_step_warmup_ramps_linearly_per_iteration_issue_19():
+    # The issue-19 recipe: 1 warm-up epoch of 97 iterations, then cosine. The per-epoch staircase ran the
+    # whole first epoch at the full lr (no warm-up at all for W = 1), which cost 5-10 points of top-1.
+    s = LRSchedule(TrainConfig(schedule="cosine", epochs=15, warmup_epochs=1, lr=0.1), steps_per_epoch=97)
+    first = [s.lr_at(0, i) for i in range(97)]
+    assert math.isclose(first[0], 0.1 / 97, rel_tol=1e-12) and math.isclose(first[-1], 0.1, rel_tol=1e-12)
+    assert all(math.isclose(b - a, 0.1 / 97, rel_tol=1e-9) for a, b in zip(first, first[1:]))
+    assert math.isclose(s.lr_at(1, 0), 0.1, rel_tol=1e-12)  # cosine starts where the ramp ends
+    # two warm-up epochs of 10 steps: global iteration i -> lr * (i + 1) / 20, continuous across the epoch edge
+    s2 = LRSchedule(TrainConfig(warmup_epochs=2, lr=0.4), steps_per_epoch=10)
+    assert [round(s2.lr_at(e, i), 12) for e, i in ((0, 0), (0, 9), (1, 0), (1, 9), (2, 0))] == [0.02, 0.2, 0.22, 0.4, 0.4]
 
 
 def test_cosine_after_warmup():
     s = LRSchedule(TrainConfig(schedule="cosine", epochs=12, warmup_epochs=2, lr=0.4), steps_per_epoch=10)
-    assert math.isclose(s.lr_at(0, 9), 0.2) and math.isclose(s.lr_at(2, 0), 0.4)
+    assert math.isclose(s.lr_at(0, 9), 0.2) and math.isclose(s.lr_at(1, 9), 0.4) and math.isclose(s.lr_at(2, 0), 0.4)
     assert math.isclose(s.lr_at(7, 0), 0.2)  # half-way through the 10 post-warm-up epochs
     values = [s.lr_at(e, i) for e in range(2, 12) for i in range(10)]
     assert all(b < a for a, b in zip(values, values[1:])) and 0 < values[-1] < 1e-3
@@ -96,6 +109,8 @@ def test_yaml_mapping_builds_the_config():
     ({"epochs": 0}, "train.epochs"),
     ({"momentum": 0.0, "nesterov": True}, "train.nesterov"),
     ({"schedule": "cosine", "epochs": 5}, "train.warmup_epochs"),
+    ({"schedule": "step", "epochs": 1, "warmup_epochs": 5}, "train.warmup_epochs"),  # ended inside its warm-up
+    ({"schedule": "constant", "epochs": 2, "warmup_epochs": 3}, "train.warmup_epochs"),
     ({"clip_grad_norm": -1.0}, "train.clip_grad_norm"),
     ({"amp": "fp8"}, "amp"),
     ({"learning_rate": 0.1}, "learning_rate"),

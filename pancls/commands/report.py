@@ -1,0 +1,19 @@
+"""Regenerate summary.json, oof_predictions.csv, the figures, report.md/html and MODEL_CARD.md of a cv run
+folder (e.g. after its folds were trained on different machines with --fold k)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="a `pancls cv` run folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pancls import cv
+
+    summary = cv.summarise(args.run, log=lambda m: print(m, file=sys.stderr))
+    print(cv.headline(summary, args.run))
+    return 0

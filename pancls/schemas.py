@@ -1,0 +1,37 @@
+"""Config sections shared by every experiment command (``lt`` and ``cv``): the model and the loss.
+
+Each is a dataclass read by :func:`pancls.config.from_dict` (unknown keys refused) and turned into objects by
+:func:`build_model_and_loss`, so that a CIFAR run and a CT cross-validation build their networks the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Sequence
+
+
+@dataclass
+class ModelConfig:
+    """``model:`` -- a backbone of :data:`pancls.models.BACKBONES` plus a head of :data:`pancls.heads.HEADS`."""
+
+    backbone: str = "resnet32_cifar"
+    backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
+    head: str = "tsp"
+    head_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """``loss:`` -- a name of :data:`pancls.losses.LOSSES` and its options."""
+
+    name: str = "ce"
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Sequence[int]):
+    """``(Classifier, LongTailLoss)`` for a training set with ``class_counts[k]`` samples of class k."""
+    from pancls.losses import create_loss
+    from pancls.models import create_model
+
+    net = create_model(model.backbone, model.head, len(class_counts), backbone_kwargs=model.backbone_kwargs,
+                       head_kwargs=model.head_kwargs)
+    return net, create_loss(loss.name, list(class_counts), **loss.kwargs)

@@ -1,0 +1,210 @@
+"""`pancls cv` end to end on a tiny synthetic cohort: run folder, honest selection, resume, ROI policy, refusals."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pancls import cv
+from pancls.cli import main
+from pancls.config import load_yaml
+from pancls.errors import UserError
+
+TINY = {
+    "preprocess": {"spacing": [4.0, 4.0, 4.5], "windows": [[400, 40]], "roi": "mask", "margin_mm": 4.0,
+                   "size": [16, 16, 8]},
+    "augment": {"affine_prob": 0.0, "noise_prob": 0.0},
+    "model": {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "head": "tsp"},
+    "train": {"epochs": 3, "batch_size": 6, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1,
+              "schedule": "cosine", "progress": False, "weight_decay": 1e-4, "wd_on_all": False},
+    "cv": {"folds": 4, "inner_folds": 3, "bootstrap": 50},
+    "device": "cpu", "eval_batch_size": 12,
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from pancls.data.synth import generate_dataset, load_synth_config
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, load_synth_config(size=[48, 48, 32], spacing=[4.0, 4.0, 4.5], dicom_subset=0),
+                     scale=0.01, progress=False, workers=1)
+    return out
+
+
+def config(cohort, tmp, **changes):
+    data = json.loads(json.dumps(TINY))
+    data["data"] = {"manifest": str(cohort / "manifest.csv"), "cache_dir": str(tmp / "cache")}
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        node = data
+        for part in section.split(".") if section else []:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return cv.load_config(data)
+
+
+@pytest.fixture(scope="module")
+def finished(cohort, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cv")
+    cfg = config(cohort, tmp)
+    lines = []
+    summary = cv.run(cfg, tmp / "run", log=lines.append)
+    return tmp / "run", summary, lines, cfg
+
+
+def test_run_folder_has_everything(finished):
+    run, summary, lines, _ = finished
+    for name in ("configs/config.yaml", "configs/metadata.json", "classes.json", "splits.json",
+                 "oof_predictions.csv", "summary.json", "report.md", "report.html", "MODEL_CARD.md",
+                 "figures/confusion.png", "figures/roc.png", "figures/reliability.png", "figures/crowding.png"):
+        assert (run / name).is_file(), name
+    for k in range(4):
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "predictions.csv", "fold.json"):
+            assert (run / f"fold_{k}" / name).is_file(), (k, name)
+    # a progress line per epoch with the run's ETA
+    assert sum("run ETA" in line for line in lines) == 4 * 3
+    assert "data:image/png;base64," in (run / "report.html").read_text()
+
+
+def test_out_of_fold_predictions_cover_every_patient_once(finished, cohort):
+    run, summary, _, _ = finished
+    oof = pd.read_csv(run / "oof_predictions.csv", dtype={"patient_id": str})
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype={"patient_id": str})
+    assert sorted(oof["patient_id"]) == sorted(manifest["patient_id"])
+    splits = json.loads((run / "splits.json").read_text())
+    assert all(splits["test_fold"][p] == f for p, f in zip(oof["patient_id"], oof["fold"]))
+    probs = oof[[f"p_{c}" for c in summary["classes"]]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    # the labels in the predictions are the manifest's
+    label = dict(zip(manifest["patient_id"], manifest["label"]))
+    assert all(label[p] == y for p, y in zip(oof["patient_id"], oof["label"]))
+    # pooled top-1 recomputed from the file equals the summary's
+    assert math.isclose(summary["pooled"]["top1"], float((oof["pred"] == oof["label"]).mean()), abs_tol=1e-9)
+
+
+def test_selection_and_temperature_come_from_the_inner_split_only(finished):
+    run, summary, _, _ = finished
+    splits = json.loads((run / "splits.json").read_text())
+    for k in range(4):
+        record = json.loads((run / f"fold_{k}" / "fold.json").read_text())
+        assert record["selected_on"].startswith("inner validation")
+        assert record["inner_best"]["selected_on"].startswith("inner validation")
+        inner = set(splits["inner_validation"][str(k)])
+        test = {p for p, f in splits["test_fold"].items() if f == k}
+        assert inner and not inner & test
+        assert record["val_patients"] == len(inner)
+        history = [json.loads(line) for line in (run / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()]
+        best = max(history, key=lambda r: r["eval_balanced_accuracy"])  # first maximum, as the engine keeps
+        assert record["selected_epoch"] == best["epoch"] + 1
+        assert record["temperature"] > 0
+    assert summary["baselines"]["majority"]["pooled"]["collapsed"] is True  # one class for everyone
+
+
+def test_roi_policy_is_recorded(finished):
+    run, *_ = finished
+    meta = json.loads((run / "configs" / "metadata.json").read_text())
+    assert meta["pancls"]["roi"] == "mask" and meta["pancls"]["inference_requires_mask"] is True
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["5"] == "CP"
+
+
+def test_report_regenerates_from_the_folder(finished, capsys):
+    run, summary, _, _ = finished
+    (run / "summary.json").unlink()
+    assert main(["report", str(run)]) == 0
+    again = json.loads((run / "summary.json").read_text())
+    assert again["pooled"] == json.loads(json.dumps(summary["pooled"]))
+    assert "all-majority" in capsys.readouterr().out
+
+
+def test_resume_after_a_kill_is_bit_exact(cohort, tmp_path, finished):
+    run_full, *_ = finished
+    cfg = config(cohort, tmp_path)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(line):
+        if "epoch 1/3" in line:
+            raise Killed
+
+    with pytest.raises(Killed):
+        cv.run(cfg, tmp_path / "run", fold=0, log=kill_after_first_epoch)
+    assert not (tmp_path / "run" / "fold_0" / "fold.json").exists()
+    cv.run(cfg, tmp_path / "run", fold=0, resume=True, log=lambda _: None)
+    a = torch.load(tmp_path / "run" / "fold_0" / "last.pt", weights_only=False)
+    b = torch.load(run_full / "fold_0" / "last.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "run" / "fold_0" / "predictions.csv").read_text() == \
+        (run_full / "fold_0" / "predictions.csv").read_text()
+
+
+def test_refusals_are_one_line_exit_2(cohort, tmp_path, capsys):
+    manifest = cohort / "manifest.csv"
+    base = ["cv", "--manifest", str(manifest), "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    # --fold out of range
+    assert main(base + ["--fold", "4"]) == 2
+    assert "--fold: must be in 0..3" in capsys.readouterr().err
+    # a mask ROI without masks
+    no_mask = tmp_path / "nomask"
+    no_mask.mkdir()
+    table = pd.read_csv(manifest).drop(columns=["mask"])
+    for col in ("image",):
+        table[col] = [str(cohort / p) for p in table[col]]
+    (no_mask / "manifest.csv").write_text(table.to_csv(index=False))
+    args = ["cv", "--manifest", str(no_mask / "manifest.csv"), "--out", str(tmp_path / "r2"),
+            "--set", f"data.root={cohort}", "--set", "data.cache_dir=" + str(tmp_path / "cache")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "roi is 'mask' but 24 of 24 rows have no mask" in err and "\n" not in err
+    # more folds than patients of a class
+    assert main(base + ["--folds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "5 folds need at least 5 patients" in err and "CP 4" in err
+
+
+def test_a_run_folder_of_another_manifest_is_refused(cohort, tmp_path, finished):
+    run, *_ = finished
+    cfg = load_yaml(run / "configs" / "config.yaml")
+    other = tmp_path / "other.csv"
+    table = pd.read_csv(cohort / "manifest.csv")
+    table.loc[0, "label"] = "PDAC" if table.loc[0, "label"] != "PDAC" else "CP"
+    table["image"] = [str(cohort / p) for p in table["image"]]
+    table["mask"] = [str(cohort / p) for p in table["mask"]]
+    other.write_text(table.to_csv(index=False))
+    import shutil
+    shutil.copytree(run, tmp_path / "copy")
+    cfg["data"]["manifest"] = str(other)
+    cfg["data"]["root"] = str(cohort)
+    from pancls.config import dump_yaml
+    dump_yaml(cfg, tmp_path / "copy" / "configs" / "config.yaml")  # same config, the manifest's content changed
+    with pytest.raises(UserError, match="split from a different manifest"):
+        cv.run(cv.load_config(cfg), tmp_path / "copy", resume=True, log=lambda _: None)
+
+
+def test_nan_loss_stops_the_fold_and_names_the_epoch(cohort, tmp_path):
+    cfg = config(cohort, tmp_path, **{"train.lr": 1e12, "train.optimizer": "sgd", "model.head": "softmax",
+                                      "train.momentum": 0.9})
+    with pytest.raises(UserError, match=r"fold 0: training diverged: the mean loss of epoch \d"):
+        cv.run(cfg, tmp_path / "run", fold=0, log=lambda _: None)
+    assert not (tmp_path / "run" / "fold_0" / "fold.json").exists()
+
+
+@pytest.mark.parametrize("head", ["tsp", "softmax", "cosine"])
+def test_torchscript_round_trip_of_the_3d_model(head, tmp_path):
+    from pancls.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet10", head, 6, backbone_kwargs={"spatial_dims": 3, "in_channels": 2,
+                                                               "widen_factor": 0.125}).eval()
+    x = torch.randn(2, 2, 16, 16, 8)
+    traced = torch.jit.trace(model, x)
+    traced.save(str(tmp_path / "model.ts"))
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    y = torch.randn(3, 2, 16, 16, 8)  # another batch size and values: the trace is not specialised to x
+    assert torch.allclose(loaded(y), model(y), atol=1e-6)
