@@ -404,8 +404,9 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         "selection": f"{cfg.cv.select} on {cfg.cv.select_metric} of the {INNER_SELECTED_ON}; "
                      f"temperature {'fitted on the same split' if cfg.cv.temperature else 'off'}",
         "roi": cfg.preprocess.roi,
-        "pooled": clinical.clinical_metrics(y, probs, classes),
-        "pooled_uncalibrated": clinical.clinical_metrics(y, raw, classes),
+        # temperature scaling leaves every argmax, hence every rank metric, unchanged; only calibration differs
+        "pooled": clinical.clinical_metrics(y, raw, classes),
+        "pooled_calibrated": clinical.clinical_metrics(y, probs, classes),
         "intervals": clinical.bootstrap_intervals(y, probs, groups, classes, metrics=headline, **boot),
         "per_fold": per_fold,
         "across_folds": clinical.mean_sd_across_folds([f["metrics"] for f in per_fold], headline),
@@ -522,7 +523,7 @@ Preprocessing: spacing {cfg.preprocess.spacing} mm, windows {cfg.preprocess.wind
 | top-1 | {ci('top1')} | {ci('top1', base['majority']['intervals'])} | {ci('top1', base['intensity']['intervals'])} |
 
 Collapsed folds (one class predicted for >= 90 % of a fold): {s['collapsed_folds'] or 'none'}.
-ECE {pooled['ece']:.3f} after temperature scaling ({s['pooled_uncalibrated']['ece']:.3f} before).
+ECE {s['pooled_calibrated']['ece']:.3f} after temperature scaling ({pooled['ece']:.3f} before).
 
 ## Reporting checklist (CLAIM 2024 / TRIPOD+AI items this run answers)
 - Data partitions at the patient level, no overlap (`splits.json`); model selection on an inner split only.
@@ -564,6 +565,6 @@ def headline(s: Dict[str, Any], out: Path) -> str:
     recall = "  ".join(f"{c} {s['pooled']['per_class'][c]['sensitivity']:.2f} (n={s['class_counts'][c]})"
                        for c in s["classes"])
     lines.append(f"recall per class: {recall}")
-    lines.append(f"ECE {s['pooled']['ece']:.3f} (before temperature {s['pooled_uncalibrated']['ece']:.3f}); "
+    lines.append(f"ECE {s['pooled_calibrated']['ece']:.3f} (before temperature {s['pooled']['ece']:.3f}); "
                  f"collapsed folds: {s['collapsed_folds'] or 'none'}; report: {Path(out) / 'report.html'}")
     return "\n".join(lines)
