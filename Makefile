@@ -6,9 +6,10 @@ PIP    := $(PY) -m pip
 # CPU wheel by default; a CUDA workstation sets TORCH_SPEC="torch==2.13.0" with its own index, or uses the Docker image.
 TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA ?= $(abspath ../shared/data)
-DEMO_OUT ?= runs/demo
+DEMO_OUT ?= runs/cv-demo
+LT_DEMO_OUT ?= runs/lt-demo
 
-.PHONY: venv demo test test-slow bench carry clean
+.PHONY: venv demo demo-lt test test-slow bench carry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The product path: 4-fold patient-grouped CV of the 3D tSP model on the synthetic 530-patient cohort
+# (written into ~/.cache/pancls, or $$PANCLS_CACHE, on first use), report in $(DEMO_OUT)/report.html.
 demo: venv
+	$(VENV)/bin/pancls cv --folds 4 --out $(DEMO_OUT) --resume
+
+# The long-tailed CIFAR path: a 4-epoch tSP run on CIFAR-10-LT.
+demo-lt: venv
 	PANCLS_DATA=$(SHARED_DATA) $(VENV)/bin/pancls lt --config configs/lt_demo_cpu.yaml \
-	    --data $(SHARED_DATA)/cifar10.npz --out $(DEMO_OUT) --resume
+	    --data $(SHARED_DATA)/cifar10.npz --out $(LT_DEMO_OUT) --resume
 
 test: venv
 	PANCLS_DATA=$(SHARED_DATA) $(PY) -m pytest -q

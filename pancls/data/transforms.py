@@ -214,7 +214,9 @@ def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE
         raise UserError(f"roi 'mask' needs a {MASK_KEY!r} volume for every image", "preprocess.roi")
     is_image = [k == IMAGE_KEY for k in keys]
     steps: List[monai.transforms.Transform] = [
-        LoadImaged(keys, image_only=True),
+        # NIfTI (what manifests hold) through nibabel; naming the reader also keeps MONAI from probing its
+        # optional DICOM/GPU readers, each of which warns when its library is missing.
+        LoadImaged(keys, image_only=True, reader="NibabelReader"),
         EnsureChannelFirstd(keys),
         # labels=None: take the axis convention from the image's own space (RAS for NIfTI).
         Orientationd(keys, axcodes="RAS", labels=None),
