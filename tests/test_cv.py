@@ -201,3 +201,14 @@ def test_torchscript_round_trip_of_the_3d_model(head, tmp_path):
     loaded = torch.jit.load(str(tmp_path / "model.ts"))
     y = torch.randn(3, 2, 16, 16, 8)  # another batch size and values: the trace is not specialised to x
     assert torch.allclose(loaded(y), model(y), atol=1e-6)
+
+
+@pytest.mark.parametrize("path", [cv.DEMO_CONFIG, *sorted((cv.DEMO_CONFIG.parents[2] / "configs").glob("cv_*.yaml"))],
+                         ids=lambda p: p.name)
+def test_shipped_cv_recipes_load_and_build(path):
+    from pancls.schemas import build_model_and_loss
+
+    cfg = cv.load_config(load_yaml(path))
+    model, _ = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
+    x = torch.zeros(1, len(cfg.preprocess.windows), *cfg.preprocess.size)
+    assert model.eval()(x).shape == (1, 6)
