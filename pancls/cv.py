@@ -197,7 +197,7 @@ class _Progress:
 
     def __init__(self, epochs: int, folds: List[int], log: Callable[[str], None]):
         self.total = epochs * len(folds)
-        self.done, self.seconds, self.log, self.fold = 0, 0.0, log, None
+        self.done, self.seconds, self.log = 0, 0.0, log
 
     def line(self, fold: int, folds: int) -> Callable[[str], None]:
         started = [time.perf_counter()]
