@@ -1,5 +1,7 @@
-"""Cross-validate the 3D CT classifier: patient-grouped stratified k folds, inner-split model selection,
-out-of-fold metrics with intervals beside the all-majority and intensity baselines, a report and a model card.
+"""Cross-validate the 3D CT classifier over patient-grouped folds, and write its report and model card.
+
+Patient-grouped stratified k folds, inner-split model selection, out-of-fold metrics with intervals beside
+the all-majority and intensity baselines.
 
 With no --config and no --manifest it runs the synthetic 530-patient demo cohort (written into the cache on
 first use) with a recipe sized for a few minutes on a CPU.

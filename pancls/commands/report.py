@@ -1,5 +1,8 @@
-"""Regenerate summary.json, oof_predictions.csv, the figures, report.md/html and MODEL_CARD.md of a cv run
-folder (e.g. after its folds were trained on different machines with --fold k)."""
+"""Regenerate the summary, figures, report and model card of a `pancls cv` run folder.
+
+Rewrites summary.json, oof_predictions.csv, figures/, report.md/html and MODEL_CARD.md, e.g. after the
+folds were trained on different machines with --fold k.
+"""
 from __future__ import annotations
 
 import argparse

@@ -200,6 +200,24 @@ class RequireForegroundd(MapTransform):
         return d
 
 
+def _load_nifti(keys: Sequence[str]) -> LoadImaged:
+    """``LoadImaged`` reading NIfTI (what manifests hold) with nibabel. MONAI instantiates every default reader
+    anyway, and its optional GPU DICOM reader warns on each construction where nvImageCodec is missing (a
+    CPU machine): that noise is kept out of the user's terminal, nothing else is silenced."""
+    import logging
+    import warnings
+
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            return LoadImaged(keys, image_only=True, reader="NibabelReader")
+    finally:
+        plugin_log.setLevel(level)
+
+
 def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
     """The cacheable pipeline for a dict of file paths.
 
@@ -214,9 +232,7 @@ def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE
         raise UserError(f"roi 'mask' needs a {MASK_KEY!r} volume for every image", "preprocess.roi")
     is_image = [k == IMAGE_KEY for k in keys]
     steps: List[monai.transforms.Transform] = [
-        # NIfTI (what manifests hold) through nibabel; naming the reader also keeps MONAI from probing its
-        # optional DICOM/GPU readers, each of which warns when its library is missing.
-        LoadImaged(keys, image_only=True, reader="NibabelReader"),
+        _load_nifti(keys),
         EnsureChannelFirstd(keys),
         # labels=None: take the axis convention from the image's own space (RAS for NIfTI).
         Orientationd(keys, axcodes="RAS", labels=None),
