@@ -7,13 +7,21 @@
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any, Callable, Dict, List
 
 from pancls.errors import UserError
 
 
+def _suggest(name: str, choices: List[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class Registry:
-    """Maps names to factories; unknown names raise a :class:`UserError` that lists the known ones."""
+    """Maps names to factories; unknown names raise a :class:`UserError` that lists the known ones and
+    suggests the closest (as MONAI's ``look_up_option``)."""
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -38,11 +46,25 @@ class Registry:
         try:
             return self._factories[name]
         except KeyError:
-            raise UserError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            raise UserError(f"unknown {self.kind} {name!r}{_suggest(name, self.names())}; choose one of: "
+                            f"{', '.join(self.names())}") from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
+        """Build ``name`` with ``kwargs``. Options are bound to the factory's signature first, so an unknown or
+        missing option is a :class:`UserError` naming the accepted ones, while a ``TypeError`` raised inside
+        the factory (a bug) keeps its traceback."""
         factory = self.get(name)
+        signature = inspect.signature(factory)
+        accepted = [p.name for p in signature.parameters.values()
+                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not p.name.startswith("_")]
         try:
-            return factory(**kwargs)
-        except TypeError as exc:  # a misspelt option in the config
-            raise UserError(f"{self.kind} {name!r}: {exc}") from None
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            unknown = [k for k in kwargs if k not in signature.parameters]
+            if unknown:
+                hint = "".join(_suggest(k, accepted) for k in unknown[:1])
+                reason = f"unknown option(s) {', '.join(map(repr, unknown))}{hint}"
+            else:
+                reason = str(exc)
+            raise UserError(f"{self.kind} {name!r}: {reason}; accepted: {', '.join(accepted) or 'none'}") from None
+        return factory(**kwargs)
