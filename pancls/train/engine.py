@@ -482,7 +482,7 @@ def _determinism(enabled: bool, device: torch.device) -> Iterator[None]:
 
 
 def _set_epoch(loader: Optional[Iterable], epoch: int) -> None:
-    """``set_epoch`` on the loader and on its (batch) sampler, each object once."""
+    """``set_epoch`` on the loader, its (batch) sampler and its dataset (reseeded random transforms), each once."""
     if loader is None:
         return
     candidates = (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None),
