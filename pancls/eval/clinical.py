@@ -159,7 +159,6 @@ def expected_calibration_error(probs, y_true, n_bins: int = 15) -> float:
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     b = _confidence_bins(conf, n_bins)
-    count = np.bincount(b, minlength=n_bins)
     gap = np.bincount(b, weights=correct, minlength=n_bins) - np.bincount(b, weights=conf, minlength=n_bins)
     return float(np.abs(gap).sum() / y.size)  # |B| * |acc - conf| = |sum correct - sum conf|
 
