@@ -36,6 +36,17 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def apply_flags(data: dict, flags: Mapping[str, Any]) -> dict:
+    """Set ``"section.key": value`` command-line flags into a config dict, in place, skipping ``None``
+    (a flag the user did not give); returns it."""
+    for key, value in flags.items():
+        if value is not None:
+            section, _, name = key.rpartition(".")
+            node = data.setdefault(section, {}) if section else data
+            node[name] = value
+    return data
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply ``a.b=value`` strings (value parsed as YAML) to a nested dict, in place; returns it."""
     for item in overrides:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from pancls.config import apply_overrides, load_yaml
+from pancls.config import apply_flags, apply_overrides, load_yaml
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,11 +39,7 @@ def build_config(args: argparse.Namespace):
     flags = {"data.manifest": args.manifest, "cv.folds": args.folds, "model.head": args.head,
              "loss.name": args.loss, "train.epochs": args.epochs, "train.seed": args.seed,
              "cv.seed": args.seed, "device": args.device}
-    for key, value in flags.items():
-        if value is not None:
-            section, _, name = key.rpartition(".")
-            node = data.setdefault(section, {}) if section else data
-            node[name] = value
+    apply_flags(data, flags)
     apply_overrides(data, args.overrides)
     return load_config(data)
 
