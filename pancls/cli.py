@@ -20,6 +20,7 @@ COMMANDS = {
     "synth": ("pancls.commands.synth", "write the synthetic pancreatic-tumour CT demo dataset"),
     "cv": ("pancls.commands.cv", "patient-grouped k-fold cross-validation of the 3D CT classifier, with a report"),
     "report": ("pancls.commands.report", "regenerate the summary, report and model card of a cv run folder"),
+    "predict": ("pancls.commands.predict", "predict the subtype of new CT studies with a cv run's fold ensemble"),
 }
 
 

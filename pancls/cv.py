@@ -176,7 +176,7 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root)
     dump_yaml(cfg, config_path)
     atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.class_counts()})
-    write_metadata(out, cfg, classes)
+    write_metadata(out, cfg, classes, records)
 
     todo = [fold] if fold is not None else list(range(cfg.cv.folds))
     progress = _Progress(cfg.train.epochs, [k for k in todo if not (out / f"fold_{k}" / FOLD_DONE).exists()], log)
@@ -228,7 +228,7 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     from pancls.eval.crowding import mean_angle_to_other_centres
     from pancls.schemas import build_model_and_loss
     from pancls.train.checkpoint import load_checkpoint
-    from pancls.train.engine import BEST, fit, predict_logits
+    from pancls.train.engine import BEST, CHECKPOINT, fit, predict_logits
     from pancls.train.samplers import make_torch_sampler
 
     fold_dir = out / f"fold_{k}"
@@ -279,9 +279,9 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     if cfg.cv.select == "best_inner" and (fold_dir / BEST).exists():
         chosen = load_checkpoint(fold_dir / BEST)
         model.load_state_dict(chosen["model"])
-        selected_epoch = int(chosen["epoch"])
+        selected_epoch, checkpoint = int(chosen["epoch"]), BEST
     else:
-        selected_epoch = cfg.train.epochs
+        selected_epoch, checkpoint = cfg.train.epochs, CHECKPOINT
     val = predict_logits(model, val_loader, device, cfg.train.amp)
     val_y = np.array([r["label"] for r in parts["val"]])
     temperature = fit_temperature(val["logits"], val_y) if cfg.cv.temperature else 1.0
@@ -294,7 +294,7 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
         "test_patients": len({r["patient_id"] for r in parts["test"]}),
         "train_counts": {c: int(n) for c, n in zip(classes, counts)},
         "selection": cfg.cv.select, "selected_epoch": selected_epoch, "selected_on": INNER_SELECTED_ON,
-        "select_metric": cfg.cv.select_metric, "temperature": float(temperature),
+        "select_metric": cfg.cv.select_metric, "checkpoint": checkpoint, "temperature": float(temperature),
         "inner_best": result.best_epoch_metrics, "last": result.last_metrics,
         "centre_mean_angle_deg": [float(a) for a in mean_angle_to_other_centres(model.head.centres().cpu())],
         "seconds_this_session": round(time.time() - started, 1),
@@ -452,8 +452,21 @@ def _figures(out, summary, y, probs, raw, oof, classes, counts, folds, figures) 
     return {k: str(Path(v).relative_to(out)) for k, v in made.items()}
 
 
-def write_metadata(out: Path, cfg: CVConfig, classes: Sequence[str]) -> None:
-    """``configs/metadata.json`` in the MONAI bundle layout, plus the preprocessing ``predict`` must repeat."""
+def training_spacing(records) -> Dict[str, List[float]]:
+    """Smallest and largest voxel size (mm) along R, A, S over the training images (from their headers):
+    ``predict`` flags a study outside this range."""
+    import nibabel as nib
+
+    from pancls.data.transforms import ras_spacing
+
+    spacings = np.array([ras_spacing(nib.load(r["image"]).affine) for r in records])
+    return {"min": [round(float(v), 4) for v in spacings.min(axis=0)],
+            "max": [round(float(v), 4) for v in spacings.max(axis=0)]}
+
+
+def write_metadata(out: Path, cfg: CVConfig, classes: Sequence[str], records=None) -> None:
+    """``configs/metadata.json`` in the MONAI bundle layout, plus the preprocessing ``predict`` must repeat
+    and the training images' spacing range (when ``records`` are given)."""
     import monai
 
     p = cfg.preprocess
@@ -478,7 +491,8 @@ def write_metadata(out: Path, cfg: CVConfig, classes: Sequence[str]) -> None:
         },
         "pancls": {"spacing_mm": p.spacing, "windows_hu": p.windows, "size": p.size, "roi": p.roi,
                    "margin_mm": p.margin_mm, "inference_requires_mask": p.roi == "mask",
-                   "roi_policy": ROI_POLICY[p.roi], "classes": list(classes)},
+                   "roi_policy": ROI_POLICY[p.roi], "classes": list(classes),
+                   **({"training_spacing_mm": training_spacing(records)} if records else {})},
     })
 
 

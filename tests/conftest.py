@@ -1,6 +1,7 @@
 """Shared fixtures. The real data lives beside the repo in ``../shared/data`` (override: PANCLS_DATA)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,3 +31,48 @@ def ct_data(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def cifar10_npz(shared_data: Path) -> Path:
     return shared_data / "cifar10.npz"
+
+
+# --------------------------------------------------------------- a tiny `pancls cv` cohort and recipe
+#: A 4-fold recipe small enough for seconds per run on a CPU (16 x 16 x 8 ROI, ResNet-10 at 1/8 width).
+TINY_CV = {
+    "preprocess": {"spacing": [4.0, 4.0, 4.5], "windows": [[400, 40]], "roi": "mask", "margin_mm": 4.0,
+                   "size": [16, 16, 8]},
+    "augment": {"affine_prob": 0.0, "noise_prob": 0.0},
+    "model": {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "head": "tsp"},
+    "train": {"epochs": 3, "batch_size": 6, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1,
+              "schedule": "cosine", "progress": False, "weight_decay": 1e-4, "wd_on_all": False},
+    "cv": {"folds": 4, "inner_folds": 3, "bootstrap": 50},
+    "device": "cpu", "eval_batch_size": 12,
+}
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory):
+    """The synthetic cohort of ``pancls synth`` at 1 % scale (a few patients per class), 48 x 48 x 32 voxels."""
+    from pancls.data.synth import generate_dataset, load_synth_config
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, load_synth_config(size=[48, 48, 32], spacing=[4.0, 4.0, 4.5], dicom_subset=0),
+                     scale=0.01, progress=False, workers=1)
+    return out
+
+
+def tiny_cv_config(cohort: Path, tmp: Path, **changes):
+    """:data:`TINY_CV` on ``cohort`` with dotted-key ``changes`` (``**{"preprocess.roi": "centre"}``)."""
+    from pancls import cv
+
+    data = json.loads(json.dumps(TINY_CV))
+    data["data"] = {"manifest": str(cohort / "manifest.csv"), "cache_dir": str(tmp / "cache")}
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        node = data
+        for part in section.split(".") if section else []:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return cv.load_config(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_cv_config_factory():
+    return tiny_cv_config

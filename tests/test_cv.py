@@ -12,42 +12,14 @@ from pancls.cli import main
 from pancls.config import load_yaml
 from pancls.errors import UserError
 
-TINY = {
-    "preprocess": {"spacing": [4.0, 4.0, 4.5], "windows": [[400, 40]], "roi": "mask", "margin_mm": 4.0,
-                   "size": [16, 16, 8]},
-    "augment": {"affine_prob": 0.0, "noise_prob": 0.0},
-    "model": {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "head": "tsp"},
-    "train": {"epochs": 3, "batch_size": 6, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1,
-              "schedule": "cosine", "progress": False, "weight_decay": 1e-4, "wd_on_all": False},
-    "cv": {"folds": 4, "inner_folds": 3, "bootstrap": 50},
-    "device": "cpu", "eval_batch_size": 12,
-}
+
+@pytest.fixture(scope="session")
+def config(tiny_cv_config_factory):
+    return tiny_cv_config_factory
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from pancls.data.synth import generate_dataset, load_synth_config
-
-    out = tmp_path_factory.mktemp("synth")
-    generate_dataset(out, load_synth_config(size=[48, 48, 32], spacing=[4.0, 4.0, 4.5], dicom_subset=0),
-                     scale=0.01, progress=False, workers=1)
-    return out
-
-
-def config(cohort, tmp, **changes):
-    data = json.loads(json.dumps(TINY))
-    data["data"] = {"manifest": str(cohort / "manifest.csv"), "cache_dir": str(tmp / "cache")}
-    for key, value in changes.items():
-        section, _, name = key.rpartition(".")
-        node = data
-        for part in section.split(".") if section else []:
-            node = node.setdefault(part, {})
-        node[name] = value
-    return cv.load_config(data)
-
-
-@pytest.fixture(scope="module")
-def finished(cohort, tmp_path_factory):
+def finished(config, cohort, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cv")
     cfg = config(cohort, tmp)
     lines = []
@@ -120,7 +92,7 @@ def test_report_regenerates_from_the_folder(finished, capsys):
     assert "all-majority" in capsys.readouterr().out
 
 
-def test_resume_after_a_kill_is_bit_exact(cohort, tmp_path, finished):
+def test_resume_after_a_kill_is_bit_exact(config, cohort, tmp_path, finished):
     run_full, *_ = finished
     cfg = config(cohort, tmp_path)
 
@@ -180,7 +152,7 @@ def test_a_run_folder_of_another_manifest_is_refused(cohort, tmp_path, finished)
         cv.run(cv.load_config(cfg), tmp_path / "copy", resume=True, log=lambda _: None)
 
 
-def test_nan_loss_stops_the_fold_and_names_the_epoch(cohort, tmp_path):
+def test_nan_loss_stops_the_fold_and_names_the_epoch(config, cohort, tmp_path):
     cfg = config(cohort, tmp_path, **{"train.lr": 1e12, "train.optimizer": "sgd", "model.head": "softmax",
                                       "train.momentum": 0.9})
     with pytest.raises(UserError, match=r"fold 0: training diverged: the mean loss of epoch \d"):

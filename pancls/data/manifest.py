@@ -25,7 +25,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
@@ -273,6 +273,32 @@ def _check_header(path: Path, header: List[str], problems: List[Tuple[int, str]]
     return columns
 
 
+def _grid_problem(image: Tuple[tuple, np.ndarray], mask: Tuple[tuple, np.ndarray]) -> Optional[str]:
+    """Why a mask ``(shape, affine)`` is not on an image's voxel grid (None when it is)."""
+    (shape, affine), (mshape, maffine) = image, mask
+    if tuple(shape) != tuple(mshape):
+        return f"mask shape {tuple(mshape)} differs from image shape {tuple(shape)}"
+    off = float(np.abs(np.asarray(affine) - np.asarray(maffine)).max())
+    if off > AFFINE_ATOL_MM:
+        return f"mask affine differs from the image affine by up to {off:.4g} mm (tolerance {AFFINE_ATOL_MM} mm)"
+    return None
+
+
+def grid_mismatch(image: str | os.PathLike, mask: str | os.PathLike) -> Optional[str]:
+    """Why the NIfTI ``mask`` is not on the voxel grid of the NIfTI ``image`` (same shape, affine within
+    :data:`AFFINE_ATOL_MM`), from their headers; None when it is. The check ``load_manifest`` applies to
+    every row, for callers that meet the pair outside a manifest (``pancls predict --mask``)."""
+    headers = []
+    for file in (image, mask):
+        try:
+            img = nib.load(file)
+        except _READ_ERRORS as exc:
+            return f"{file} is not a readable image ({type(exc).__name__}: {exc})"
+        shape = tuple(int(s) for s in img.shape)
+        headers.append((shape[:3] if len(shape) == 4 and shape[3] == 1 else shape, np.asarray(img.affine, float)))
+    return _grid_problem(*headers)
+
+
 def _check_volumes(files: Dict[str, Path]) -> List[str]:
     """Readable, 3D, the mask on the image's voxel grid, and a mask that marks something.
 
@@ -293,14 +319,9 @@ def _check_volumes(files: Dict[str, Path]) -> List[str]:
             continue
         headers[key] = (shape, np.asarray(img.affine, dtype=float))
     if "image" in headers and "mask" in headers:
-        (shape, affine), (mshape, maffine) = headers["image"], headers["mask"]
-        if shape != mshape:
-            problems.append(f"mask shape {mshape} differs from image shape {shape}")
-        else:
-            off = float(np.abs(affine - maffine).max())
-            if off > AFFINE_ATOL_MM:
-                problems.append(f"mask affine differs from the image affine by up to {off:.4g} mm "
-                                f"(tolerance {AFFINE_ATOL_MM} mm)")
+        problem = _grid_problem(headers["image"], headers["mask"])
+        if problem:
+            problems.append(problem)
     if "mask" in headers:
         try:
             if not np.any(np.asanyarray(nib.load(files["mask"]).dataobj)):

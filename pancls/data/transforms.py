@@ -173,6 +173,26 @@ def _triple(values: Sequence, name: str) -> Sequence:
     return values
 
 
+def ras_spacing(affine: np.ndarray) -> List[float]:
+    """Voxel size (mm) along the world R, A, S axes: each voxel axis is assigned to the world axis it runs
+    closest to (what ``Orientationd`` to RAS does before resampling)."""
+    a = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(a, axis=0)
+    out = [math.nan] * 3
+    for j in range(3):
+        out[int(np.argmax(np.abs(a[:, j])))] = float(norms[j])
+    return out
+
+
+def ras_extent(shape: Sequence[int], affine: np.ndarray) -> List[float]:
+    """Field of view (mm) along R, A, S."""
+    a = np.asarray(affine, dtype=float)[:3, :3]
+    out = [math.nan] * 3
+    for j in range(3):
+        out[int(np.argmax(np.abs(a[:, j])))] = float(np.linalg.norm(a[:, j]) * shape[j])
+    return out
+
+
 def window_transforms(windows: Sequence[Sequence[float]], key: str = IMAGE_KEY) -> List[monai.transforms.Transform]:
     """CT windows ``[(width, level), ...]`` -> one [0, 1] channel each, stacked along the channel axis."""
     ranges = [(level - width / 2.0, level + width / 2.0) for width, level in windows]

@@ -1,0 +1,75 @@
+"""Predict the tumour subtype of new CT studies with a `pancls cv` run folder (the fold ensemble).
+
+INPUT: DICOM study folders or zips (one series per study, chosen by the rules of `pancls ingest`), NIfTI
+files, or a manifest CSV (column `image`, optional `mask` and `patient_id`). Preprocessing and the ROI policy
+come from the run folder. Outputs carry no patient identifiers unless --keep-ids. Exit status: 0 when every
+study was predicted, 1 when any failed (each failure is one line on stderr and a row in the output), 2 for
+a problem with the command itself (model folder, output path, arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="DICOM folder or zip, NIfTI file (.nii/.nii.gz), or manifest CSV")
+    p.add_argument("--model", type=Path, required=True, help="a `pancls cv` run folder")
+    p.add_argument("--fold", type=int, help="use only this fold's model (default: the ensemble of all folds)")
+    p.add_argument("--mask", type=Path, help="the lesion mask (NIfTI on the image's grid) for a single INPUT")
+    p.add_argument("--out", type=Path, help="write the results to this .json or .csv (default: JSON on stdout)")
+    p.add_argument("--config", type=Path,
+                   help="the `pancls ingest` YAML (series selection, geometry policy) to read DICOM with")
+    p.add_argument("--sr", type=Path, metavar="DIR", help="also write one DICOM Structured Report per DICOM study")
+    p.add_argument("--keep-ids", action="store_true",
+                   help="also write input paths and DICOM UIDs (identifying: for local use only)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, help="studies per forward pass (default 1 on CPU, 8 on CUDA)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pancls import predict
+    from pancls.errors import UserError
+    from pancls.ingest import load_config
+
+    predict.check_output_path(args.out)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"must be >= 1, got {args.batch_size}", "--batch-size")
+    if args.sr is not None:
+        from pancls.report.sr import check_sr_folder
+
+        check_sr_folder(args.sr)
+    ingest_cfg = load_config(args.config)
+    loaded = predict.load_run(args.model, fold=args.fold, device=args.device)
+    err = sys.stderr
+
+    def report(result, study):
+        if result["status"] != "ok":
+            print(f"pancls predict: input {result['input']} ({study.kind}): {result['error']}", file=err, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="pancls-predict-inputs-") as tmp:  # zip archives unpack here
+        studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
+                                          Path(tmp), progress=True)
+        results = predict.predict(loaded, studies, keep_ids=args.keep_ids, batch_size=args.batch_size,
+                                  on_result=report)
+        if args.sr is not None:
+            from pancls.report.sr import write_study_srs
+
+            write_study_srs(args.sr, loaded, studies, results, keep_ids=args.keep_ids)
+            for r in results:
+                if str(r.get("sr", "")).startswith("failed"):
+                    print(f"pancls predict: input {r['input']} study {r['study']}: DICOM SR {r['sr']}", file=err)
+    if args.out is None:
+        print(json.dumps({"model": loaded.info(), "studies": results}, indent=2))
+    else:
+        predict.write_results(args.out, loaded, results)
+        for line in predict.iter_results_summary(results):
+            print(line)
+    failed = sum(r["status"] != "ok" for r in results)
+    print(f"pancls predict: {len(results) - failed} of {len(results)} studies predicted"
+          + (f", {failed} failed" if failed else ""), file=err)
+    return 1 if failed else 0

@@ -1,0 +1,563 @@
+"""Predict the subtype of new CT studies with a ``pancls cv`` run folder: the fold ensemble, its agreement,
+and quality flags.
+
+Pipeline per study (the model loads once; one bad study never stops the others)::
+
+    input (DICOM folder/zip, NIfTI, manifest CSV row)
+      -> series chosen by the rules of ``pancls ingest`` -> Volume (int16 HU, RAS affine)
+      -> the run's own deterministic preprocessing (:func:`pancls.data.transforms.deterministic_transforms`
+         with ``configs/config.yaml``'s ``preprocess``: never re-specified by hand)
+      -> every fold model -> softmax(logits / T_k) with fold k's temperature -> mean over folds
+
+The ensemble probability of class c is the mean of the fold models' calibrated probabilities,
+
+    p_c = (1/F) sum_k softmax(z_k / T_k)_c,
+
+its ``spread`` the standard deviation over folds, and ``agreement`` the number of folds whose own argmax is
+the ensemble's prediction (4/4 = unanimous).
+
+ROI policy: the run's ``roi`` decides. A ``mask`` model refuses a study given without a mask (the training
+crop cannot be reproduced without it); ``centre``/``box`` models need none and flag the study
+``roi_from_centre`` / ``roi_fixed_box``.
+
+Privacy: outputs carry no patient identifiers -- no UIDs, names, dates, paths or free-text descriptions --
+unless ``keep_ids``. A study is named by its position (input ``i``, study ``j`` within it) and the SHA-256 of
+its input files' bytes (which only someone holding those exact files can match).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pancls.errors import UserError
+
+#: Relative tolerance on the training spacing range before a study is flagged (rounding of headers).
+SPACING_TOLERANCE = 0.05
+
+
+# ------------------------------------------------------------------------------------------- the model
+@dataclass
+class FoldModel:
+    fold: int
+    model: torch.nn.Module
+    temperature: float
+    checkpoint: str  # file name inside fold_k/
+
+
+@dataclass
+class LoadedRun:
+    """A cv run folder ready for inference: its config, classes, ROI policy and the fold models."""
+
+    run: Path
+    cfg: Any  # pancls.cv.CVConfig
+    classes: List[str]
+    folds: List[FoldModel]
+    metadata: Dict[str, Any]
+    model_id: str  # sha256 (16 hex) over the fold checkpoints' bytes and the config
+    config_sha256: str
+    device: torch.device
+
+    @property
+    def requires_mask(self) -> bool:
+        return self.cfg.preprocess.roi == "mask"
+
+    def info(self) -> Dict[str, Any]:
+        """The model block of every output file."""
+        p = self.cfg.preprocess
+        return {"model_id": self.model_id, "config_sha256": self.config_sha256, "classes": self.classes,
+                "folds": [f.fold for f in self.folds], "checkpoints": [f"fold_{f.fold}/{f.checkpoint}" for f in self.folds],
+                "temperatures": [round(f.temperature, 6) for f in self.folds], "roi": p.roi,
+                "requires_mask": self.requires_mask, "spacing_mm": p.spacing, "windows_hu": p.windows,
+                "size": p.size, "backbone": self.cfg.model.backbone, "head": self.cfg.model.head,
+                "trained_with_pancls": self.metadata.get("pancls_version")}
+
+
+def _version_tuple(text: str) -> tuple:
+    parts = []
+    for piece in str(text).split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def fold_checkpoint(fold_dir: Path, record: Dict[str, Any]) -> str:
+    """The checkpoint file the fold evaluated its held-out patients with (``fold.json`` says; older runs:
+    ``best.pt`` under ``best_inner`` selection when present, else ``last.pt``)."""
+    from pancls.train.engine import BEST, CHECKPOINT
+
+    if record.get("checkpoint"):
+        return str(record["checkpoint"])
+    return BEST if record.get("selection") == "best_inner" and (fold_dir / BEST).exists() else CHECKPOINT
+
+
+def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> LoadedRun:
+    """Load a finished ``pancls cv`` run folder (all folds, or only ``fold``) for inference.
+
+    Refuses, in one line each: a folder that is not a run, a run with unfinished folds (unless ``fold``
+    names a finished one), a run written by a newer pancls, a checkpoint that is not a pancls state dict or
+    does not fit the network of the run's config.
+    """
+    from pancls import __version__
+    from pancls.config import load_yaml
+    from pancls.cv import FOLD_DONE, load_config, resolve_model
+    from pancls.lt import resolve_device
+    from pancls.models import create_model
+    from pancls.train.checkpoint import load_checkpoint
+
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError("not a folder; --model takes a `pancls cv` run folder", run)
+    needed = [run / "configs" / "config.yaml", run / "configs" / "metadata.json", run / "classes.json"]
+    missing = [str(p.relative_to(run)) for p in needed if not p.is_file()]
+    if missing:
+        raise UserError(f"not a complete pancls cv run folder (missing {', '.join(missing)})", run)
+    metadata = json.loads((run / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    trained_with = metadata.get("pancls_version", "0")
+    if _version_tuple(trained_with) > _version_tuple(__version__):
+        raise UserError(f"the run was written by pancls {trained_with}, newer than this pancls {__version__}; "
+                        "upgrade pancls to use it", run)
+    config_text = (run / "configs" / "config.yaml").read_bytes()
+    cfg = load_config(load_yaml(run / "configs" / "config.yaml"))
+    classes = list(json.loads((run / "classes.json").read_text(encoding="utf-8"))["classes"])
+    if fold is not None and not 0 <= fold < cfg.cv.folds:
+        raise UserError(f"the run has folds 0..{cfg.cv.folds - 1}, not {fold}", "--fold")
+    wanted = [fold] if fold is not None else list(range(cfg.cv.folds))
+    unfinished = [k for k in wanted if not (run / f"fold_{k}" / FOLD_DONE).is_file()]
+    if unfinished:
+        raise UserError(f"incomplete run: fold(s) {unfinished} are not finished; finish them with "
+                        "`pancls cv --resume` or choose a finished one with --fold k", run)
+    device = resolve_device(device)
+    net_cfg = resolve_model(cfg)
+    digest = hashlib.sha256(config_text)
+    folds = []
+    for k in wanted:
+        fold_dir = run / f"fold_{k}"
+        record = json.loads((fold_dir / FOLD_DONE).read_text(encoding="utf-8"))
+        name = fold_checkpoint(fold_dir, record)
+        state = load_checkpoint(fold_dir / name, map_location="cpu")
+        weights = state.get("model") if isinstance(state, dict) else None
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise UserError("not a pancls checkpoint (no 'model' state dict of tensors)", fold_dir / name)
+        model = create_model(net_cfg.backbone, net_cfg.head, len(classes), backbone_kwargs=net_cfg.backbone_kwargs,
+                             head_kwargs=net_cfg.head_kwargs)
+        result = model.load_state_dict(weights, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise UserError(f"the checkpoint does not fit the run's network ({len(result.missing_keys)} missing "
+                            f"keys, e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, "
+                            f"e.g. {result.unexpected_keys[:3]})", fold_dir / name)
+        digest.update((fold_dir / name).read_bytes())
+        folds.append(FoldModel(k, model.eval().to(device), float(record.get("temperature", 1.0)), name))
+    return LoadedRun(run=run, cfg=cfg, classes=classes, folds=folds, metadata=metadata,
+                     model_id=digest.hexdigest()[:16], config_sha256=hashlib.sha256(config_text).hexdigest(),
+                     device=device)
+
+
+@torch.no_grad()
+def ensemble(loaded: LoadedRun, x: torch.Tensor) -> Dict[str, np.ndarray]:
+    """``x``: ``(B, C, *size)`` preprocessed studies -> per-fold calibrated probabilities ``(F, B, K)``, their
+    mean ``(B, K)``, spread (SD over folds), the ensemble prediction and the folds agreeing with it."""
+    x = x.to(loaded.device)
+    per_fold = []
+    for f in loaded.folds:
+        logits = f.model(x).float().cpu().numpy().astype(np.float64)
+        z = logits / f.temperature
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        per_fold.append(p / p.sum(axis=1, keepdims=True))
+    probs = np.stack(per_fold)
+    mean = probs.mean(axis=0)
+    pred = mean.argmax(axis=1)
+    agreement = (probs.argmax(axis=2) == pred[None, :]).sum(axis=0)
+    return {"per_fold": probs, "mean": mean, "spread": probs.std(axis=0), "pred": pred, "agreement": agreement}
+
+
+# ------------------------------------------------------------------------------------------ the inputs
+@dataclass
+class Study:
+    """One study to predict: how to get its volume, its optional mask, and what was decided on the way."""
+
+    input: int  # 1-based position of the INPUT argument it came from
+    study: int  # 1-based study number within that input
+    kind: str  # "nifti", "dicom" or "manifest"
+    load: Optional[Callable[[], Any]] = None  # -> pancls.ct.volume.Volume
+    files: List[Path] = field(default_factory=list)  # what the checksum covers
+    mask: Optional[Path] = None
+    flags: List[str] = field(default_factory=list)
+    series: Dict[str, Any] = field(default_factory=dict)  # the DICOM series choice (no identifiers)
+    ids: Dict[str, str] = field(default_factory=dict)  # identifiers, written only with keep_ids
+    patient_id: Optional[str] = None  # a manifest's own (pseudonymous) patient_id column
+    error: Optional[str] = None  # set when the study cannot be predicted; the batch goes on
+    dicom_headers: List[Any] = field(default_factory=list)  # the chosen series' datasets, for the SR
+
+
+def _is_nifti(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress: bool) -> List[Study]:
+    from pancls.ct.scan import scan
+    from pancls.ct.select import preference_key, select_series
+    from pancls.ct.volume import build_volume
+
+    result = scan([source], tmp_dir=tmp, progress=progress)
+    by_study: Dict[str, list] = {}
+    for decision in select_series(result.series, rules):
+        by_study.setdefault(decision.series.study_hash, []).append(decision)
+    studies = []
+    for number, decisions in enumerate(by_study.values(), 1):
+        kept = [d for d in decisions if d.kept]
+        candidates = [d.series for d in decisions if d.kept or d.reason.startswith("not preferred")]
+        study = Study(input=index, study=number, kind="dicom")
+        studies.append(study)
+        if not kept:
+            reasons = sorted({d.reason for d in decisions})
+            study.error = f"no usable CT series ({'; '.join(reasons[:3])})"
+            continue
+        chosen = kept[0].series
+        first = chosen.first
+        key = preference_key(chosen, rules)[:-2]  # everything but series number and hash
+        ties = [s for s in candidates if s is not chosen and preference_key(s, rules)[:-2] == key]
+        if ties:
+            listed = ", ".join(f"S{s.first.series_number} ({s.n_slices} slices)" for s in [chosen, *ties])
+            study.error = (f"ambiguous series choice: {listed} tie on every selection rule; give the series' own "
+                           "folder as INPUT, or choose with selection.include_description in --config")
+            continue
+        if len(candidates) > 1:
+            study.flags.append(f"series_chosen_among_several:{len(candidates)}")
+        study.series = {"series_number": first.series_number, "n_slices": chosen.n_slices,
+                        "orientation": chosen.orientation_label, "candidates": len(candidates)}
+        study.files = list(chosen.paths)
+        study.dicom_headers = [h.dataset for h in chosen.headers]
+        ds = study.dicom_headers[0]
+        study.ids = {"source": str(source), "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+                     "series_instance_uid": str(ds.get("SeriesInstanceUID", ""))}
+        study.load = (lambda s=chosen: build_volume(s.paths, policy, headers=s.headers))
+    if not studies:
+        found = sorted({s.reason for s in result.skipped})
+        raise UserError("no DICOM image series found" + (f" ({'; '.join(found[:3])})" if found else ""), source)
+    return studies
+
+
+def _nifti_study(index: int, image: Path, mask: Optional[Path], kind: str = "nifti") -> Study:
+    from pancls.ct.nifti import load_nifti
+
+    study = Study(input=index, study=1, kind=kind, files=[image], mask=mask,
+                  ids={"source": str(image)}, load=lambda: load_nifti(image))
+    study.flags.append("contrast_phase_unknown")  # a NIfTI header has no acquisition description
+    return study
+
+
+def _manifest_studies(index: int, path: Path) -> List[Study]:
+    """Rows of a CSV with an ``image`` column (paths relative to the CSV), optional ``mask`` and ``patient_id``."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+    if "image" not in table.columns:
+        raise UserError(f"a manifest for predict needs an 'image' column (found: {', '.join(table.columns)})", path)
+    base = path.resolve().parent
+    studies = []
+    for number, row in enumerate(table.to_dict("records"), 1):
+        image = base / row["image"]
+        mask = base / row["mask"] if row.get("mask") else None
+        study = _nifti_study(index, image, mask, kind="manifest")
+        study.study = number
+        study.patient_id = row.get("patient_id") or None
+        for key, file in (("image", image), ("mask", mask)):
+            if file is not None and not file.is_file():
+                study.error = f"row {number + 1}: {key} file not found ({row[key]})"
+        studies.append(study)
+    if not studies:
+        raise UserError("the manifest has no rows", path)
+    return studies
+
+
+def failure_text(exc: BaseException) -> str:
+    """One line for a study's failure: a :class:`UserError` as itself; anything else is a pancls bug, named
+    as one (type and first line), so that the batch can go on and the row says what happened."""
+    if isinstance(exc, UserError):
+        return " ".join(str(exc).split())
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error ({type(exc).__name__}: {first}); please report it with the input's description"
+
+
+def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=None, policy=None,
+                    tmp: Optional[Path] = None, progress: bool = False) -> List[Study]:
+    """Every study of every input, in order. A missing input or an unreadable manifest is a
+    :class:`UserError` for the whole call (nothing was predicted yet); a study that cannot be read gets
+    ``error`` instead, so that the others still run."""
+    from pancls.ct.select import SelectionRules
+    from pancls.ct.volume import GeometryPolicy
+
+    rules = rules or SelectionRules()
+    policy = policy or GeometryPolicy()
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise UserError("give at least one INPUT (DICOM folder or zip, NIfTI file, or manifest CSV)", "INPUT")
+    for p in inputs:
+        if not p.exists():
+            raise UserError("no such file or folder", p)
+    if mask is not None:
+        if not Path(mask).is_file():
+            raise UserError("no such file", mask)
+        if len(inputs) != 1 or inputs[0].suffix.lower() == ".csv":
+            raise UserError("--mask goes with one image INPUT; for many studies give a manifest CSV with a "
+                            "'mask' column", "--mask")
+    studies: List[Study] = []
+    for index, p in enumerate(inputs, 1):
+        try:
+            if p.is_file() and p.suffix.lower() == ".csv":
+                found = _manifest_studies(index, p)
+            elif p.is_file() and _is_nifti(p):
+                found = [_nifti_study(index, p, Path(mask) if mask else None)]
+            else:
+                found = _dicom_studies(index, p, rules, policy, tmp or Path(tempfile.gettempdir()), progress)
+                if mask is not None:
+                    if len(found) != 1:
+                        raise UserError(f"--mask given but the input holds {len(found)} studies", p)
+                    found[0].mask = Path(mask)
+        except Exception as exc:  # noqa: BLE001 - this input is unusable; the others still run
+            found = [Study(input=index, study=0, kind="unknown", error=failure_text(exc), ids={"source": str(p)})]
+        studies.extend(found)
+    return studies
+
+
+def input_checksum(files: Sequence[Path]) -> str:
+    """sha256 over the bytes of the input files in sorted order (names are not hashed)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(f) for f in files):
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+def quality_flags(volume, loaded: LoadedRun) -> List[str]:
+    """What the model was not trained on, or what a reader should know about this volume."""
+    from pancls.data.transforms import ras_extent, ras_spacing
+
+    flags = []
+    p = loaded.cfg.preprocess
+    spacing = ras_spacing(volume.affine)
+    training = loaded.metadata.get("pancls", {}).get("training_spacing_mm")
+    if training:
+        lo, hi = training["min"], training["max"]
+        out = [f"{axis}={s:.2f}mm (trained {a:.2f}-{b:.2f})" for axis, s, a, b in zip("RAS", spacing, lo, hi)
+               if s < a * (1 - SPACING_TOLERANCE) or s > b * (1 + SPACING_TOLERANCE)]
+        if out:
+            flags.append("spacing_outside_training_range:" + ",".join(out))
+        thickness = volume.meta.get("slice_thickness_mm") or []
+        if thickness and max(thickness) > hi[2] * (1 + SPACING_TOLERANCE):
+            flags.append(f"slice_thickness_outside_training_range:{max(thickness):g}mm (trained up to {hi[2]:.2f})")
+    else:
+        flags.append("training_range_unknown")
+    roi = [n * s for n, s in zip(p.size, p.spacing)]
+    fov = ras_extent(volume.array.shape, volume.affine)
+    small = [f"{axis}={f:.0f}<{r:.0f}mm" for axis, f, r in zip("RAS", fov, roi) if f < r]
+    if small and p.roi != "mask":
+        flags.append("field_of_view_smaller_than_roi:" + ",".join(small))
+    if volume.meta.get("source") == "dicom":
+        if not (volume.meta.get("contrast_bolus_agent") or volume.meta.get("contrast_phase")):
+            flags.append("contrast_phase_unknown")
+    if p.roi == "centre":
+        flags.append("roi_from_centre")
+    elif p.roi == "box":
+        flags.append("roi_fixed_box")
+    flags += [f"volume:{f}" for f in volume.flags]
+    return flags
+
+
+class Preprocessor:
+    """The run's deterministic pipeline on one study: the Volume is written to a temporary uncompressed NIfTI
+    and read by the same MONAI transforms as training (so a DICOM study and its ingested NIfTI give the same
+    tensor)."""
+
+    def __init__(self, cfg, tmp: Path):
+        from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_transforms
+
+        self.cfg, self.tmp = cfg, Path(tmp)
+        self.keys = (IMAGE_KEY, MASK_KEY)
+        self.with_mask = deterministic_transforms(cfg, [IMAGE_KEY, MASK_KEY])
+        self.image_only = None if cfg.roi == "mask" else deterministic_transforms(cfg, [IMAGE_KEY])
+
+    def __call__(self, volume, mask: Optional[Path]) -> torch.Tensor:
+        from pancls.ct.write import write_volume
+        from pancls.data.manifest import grid_mismatch
+
+        image = self.tmp / "image.nii"
+        write_volume(volume, image)
+        item = {"image": str(image)}
+        if mask is not None:
+            problem = grid_mismatch(image, mask)
+            if problem:
+                raise UserError(f"the mask is not on the image's voxel grid: {problem}", mask)
+            item["mask"] = str(mask)
+        transform = self.with_mask if mask is not None else self.image_only
+        try:
+            out = transform(item)
+        except RuntimeError as exc:  # MONAI wraps errors raised inside a transform
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise UserError(cause.reason, mask or cause.where) from None
+        return torch.as_tensor(out["image"]).as_subclass(torch.Tensor)
+
+
+# ----------------------------------------------------------------------------------------- predict
+def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False, batch_size: Optional[int] = None,
+            progress: bool = True, on_result: Optional[Callable[[Dict[str, Any], Study], None]] = None
+            ) -> List[Dict[str, Any]]:
+    """One result dict per study, in order (see :func:`result_fields`). A study that fails gets
+    ``status: "failed"`` and its one-line ``error``; the others go on."""
+    from tqdm.auto import tqdm
+
+    if batch_size is None:
+        batch_size = 8 if loaded.device.type == "cuda" else 1
+    results: List[Optional[Dict[str, Any]]] = [None] * len(studies)
+    pending: List[tuple] = []
+
+    def flush():
+        if not pending:
+            return
+        out = ensemble(loaded, torch.stack([x for _, x, _ in pending]))
+        for row, (i, _, base) in enumerate(pending):
+            results[i] = {**base, **_prediction(loaded, out, row)}
+            if on_result:
+                on_result(results[i], studies[i])
+        pending.clear()
+
+    with tempfile.TemporaryDirectory(prefix="pancls-predict-") as tmp:
+        pre = Preprocessor(loaded.cfg.preprocess, Path(tmp))
+        bar = tqdm(studies, desc="studies", unit="study", disable=None if progress else True, leave=False)
+        for i, study in enumerate(bar):
+            base = _base_fields(loaded, study, keep_ids)
+            try:
+                if study.error:
+                    raise UserError(study.error)
+                if loaded.requires_mask and study.mask is None:
+                    raise UserError("this model was trained with roi 'mask' and needs the lesion mask of every "
+                                    "study: pass --mask (one study) or a manifest with a 'mask' column, or use a "
+                                    "model trained with roi 'centre'/'box'")
+                volume = study.load()
+                base["quality_flags"] = study.flags + quality_flags(volume, loaded)
+                base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
+                x = pre(volume, study.mask)
+            except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
+                results[i] = {**base, "status": "failed", "error": failure_text(exc)}
+                if on_result:
+                    on_result(results[i], study)
+                continue
+            pending.append((i, x, base))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    return results  # type: ignore[return-value]
+
+
+def _base_fields(loaded: LoadedRun, study: Study, keep_ids: bool) -> Dict[str, Any]:
+    from pancls import __version__
+
+    base: Dict[str, Any] = {"input": study.input, "study": study.study, "kind": study.kind}
+    if study.patient_id is not None:
+        base["patient_id"] = study.patient_id
+    if study.series:
+        base["series"] = dict(study.series)
+    base.update(quality_flags=list(study.flags), input_sha256=None, model_id=loaded.model_id,
+                config_sha256=loaded.config_sha256, pancls_version=__version__,
+                mask_used=study.mask is not None and loaded.requires_mask)
+    if keep_ids:
+        base["ids"] = dict(study.ids, **({"mask": str(study.mask)} if study.mask else {}))
+    return base
+
+
+def _prediction(loaded: LoadedRun, out: Dict[str, np.ndarray], row: int) -> Dict[str, Any]:
+    classes = loaded.classes
+    pred = int(out["pred"][row])
+    return {
+        "status": "ok", "error": None, "predicted": classes[pred],
+        "probabilities": {c: round(float(v), 6) for c, v in zip(classes, out["mean"][row])},
+        "spread": {c: round(float(v), 6) for c, v in zip(classes, out["spread"][row])},
+        "agreement": int(out["agreement"][row]), "n_folds": len(loaded.folds),
+        "fold_predictions": [classes[int(k)] for k in out["per_fold"][:, row].argmax(axis=1)],
+    }
+
+
+# ------------------------------------------------------------------------------------------- output
+CSV_FIXED = ["input", "study", "kind", "patient_id", "status", "predicted", "agreement", "n_folds"]
+CSV_TAIL = ["quality_flags", "series_number", "input_sha256", "model_id", "config_sha256", "pancls_version", "error"]
+
+
+def to_csv(results: Sequence[Dict[str, Any]], classes: Sequence[str]) -> str:
+    buf = io.StringIO()
+    columns = [*CSV_FIXED, *[f"p_{c}" for c in classes], *[f"spread_{c}" for c in classes], *CSV_TAIL]
+    if any("ids" in r for r in results):
+        columns += ["source", "study_instance_uid", "series_instance_uid"]
+    w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        row = {k: r.get(k) for k in columns}
+        row["quality_flags"] = ";".join(r.get("quality_flags") or [])
+        row["series_number"] = (r.get("series") or {}).get("series_number", "")
+        for c in classes:
+            row[f"p_{c}"] = (r.get("probabilities") or {}).get(c, "")
+            row[f"spread_{c}"] = (r.get("spread") or {}).get(c, "")
+        row.update(r.get("ids") or {})
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_results(path: Path, loaded: LoadedRun, results: Sequence[Dict[str, Any]]) -> None:
+    """``.json`` (model block + one object per study) or ``.csv`` (one row per study), atomically."""
+    from pancls.io import atomic_write_json, atomic_write_text
+
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        atomic_write_text(path, to_csv(results, loaded.classes))
+    else:
+        atomic_write_json(path, {"model": loaded.info(), "studies": list(results)})
+
+
+def check_output_path(path: Optional[Path]) -> None:
+    """Refuse before any work an --out that cannot be written (wrong suffix, a folder, a missing parent)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise UserError("the output must end in .json or .csv", "--out")
+    if path.is_dir():
+        raise UserError("is a folder; give a file name ending in .json or .csv", path)
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise UserError("the output's folder does not exist", parent)
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UserError("the output's folder is not writable", parent)
+
+
+def iter_results_summary(results: Sequence[Dict[str, Any]]) -> Iterator[str]:
+    """Human-readable lines for the terminal (no identifiers)."""
+    for r in results:
+        name = f"input {r['input']}" + (f" study {r['study']}" if r["kind"] != "nifti" else "")
+        if r["status"] != "ok":
+            yield f"{name}: failed: {r['error']}"
+            continue
+        p = r["probabilities"][r["predicted"]]
+        flags = f"  flags: {', '.join(r['quality_flags'])}" if r["quality_flags"] else ""
+        yield f"{name}: {r['predicted']} p={p:.3f} folds {r['agreement']}/{r['n_folds']}{flags}"

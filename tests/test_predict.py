@@ -1,0 +1,280 @@
+"""`pancls predict` on real CT fixtures with small fold ensembles trained on the synthetic cohort in the test.
+
+Known answers: a fold model's prediction of one of its own held-out patients must equal what `pancls cv`
+wrote for that patient (a different code path: the cached dataset and loader); the ensemble must be the
+mean of the single-fold predictions; a DICOM series and its `pancls ingest` NIfTI must give the same numbers.
+"""
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from pancls import cv
+from pancls.cli import main
+
+
+@pytest.fixture(scope="module")
+def runs(cohort, tmp_path_factory, tiny_cv_config_factory):
+    """Two finished 4-fold runs on the same cohort: ROI ``mask`` and ROI ``centre``."""
+    tmp = tmp_path_factory.mktemp("predict_runs")
+    out = {}
+    for roi in ("mask", "centre"):
+        cfg = tiny_cv_config_factory(cohort, tmp, **{"preprocess.roi": roi})
+        cv.run(cfg, tmp / roi, log=lambda _: None)
+        out[roi] = tmp / roi
+    return out
+
+
+def predict_json(tmp_path, capsys, *args):
+    out = tmp_path / f"preds_{len(list(tmp_path.glob('preds_*')))}.json"
+    code = main(["predict", *map(str, args), "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, (json.loads(out.read_text()) if out.exists() else None), captured
+
+
+def test_a_fold_reproduces_its_own_held_out_predictions(runs, cohort, tmp_path, capsys):
+    run = runs["mask"]
+    table = pd.read_csv(run / "fold_2" / "predictions.csv", dtype={"patient_id": str})
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype={"patient_id": str}).set_index("patient_id")
+    classes = json.loads((run / "classes.json").read_text())["classes"]
+    for _, row in table.head(3).iterrows():
+        image, mask = cohort / manifest.loc[row["patient_id"], "image"], cohort / manifest.loc[row["patient_id"], "mask"]
+        code, got, _ = predict_json(tmp_path, capsys, image, "--mask", mask, "--model", run, "--fold", 2)
+        assert code == 0
+        probs = got["studies"][0]["probabilities"]
+        assert np.allclose([probs[c] for c in classes], [row[f"p_{c}"] for c in classes], atol=2e-5)
+        assert got["studies"][0]["predicted"] == row["pred"]
+
+
+def test_the_ensemble_is_the_mean_of_the_folds(runs, ct_data, tmp_path, capsys):
+    run = runs["mask"]
+    args = [ct_data / "abdomen" / "example_ct_sm.nii.gz", "--mask", ct_data / "abdomen" / "pancreas_mask.nii.gz",
+            "--model", run]
+    code, ens, _ = predict_json(tmp_path, capsys, *args)
+    assert code == 0
+    study = ens["studies"][0]
+    singles = []
+    for k in range(4):
+        _, one, _ = predict_json(tmp_path, capsys, *args, "--fold", k)
+        singles.append(one["studies"][0]["probabilities"])
+    classes = ens["model"]["classes"]
+    per_fold = np.array([[s[c] for c in classes] for s in singles])
+    assert np.allclose([study["probabilities"][c] for c in classes], per_fold.mean(0), atol=2e-6)
+    assert np.allclose([study["spread"][c] for c in classes], per_fold.std(0), atol=2e-6)
+    votes = [classes[int(i)] for i in per_fold.argmax(1)]
+    assert study["fold_predictions"] == votes
+    assert study["agreement"] == votes.count(study["predicted"])
+    assert study["predicted"] == classes[int(per_fold.mean(0).argmax())]
+    # the fields a reader needs, and the provenance
+    assert study["status"] == "ok" and study["mask_used"] is True and study["n_folds"] == 4
+    assert len(study["input_sha256"]) == 64 and study["model_id"] == ens["model"]["model_id"]
+    assert ens["model"]["requires_mask"] is True and ens["model"]["checkpoints"][0].startswith("fold_0/")
+    # the fixture is 3 mm isotropic, the tiny training cohort 4 x 4 x 4.5 mm: flagged
+    assert any(f.startswith("spacing_outside_training_range") for f in study["quality_flags"])
+    assert "contrast_phase_unknown" in study["quality_flags"]
+
+
+def test_a_mask_model_refuses_a_study_without_mask_and_the_batch_goes_on(runs, cohort, ct_data, tmp_path, capsys):
+    manifest = tmp_path / "batch.csv"
+    rows = pd.read_csv(cohort / "manifest.csv").head(2)
+    pd.DataFrame({"image": [str(cohort / rows["image"][0]), str(ct_data / "abdomen" / "example_ct_sm.nii.gz")],
+                  "mask": [str(cohort / rows["mask"][0]), ""]}).to_csv(manifest, index=False)
+    code, got, captured = predict_json(tmp_path, capsys, manifest, ct_data / "series_ct", "--model", runs["mask"])
+    assert code == 1  # some failed
+    status = [s["status"] for s in got["studies"]]
+    assert status == ["ok", "failed", "failed"]
+    assert "needs the lesion mask" in got["studies"][1]["error"] and "--mask" in got["studies"][1]["error"]
+    assert all("\n" not in s["error"] for s in got["studies"][1:])
+    assert "1 of 3 studies predicted, 2 failed" in captured.err
+
+
+def test_a_centre_model_predicts_dicom_like_its_ingested_nifti(runs, ct_data, tmp_path, capsys):
+    run = runs["centre"]
+    code, from_dicom, _ = predict_json(tmp_path, capsys, ct_data / "series_ct", "--model", run)
+    assert code == 0
+    study = from_dicom["studies"][0]
+    assert study["kind"] == "dicom" and study["status"] == "ok" and study["mask_used"] is False
+    # the localizer and the secondary capture were not chosen: the 10-slice axial series was
+    assert study["series"]["n_slices"] == 10 and study["series"]["candidates"] == 1
+    assert "roi_from_centre" in study["quality_flags"]
+    assert main(["ingest", str(ct_data / "series_ct"), "--out", str(tmp_path / "ingested")]) == 0
+    capsys.readouterr()
+    image = next((tmp_path / "ingested" / "images").glob("*.nii.gz"))
+    code, from_nifti, _ = predict_json(tmp_path, capsys, image, "--model", run)
+    assert code == 0
+    a, b = study["probabilities"], from_nifti["studies"][0]["probabilities"]
+    assert np.allclose(list(a.values()), list(b.values()), atol=1e-6)
+
+
+def _identifiers(series_dir):
+    """Every UID, name, id, date and description of the series' files, raw and as a plain SHA-256."""
+    import hashlib
+
+    found = set()
+    for path in sorted(series_dir.rglob("*")):
+        if not path.is_file() or path.suffix == ".json":
+            continue
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        found |= {str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                               "PatientName", "PatientID", "StudyDate", "SeriesDate",
+                                               "AccessionNumber", "SeriesDescription", "InstitutionName")}
+    found = {v for v in found if len(v) >= 4}
+    return found | {hashlib.sha256(v.encode()).hexdigest() for v in found}
+
+
+def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, capsys):
+    series = ct_data / "series_ct"
+    ids = _identifiers(series)
+    assert ids  # the fixture does carry UIDs
+    for suffix in ("json", "csv"):
+        out = tmp_path / f"plain.{suffix}"
+        assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(out)]) == 0
+        text = out.read_text()
+        leaked = [v for v in ids if v in text] + ([str(series)] if str(series) in text else [])
+        assert not leaked, leaked
+    keep = tmp_path / "keep.json"
+    assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(keep), "--keep-ids"]) == 0
+    kept = json.loads(keep.read_text())["studies"][0]["ids"]
+    assert kept["series_instance_uid"] in ids and kept["source"] == str(series)
+
+
+def test_the_sr_reads_back_with_codes_and_references(runs, ct_data, tmp_path, capsys):
+    series = ct_data / "series_ct"
+    code, got, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", tmp_path / "sr")
+    assert code == 0
+    study = got["studies"][0]
+    sr = pydicom.dcmread(tmp_path / "sr" / study["sr"])
+    source = pydicom.dcmread(sorted((series / "S21570" / "S2010").iterdir())[0], stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
+    assert str(sr.PatientName) == "" and sr.PatientID == "" and sr.StudyDate == ""
+    # the evidence references every slice of the chosen series
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
+    assert len(evidence.ReferencedSOPSequence) == study["series"]["n_slices"]
+
+    def walk(items):
+        for item in items:
+            yield item
+            yield from walk(getattr(item, "ContentSequence", []))
+
+    items = list(walk(sr.ContentSequence))
+    codes = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
+             for i in items if i.ValueType == "CODE"}
+    assert ("SUBTYPE", study["predicted"]) in codes
+    assert ("121071", "126859007") in codes  # Finding: Neoplasm of pancreas (SNOMED CT)
+    probs = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
+             for i in items if i.ValueType == "NUM"}
+    for c, p in study["probabilities"].items():
+        assert abs(probs[f"P-{c}"] - p) < 1e-5
+    texts = " ".join(str(i.TextValue) for i in items if i.ValueType == "TEXT")
+    assert "research use only" in texts
+
+
+def test_no_sr_for_an_anonymised_study_without_uids(runs, ct_data, tmp_path, capsys):
+    # the abdominal fixture's UIDs are blanked: its SR could not be attached to any study
+    code, got, captured = predict_json(tmp_path, capsys, ct_data / "abdomen" / "dicom_series", "--model",
+                                       runs["centre"], "--sr", tmp_path / "sr")
+    assert code == 0 and got["studies"][0]["status"] == "ok"
+    assert got["studies"][0]["sr"].startswith("failed") and "StudyInstanceUID" in got["studies"][0]["sr"]
+    assert not list((tmp_path / "sr").glob("*.dcm"))
+
+
+def test_ambiguous_series_are_refused_with_the_candidates(runs, ct_data, tmp_path, capsys):
+    study = tmp_path / "study"
+    for number, uid_suffix in ((2, "1"), (3, "2")):  # the same series twice, as two series of one study
+        target = study / f"S{number}"
+        target.mkdir(parents=True)
+        for path in sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir()):
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + "." + uid_suffix
+            ds.SOPInstanceUID = ds.SOPInstanceUID + "." + uid_suffix
+            ds.SeriesNumber = number
+            ds.save_as(target / path.name)
+    code, got, captured = predict_json(tmp_path, capsys, study, "--model", runs["centre"])
+    assert code == 1
+    error = got["studies"][0]["error"]
+    assert "ambiguous series choice" in error and "S2 (10 slices)" in error and "S3 (10 slices)" in error
+    assert "include_description" in error
+
+
+def test_a_mask_on_another_grid_is_refused(runs, ct_data, tmp_path, capsys):
+    mask = nib.load(ct_data / "abdomen" / "pancreas_mask.nii.gz")
+    shifted = nib.Nifti1Image(np.asarray(mask.dataobj), mask.affine + _shift(5.0))
+    nib.save(shifted, tmp_path / "shifted.nii.gz")
+    code, got, _ = predict_json(tmp_path, capsys, ct_data / "abdomen" / "example_ct_sm.nii.gz", "--mask",
+                                tmp_path / "shifted.nii.gz", "--model", runs["mask"])
+    assert code == 1
+    assert "not on the image's voxel grid" in got["studies"][0]["error"]
+
+
+def _shift(mm):
+    m = np.zeros((4, 4))
+    m[0, 3] = mm
+    return m
+
+
+def test_non_image_dicom_is_a_failed_row_not_a_crash(runs, ct_data, tmp_path, capsys):
+    code, got, captured = predict_json(tmp_path, capsys, ct_data / "nonimage", ct_data / "abdomen" / "example_ct_sm.nii.gz",
+                                       "--model", runs["centre"])
+    assert code == 1
+    assert [s["status"] for s in got["studies"]] == ["failed", "ok"]
+    assert "no DICOM image series" in got["studies"][0]["error"]
+
+
+@pytest.mark.parametrize("damage", ["incomplete", "newer", "not_a_state_dict", "wrong_network"])
+def test_a_bad_model_folder_is_one_line_exit_2(runs, ct_data, tmp_path, capsys, damage):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["centre"], run)
+    if damage == "incomplete":
+        (run / "fold_1" / "fold.json").unlink()
+        expected = "incomplete run"
+    elif damage == "newer":
+        meta = json.loads((run / "configs" / "metadata.json").read_text())
+        meta["pancls_version"] = "99.0.0"
+        (run / "configs" / "metadata.json").write_text(json.dumps(meta))
+        expected = "newer than this pancls"
+    elif damage == "not_a_state_dict":
+        torch.save({"model": [1, 2, 3]}, run / "fold_0" / "best.pt")
+        torch.save({"model": [1, 2, 3]}, run / "fold_0" / "last.pt")
+        expected = "not a pancls checkpoint"
+    else:
+        for name in ("best.pt", "last.pt"):
+            state = torch.load(run / "fold_0" / name, weights_only=True)
+            state["model"] = {k + ".extra": v for k, v in state["model"].items()}
+            torch.save(state, run / "fold_0" / name)
+        expected = "does not fit the run's network"
+    out = tmp_path / "p.json"
+    code = main(["predict", str(ct_data / "abdomen" / "example_ct_sm.nii.gz"), "--model", str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and expected in err[-1] and len(err) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["suffix", "missing_folder", "mask_with_two_inputs", "missing_input"])
+def test_bad_invocations_are_one_line_exit_2(runs, ct_data, tmp_path, capsys, case):
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    args = {"suffix": [str(image), "--out", str(tmp_path / "p.txt")],
+            "missing_folder": [str(image), "--out", str(tmp_path / "nope" / "p.json")],
+            "mask_with_two_inputs": [str(image), str(image), "--mask", str(ct_data / "abdomen" / "pancreas_mask.nii.gz")],
+            "missing_input": [str(tmp_path / "absent.nii.gz")]}[case]
+    code = main(["predict", *args, "--model", str(runs["centre"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("pancls predict: error:")
+
+
+def test_csv_output_has_one_row_per_study(runs, ct_data, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    assert main(["predict", str(image), str(ct_data / "series_ct"), "--model", str(runs["centre"]), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table["status"]) == ["ok", "ok"] and list(table["kind"]) == ["nifti", "dicom"]
+    probs = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
+    assert probs.shape == (2, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (table["agreement"] <= table["n_folds"]).all()
