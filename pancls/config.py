@@ -27,6 +27,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise UserError("config file not found", path) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read config: not UTF-8 text (byte {exc.start}: {exc.reason})", path) from None
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read config: {str(exc).splitlines()[0]}", path) from None
     if data is None:

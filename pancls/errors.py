@@ -9,18 +9,36 @@ from __future__ import annotations
 import os
 
 
+def one_line(text: object, escape: bool = False) -> str:
+    """``text`` as a single line: line breaks become `` / ``, other control characters their escapes.
+
+    With ``escape`` (for names: a file name may hold a newline) every control character, line breaks
+    included, becomes its escape (``\\n``), so that the name stays recognisable. Decoder messages
+    (OpenJPEG, pydicom's plugin list), printed matrices and such names would otherwise split one problem
+    over several lines of a terminal, a log or a CSV cell.
+    """
+    if escape:
+        return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
+    lines = [line.strip() for line in str(text).replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    joined = " / ".join(line for line in lines if line)
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in joined)
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line: ``<where>: <reason>``.
 
     Parameters
     ----------
     reason : str
-        What is wrong, in words a user can act on.
+        What is wrong, in words a user can act on. Made one line (:func:`one_line`) unless the class sets
+        ``multiline`` (a report listing many problems, one per line).
     where : str or os.PathLike, optional
-        The file, argument or config key the problem is in.
+        The file, argument or config key the problem is in (always made one line).
     """
 
+    multiline = False
+
     def __init__(self, reason: str, where: str | os.PathLike | None = None):
-        self.reason = str(reason)
-        self.where = None if where is None else os.fspath(where)
+        self.reason = str(reason) if self.multiline else one_line(reason)
+        self.where = None if where is None else one_line(os.fspath(where), escape=True)
         super().__init__(f"{self.where}: {self.reason}" if self.where else self.reason)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -47,6 +48,47 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+#: The names :func:`atomic_path` gives its temporary files: ``.<target name>.<mkstemp's 8 characters>.tmp<suffix>``.
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of a temporary file :func:`atomic_path` creates (what a killed run leaves)."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_path` directly in ``folder`` (a killed run's leftovers);
+    returns what was removed. Only call it while no other process writes there (hold a lock)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_file() and is_temp_name(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (with parents) and check a file can be written in it; UserError naming it otherwise.
+
+    Run before any work, so that a long run does not fail at its end on a read-only or mistyped ``--out``."""
+    from pancls.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the {what} exists and is not a folder", path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pancls-write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write into the {what}: {exc.strerror or exc}", path) from None
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -49,6 +49,12 @@ class LTConfig:
     eval_batch_size: int = 1000
     note: str = ""  # free text carried into results.json (e.g. where the paper is vague)
 
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if isinstance(self.eval_batch_size, bool) or self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
 
 def load_config(mapping: Dict[str, Any]) -> LTConfig:
     return from_dict(LTConfig, mapping, "config")

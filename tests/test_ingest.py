@@ -38,7 +38,7 @@ def whole_ct(ct_data: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest") / "out"
     err, std = io.StringIO(), io.StringIO()  # capsys is function-scoped
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
-        code = main(["ingest", str(ct_data), "--out", str(out), "--no-progress"])
+        code = main(["ingest", str(ct_data), "--out", str(out), "--no-progress", "--keep-descriptions"])
     return code, std.getvalue(), err.getvalue().splitlines(), out
 
 
@@ -51,7 +51,8 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     assert len(gap_lines) == 1 and "gap" in gap_lines[0] and "25" in gap_lines[0]
     assert len(tilt_lines) == 1 and "tilt" in tilt_lines[0] and "18.5" in tilt_lines[0]
     assert len(err) == 2, err
-    assert "5 series kept (5 converted, 0 up to date)" in out_text and "2 failed" in out_text
+    assert "5 series kept (5 converted, 0 up to date, 1 with notes (see inventory.csv))" in out_text
+    assert "2 refused, 0 failed" in out_text
 
     manifest = _csv(out / "manifest.csv")
     assert list(manifest[0]) == ["patient_id", "image", "label", "study_id", "series_id", "series_number",
@@ -72,8 +73,10 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     assert "secondary capture" in status["series", "401", "Exam Summary", ""][1]
     series_status = {r["series_id"]: r["status"] for r in inventory if r["kind"] == "series"}
     assert series_status[by_desc["dicom", "STD BRAIN 5MM"]["series_id"]] == "converted"
-    assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 4 + ["failed"] * 2
-    assert "duplicate" in status["series", "2", "5/5mm Plain", ""][1]
+    assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 4 + ["refused"] * 2
+    notes = {(r["series_number"], r["description"]): r["notes"] for r in inventory if r["kind"] == "series"}
+    assert "duplicate" in notes["2", "5/5mm Plain"]
+    assert [k for k, v in notes.items() if v] == [("2", "5/5mm Plain")]
     files = {r["path"]: r["reason"] for r in inventory if r["kind"] == "file"}
     for name in ("DICOMDIR", "GSPS.dcm", "rtdose.dcm", "rtplan.dcm", "rtstruct.dcm", "seg_image_ct_binary.dcm",
                  "sr_document.dcm", "test-SR.dcm"):
@@ -101,12 +104,12 @@ def test_rerun_is_incremental_and_force_rewrites(whole_ct, ct_data: Path, capsys
     work = tmp_path / "out"
     shutil.copytree(out, work, copy_function=shutil.copy2)
     before = _mtimes(work)
-    code, text, err = _run(capsys, ct_data, "--out", work)
+    code, text, err = _run(capsys, ct_data, "--out", work, "--keep-descriptions")
     assert code == 1 and "0 converted, 5 up to date" in text
     assert _mtimes(work) == before
     assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")
     (work / "manifest.csv").write_text("patient_id,image\nx,images/gone.nii.gz\n")  # stale rows are dropped
-    code, text, err = _run(capsys, ct_data, "--out", work, "--force")
+    code, text, err = _run(capsys, ct_data, "--out", work, "--force", "--keep-descriptions")
     assert code == 1 and "5 converted, 0 up to date" in text
     after = _mtimes(work)
     assert set(after) == set(before) and all(after[n] != before[n] for n in before)
@@ -117,7 +120,7 @@ def test_run_on_one_source_keeps_the_other_rows(whole_ct, ct_data: Path, capsys,
     *_, out = whole_ct
     work = tmp_path / "out"
     shutil.copytree(out, work)
-    code, text, _ = _run(capsys, ct_data / "jpeg2000", "--out", work)
+    code, text, _ = _run(capsys, ct_data / "jpeg2000", "--out", work, "--keep-descriptions")
     assert code == 0 and "0 converted, 1 up to date" in text
     assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")  # rows from the earlier sources stay
 
@@ -152,7 +155,7 @@ def test_bad_inputs_each_give_one_line(ct_data: Path, capsys, tmp_path: Path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), affine), tmp_path / "flat.nii.gz")
 
     code, text, err = _run(capsys, good, broken, only_sr, notes, tmp_path / "nan.nii.gz",
-                           tmp_path / "flat.nii.gz", "--out", tmp_path / "out")
+                           tmp_path / "flat.nii.gz", "--out", tmp_path / "out", "--keep-descriptions")
     assert code == 1
     assert "Traceback" not in "\n".join(err)
     assert len(err) == 6, err  # cut.dcm, broken/ has no usable series, only_sr/, notes.txt, nan, flat

@@ -3,7 +3,9 @@
 Walks every SRC (folders recursively, files, zip archives), skips non-image objects by SOP class,
 chooses one CT series per study, builds it with pancls' own geometry checks and writes
 OUT/images/*.nii.gz + sidecars, OUT/manifest.csv and OUT/inventory.csv. Re-running converts only
-what changed (``--force`` redoes everything). Exit status 1 when any input failed.
+what changed (``--force`` redoes everything). Exit status 0 when everything was converted, 1 when an
+input was refused (each listed on stderr and in inventory.csv), 3 when a series failed with an
+unexpected error (a bug; traceback in OUT/.private/errors.log), 2 when nothing could be done.
 """
 from __future__ import annotations
 
@@ -28,12 +30,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", type=Path, metavar="SRC",
                         help="DICOM folders/files, zip archives or NIfTI files")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--config", type=Path, help="YAML with 'selection', 'geometry' and 'patient_salt'")
+    parser.add_argument("--config", type=Path, help="YAML with 'selection' and 'geometry'")
     parser.add_argument("--force", action="store_true", help="convert again even when up to date")
     parser.add_argument("--workers", type=_workers, help="threads for header reading and decoding")
     for problem in ("gap", "tilt", "uneven"):
         parser.add_argument(f"--on-{problem}", choices=("refuse", "resample"),
                             help=f"what to do with a series with {problem} (overrides the config; default refuse)")
+    parser.add_argument("--secret", type=Path, metavar="FILE",
+                        help="the key of every id (default OUT/.private/secret, created on first use); give "
+                             "several datasets the same file to share one id space")
+    parser.add_argument("--insecure-ids", action="store_true",
+                        help="accept an empty secret: ids become plain hashes anyone with the UIDs can link back")
+    parser.add_argument("--keep-descriptions", action="store_true",
+                        help="write SeriesDescription and other header free text into the manifest, inventory "
+                             "and sidecars (off: they may carry names)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -50,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if src.exists() and src.is_dir() and (out == src.resolve() or src.resolve() in out.parents):
             raise UserError(f"the output folder must not be inside the source {src}", "--out")
     report = ingest(args.sources, args.out, config, force=args.force, workers=args.workers,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, keep_descriptions=args.keep_descriptions,
+                    insecure_ids=args.insecure_ids, secret_file=args.secret)
     print(f"pancls ingest: {report.summary()} -> {args.out}")
-    return 1 if report.problems else 0
+    return report.exit_code

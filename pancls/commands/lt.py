@@ -45,10 +45,14 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pancls import lt
 
+    from pancls.io import writable_folder
+
     cfg = build_config(args)
+    lt.resolve_device(cfg.device)  # a dry run too: "cuda" on a machine without one is refused now, not later
     if args.dry_run:
         print(json.dumps(lt.dry_run(cfg)))
         return 0
+    writable_folder(args.out, "run folder")
     results = lt.run(cfg, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps({"out": str(args.out), "reported": "last epoch", "top1": results["top1"],
                       "many": results["many_shot_top1"], "medium": results["medium_shot_top1"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -29,20 +30,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pancls.data.synth import generate_dataset, load_synth_config
     from pancls.errors import UserError
+    from pancls.io import writable_folder
 
-    if not args.scale > 0:
-        raise UserError(f"must be > 0, got {args.scale}", "--scale")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise UserError(f"must be a finite number > 0, got {args.scale}", "--scale")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"must be >= 1, got {args.workers}", "--workers")
     checks = (("--seed", args.seed, lambda v: v >= 0, "must be >= 0"),
               ("--dicom-subset", args.dicom_subset, lambda v: v >= 0, "must be >= 0"),
               ("--size", args.size, lambda v: min(v) >= 32, "each size must be >= 32 voxels"),
-              ("--spacing", args.spacing, lambda v: min(v) > 0, "each spacing must be > 0 mm"))
+              ("--spacing", args.spacing, lambda v: all(math.isfinite(s) and s > 0 for s in v),
+               "each spacing must be a finite number > 0 mm"))
     for flag, value, ok, rule in checks:
         if value is not None and not ok(value):
             raise UserError(f"{rule}, got {value}", flag)
     config = load_synth_config(args.config, seed=args.seed, size=args.size, spacing=args.spacing,
                                dicom_subset=args.dicom_subset)
+    writable_folder(args.out)  # before any work: not at the end of it
     summary = generate_dataset(args.out, config, scale=args.scale, force=args.force, workers=args.workers,
                                progress=args.progress)
     print(json.dumps({"out": str(args.out), **summary}))

@@ -39,7 +39,7 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         raise UserError("neither sform nor qform is set: the voxel-to-world orientation is unknown", path)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise UserError(f"the affine is not invertible:\n{np.round(affine, 4)}", path)
+        raise UserError(f"the affine is not invertible: {np.round(affine, 4).tolist()}", path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float64).reshape(shape)
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt gzip streams surface here

@@ -35,18 +35,31 @@ Grouping rule
 4. Inside a series, files are further split by (LOCALIZER in ImageType, orientation rounded to
    0.01), so that a scout stored under the series' UID becomes its own (excluded) sub-series
    instead of breaking the volume.
-5. Files repeating a SOPInstanceUID inside one series are duplicates (e.g. the same slice stored
-   compressed and uncompressed): the first by path is kept and the series gets a note.
+   A file whose orientation is missing or unusable is not split off (it would silently shorten the
+   stack): it stays with the largest group of its series, where :func:`pancls.ct.volume.build_volume`
+   refuses it by name. A non-localizer series split by orientation gets a note on each part.
+5. Files repeating a SOPInstanceUID *at the same position* inside one series are duplicates (e.g. the
+   same slice stored compressed and uncompressed): the first by path is kept and the series gets a note.
+   Files that share a SOPInstanceUID but lie at different positions are distinct slices (anonymisers
+   that blank or reuse UIDs make them): all are kept, with a note.
 
-Nothing here writes patient identifiers: studies and series are named by truncated sha256 hashes of
-their UIDs (or fallback keys); PatientID is only ever used hashed, for :attr:`Series.patient_key`.
+Nothing here writes patient identifiers: studies and series are named by keyed hashes
+(:func:`pancls.privacy.keyed_id`) of their UIDs (or fallback keys) under the caller's secret; PatientID
+is only ever used hashed, for :attr:`Series.patient_key`. Display names carry no description.
+Header values are converted inside :func:`read_header`: a value pydicom cannot convert makes the file a
+refused (problem) skip naming the element, and pydicom's warnings are kept per file
+(:attr:`Instance.warnings`) when :func:`pancls.ct.capture.routed` is active.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import os
+import shutil
 import struct
 import zipfile
+import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +71,9 @@ import pydicom
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from tqdm.auto import tqdm
 
+from pancls.ct.capture import collecting
 from pancls.errors import UserError
+from pancls.privacy import keyed_id, session_secret
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -107,7 +122,8 @@ def parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], workers: Optional[
 
 
 def short_hash(text: str, n: int = 10) -> str:
-    """First ``n`` hex digits of sha256(``text``): a stable, non-identifying name."""
+    """First ``n`` hex digits of sha256(``text``): a stable name for internal use (temp folders, grouping
+    keys). Never for an output: a plain hash of a UID is linkable, see :mod:`pancls.privacy`."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:n]
 
 
@@ -175,6 +191,7 @@ class Instance:
     modality: str
     image_type: Tuple[str, ...]
     orientation: Optional[Tuple[float, ...]]  # ImageOrientationPatient (6 cosines)
+    position: Optional[Tuple[float, ...]]  # ImagePositionPatient (of the first frame)
     pixel_spacing: Optional[Tuple[float, float]]
     rows: int
     columns: int
@@ -185,10 +202,16 @@ class Instance:
     size: int
     mtime_ns: int
     header: Header = field(compare=False, repr=False)
+    warnings: Tuple[str, ...] = ()  # pydicom's warnings while reading this header, one line each
 
     @property
     def is_localizer(self) -> bool:
         return "LOCALIZER" in self.image_type
+
+    @property
+    def has_orientation(self) -> bool:
+        """Six finite direction cosines (anything else cannot be grouped or placed)."""
+        return self.orientation is not None and len(self.orientation) == 6 and all(map(math.isfinite, self.orientation))
 
 
 @dataclass(frozen=True)
@@ -228,10 +251,18 @@ class Series:
 
     @property
     def name(self) -> str:
-        """Display name without identifiers: ``<series hash> S<number> <description>``."""
+        """Display name without identifiers or free text: ``<series hash> S<number>``."""
         number = "S?" if self.first.series_number is None else f"S{self.first.series_number}"
-        desc = self.first.series_description
-        return f"{self.series_hash} {number}" + (f" {desc}" if desc else "")
+        return f"{self.series_hash} {number}"
+
+    @property
+    def warnings(self) -> List[str]:
+        """pydicom's warnings on the headers of this series, each once, prefixed by the first file."""
+        seen: Dict[str, str] = {}
+        for inst in self.instances:
+            for w in inst.warnings:
+                seen.setdefault(w, inst.path.name)
+        return [f"{name}: {w}" for w, name in seen.items()]
 
     @property
     def orientation_label(self) -> str:
@@ -280,10 +311,13 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None) -> Iterator[Tuple[Path, Path]]:
-    """Yield ``(file, source root)`` for every regular file under ``sources`` (recursively).
+def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None
+               ) -> Iterator[Tuple[Path, Path, Optional[str]]]:
+    """Yield ``(file, source root, problem)`` for every regular file under ``sources`` (recursively).
 
-    Zip archives are extracted into ``tmp_dir`` (required when one is met) and walked like folders.
+    Zip archives are extracted into ``tmp_dir`` (required when one is met) and walked like folders; an
+    archive that cannot be extracted (corrupt member, unsupported compression, zip-slip) is yielded once
+    with ``problem`` set and nothing of it is kept. ``problem`` is None for every other file.
     Hidden files and folders (``.name``) are ignored. A missing source is a :class:`UserError`.
     """
     for src in sources:
@@ -291,14 +325,23 @@ def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None) -> Itera
         if not src.exists():
             raise UserError("no such file or folder", src)
         for path in [src] if src.is_file() else _walk(src):
-            if zipfile.is_zipfile(path) and not _is_nifti(path):
-                if tmp_dir is None:
-                    raise ValueError("iter_files needs tmp_dir to extract zip archives")
-                target = Path(tmp_dir) / short_hash(str(path.resolve()))
+            try:
+                is_zip = zipfile.is_zipfile(path) and not _is_nifti(path)
+            except OSError:
+                is_zip = False  # unreadable: read_header reports it
+            if not is_zip:
+                yield path, src, None
+                continue
+            if tmp_dir is None:
+                raise ValueError("iter_files needs tmp_dir to extract zip archives")
+            target = Path(tmp_dir) / short_hash(str(path.resolve()))
+            try:
                 _extract_zip(path, target)
-                yield from ((p, src) for p, _ in iter_files([target]))
-            else:
-                yield path, src
+            except UserError as exc:
+                shutil.rmtree(target, ignore_errors=True)
+                yield path, src, exc.reason
+                continue
+            yield from ((p, src, problem) for p, _, problem in iter_files([target], tmp_dir))
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -316,8 +359,11 @@ def _extract_zip(path: Path, target: Path) -> None:
                 if not str(dest).startswith(str(target.resolve())):
                     raise UserError(f"zip member {member.filename!r} escapes the archive", path)
             zf.extractall(target)
-    except zipfile.BadZipFile as exc:
-        raise UserError(f"bad zip archive: {exc}", path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        # a corrupt member (zlib.error, CRC), unsupported compression or an encrypted member
+        raise UserError(f"bad zip archive: {type(exc).__name__}: {exc}", path) from None
+    except OSError as exc:
+        raise UserError(f"cannot extract zip archive: {exc.strerror or exc}", path) from None
 
 
 # --------------------------------------------------------------------------- headers
@@ -356,39 +402,90 @@ def _str(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _int(ds: pydicom.Dataset, keyword: str, default: Optional[int] = None) -> Optional[int]:
+    """An integer element with one value (``default`` when absent or empty); ValueError otherwise."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        raise ValueError(f"{keyword} has {len(value)} values, expected 1")
+    try:
+        number = int(value)
+        exact = number == float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{keyword} {value!r} is not an integer") from None
+    if not exact:
+        raise ValueError(f"{keyword} {value!r} is not an integer")
+    return number
+
+
 def read_header(path: Path) -> Instance | SkippedFile:
-    """Classify one file from its header; never raises for a bad file (returns a skip instead)."""
+    """Classify one file from its header; never raises for a bad file (returns a skip instead).
+
+    Every element used later is converted here, so that a value pydicom cannot convert (a DS "abc", an
+    unknown VR) refuses the file with its name instead of failing somewhere downstream. Warnings raised
+    while reading go into :attr:`Instance.warnings` (or into the skip's reason).
+    """
     path = Path(path)
+    with collecting() as sink:
+        result = _read_header(path)
+    if sink and isinstance(result, Instance):
+        return dataclasses.replace(result, warnings=tuple(sink))
+    if sink and isinstance(result, SkippedFile) and result.problem:
+        return dataclasses.replace(result, reason=f"{result.reason} (warnings: {'; '.join(sink[:3])})")
+    return result
+
+
+def _read_header(path: Path) -> Instance | SkippedFile:
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
         stat = path.stat()
     except OSError as exc:
         return SkippedFile(path, f"cannot read file: {exc.strerror}", problem=True)
+    if len(head) == 0:
+        return SkippedFile(path, "empty file (0 bytes): a lost slice?", problem=True)
     if head[128:132] != b"DICM":
         return _classify_without_preamble(path)
     try:
         header = read_dicom_header(path)
     except Exception as exc:  # pydicom raises many types on corrupt input; the batch must go on
         return SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", problem=True)
+    try:
+        return _instance(path, header, stat)
+    except _Skip as skip:
+        return skip.file
+    except Exception as exc:  # noqa: BLE001 - converting a damaged element raises anything
+        return SkippedFile(path, f"unreadable DICOM header value ({type(exc).__name__}: {exc})", problem=True)
+
+
+class _Skip(Exception):
+    def __init__(self, file: SkippedFile):
+        self.file = file
+
+
+def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
     ds = header.dataset
     if "DirectoryRecordSequence" in ds:
-        return SkippedFile(path, "DICOMDIR (Media Storage Directory Storage): not an image")
+        raise _Skip(SkippedFile(path, "DICOMDIR (Media Storage Directory Storage): not an image"))
     meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "") or meta_class
     if not is_image_storage(sop_class):
-        return SkippedFile(path, f"{sop_class_name(sop_class)}: not an image storage SOP class")
+        raise _Skip(SkippedFile(path, f"{sop_class_name(sop_class)}: not an image storage SOP class"))
     if "Rows" not in ds or "Columns" not in ds:
         # pydicom stops quietly at end of file, so a truncated header shows up as missing elements
-        return SkippedFile(path, f"incomplete {sop_class_name(sop_class)} header (truncated?): no Rows/Columns",
-                           problem=True)
-    spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"))
-    series_number = ds.get("SeriesNumber")
+        raise _Skip(SkippedFile(path, f"incomplete {sop_class_name(sop_class)} header (truncated?): no Rows/Columns",
+                                problem=True))
     try:
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        series_number = None if series_number in (None, "") else int(series_number)
-    except (TypeError, ValueError) as exc:
-        return SkippedFile(path, f"bad NumberOfFrames/SeriesNumber: {exc}", problem=True)
+        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+        n_frames = _int(ds, "NumberOfFrames", 1)
+        series_number = _int(ds, "SeriesNumber")
+    except ValueError as exc:
+        raise _Skip(SkippedFile(path, str(exc), problem=True)) from None
+    if min(rows, columns, n_frames) < 1:
+        raise _Skip(SkippedFile(path, f"Rows {rows}, Columns {columns}, NumberOfFrames {n_frames}: no image",
+                                problem=True))
+    spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"))
     patient_id = _str(ds, "PatientID")
     return Instance(
         path=path,
@@ -402,9 +499,10 @@ def read_header(path: Path) -> Instance | SkippedFile:
         modality=_str(ds, "Modality"),
         image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
         orientation=_floats(_functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")),
+        position=_floats(_functional(ds, "PlanePositionSequence", "ImagePositionPatient")),
         pixel_spacing=spacing[:2] if spacing and len(spacing) >= 2 else None,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=rows,
+        columns=columns,
         n_frames=n_frames,
         acquisition_key=tuple(_str(ds, k) for k in ("KVP", "ConvolutionKernel", "AcquisitionNumber", "FrameOfReferenceUID")),
         study_fallback=tuple(_str(ds, k) for k in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber")),
@@ -452,12 +550,19 @@ def _series_key(inst: Instance) -> str:
     ))
 
 
+def _position_key(inst: Instance) -> Tuple[float, ...]:
+    return _rounded(inst.position, 2) if inst.position and all(map(math.isfinite, inst.position)) else ()
+
+
 def _copy_tags(instances: Sequence[Instance]) -> List[str]:
-    """Per instance, which stored copy of the study it belongs to ('' when stored once); see rule 2."""
+    """Per instance, which stored copy of the study it belongs to ('' when stored once); see rule 2.
+
+    An instance is "the same" in two folders when SOPInstanceUID *and* position agree (anonymisers that
+    reuse one UID for every file would otherwise make every folder a copy)."""
     folders_of = defaultdict(set)
     for inst in instances:
         if inst.sop_instance_uid:
-            folders_of[inst.sop_instance_uid].add(inst.folder)
+            folders_of[(inst.sop_instance_uid, _position_key(inst))].add(inst.folder)
     dup_folders = sorted({f for fs in folders_of.values() if len(fs) > 1 for f in fs})
     if not dup_folders:
         return [""] * len(instances)
@@ -472,8 +577,29 @@ def _copy_tags(instances: Sequence[Instance]) -> List[str]:
     return tags
 
 
-def group_series(instances: Sequence[Instance]) -> List[Series]:
-    """Group image objects into series following the rules in the module docstring."""
+def _orientation_buckets(files: List[Instance]) -> Dict[Tuple, List[Instance]]:
+    """Rule 4: split one series' files by (localizer, orientation); files without a usable orientation
+    join the largest group (of their localizer kind when there is one), so that the volume builder names them."""
+    buckets: Dict[Tuple, List[Instance]] = defaultdict(list)
+    unplaced = []
+    for inst in files:
+        if inst.has_orientation:
+            buckets[(inst.is_localizer, _rounded(inst.orientation, 2))].append(inst)
+        else:
+            unplaced.append(inst)
+    for inst in unplaced:
+        same_kind = [k for k in buckets if k[0] == inst.is_localizer] or list(buckets)
+        key = max(same_kind, key=lambda k: (len(buckets[k]), repr(k))) if same_kind else (inst.is_localizer, ())
+        buckets[key].append(inst)
+    return buckets
+
+
+def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) -> List[Series]:
+    """Group image objects into series following the rules in the module docstring.
+
+    Study and series hashes are :func:`pancls.privacy.keyed_id` under ``secret`` (default: this process's
+    :func:`~pancls.privacy.session_secret`)."""
+    secret = session_secret() if secret is None else secret
     by_study = defaultdict(list)
     for inst in instances:
         by_study[_study_key(inst)].append(inst)
@@ -484,36 +610,50 @@ def group_series(instances: Sequence[Instance]) -> List[Series]:
             tagged[tag].append(inst)
         for tag, copy_members in tagged.items():
             study_id = study_key + (f"|copy:{tag}" if tag else "")
-            buckets = defaultdict(list)
+            by_key = defaultdict(list)
             for inst in copy_members:
-                sub = (inst.is_localizer, _rounded(inst.orientation, 2))
-                buckets[(_series_key(inst), sub)].append(inst)
-            # the sub-series key enters the hash only when a series really was split
-            n_subs = defaultdict(int)
-            for key, _ in buckets:
-                n_subs[key] += 1
-            for (key, sub), files in buckets.items():
-                series_id = study_id + "|" + key + (f"|{sub}" if n_subs[key] > 1 else "")
-                series.append(_make_series(study_id, series_id, files))
+                by_key[_series_key(inst)].append(inst)
+            for key, files in by_key.items():
+                buckets = _orientation_buckets(files)
+                orientations = sum(1 for loc, _ in buckets if not loc)
+                for sub, sub_files in buckets.items():
+                    # the sub-series key enters the hash only when a series really was split
+                    series_id = study_id + "|" + key + (f"|{sub}" if len(buckets) > 1 else "")
+                    notes = []
+                    if orientations > 1 and not sub[0]:
+                        notes.append(f"the series holds {orientations} slice orientations; converted separately "
+                                     f"(this part: {len(sub_files)} of {len(files)} files)")
+                    series.append(_make_series(study_id, series_id, sub_files, secret, notes))
     series.sort(key=lambda s: (s.study_hash, s.first.series_number or 0, s.series_hash))
     return series
 
 
-def _make_series(study_id: str, series_id: str, files: List[Instance]) -> Series:
+def _make_series(study_id: str, series_id: str, files: List[Instance], secret: bytes,
+                 notes: Optional[List[str]] = None) -> Series:
+    """Rule 5: drop duplicates (same SOPInstanceUID and position), keep same-UID files at other positions."""
     files = sorted(files, key=lambda i: str(i.path))
     kept, seen, duplicates = [], set(), 0
+    positions_of_uid: Dict[str, set] = defaultdict(set)
     for inst in files:
-        if inst.sop_instance_uid and inst.sop_instance_uid in seen:
+        key = (inst.sop_instance_uid, _position_key(inst), inst.n_frames)
+        if inst.sop_instance_uid and key in seen:
             duplicates += 1
             continue
-        seen.add(inst.sop_instance_uid)
+        seen.add(key)
+        positions_of_uid[inst.sop_instance_uid].add(key)
         kept.append(inst)
-    notes = [f"{duplicates} duplicate file(s) of the same SOP Instance UID ignored"] if duplicates else []
+    notes = list(notes or [])
+    if duplicates:
+        notes.append(f"{duplicates} duplicate file(s) (same SOP Instance UID and position) ignored")
+    shared = sum(len(v) for uid, v in positions_of_uid.items() if uid and len(v) > 1)
+    if shared:
+        notes.append(f"{shared} files share a SOP Instance UID but lie at different positions: kept as distinct slices")
     patient = kept[0].patient_hash
+    study_hash = keyed_id(secret, "study", study_id, 10)
     return Series(
-        study_hash=short_hash(study_id),
-        series_hash=short_hash(series_id),
-        patient_key=patient or "study:" + short_hash(study_id),
+        study_hash=study_hash,
+        series_hash=keyed_id(secret, "series", series_id, 10),
+        patient_key=patient or "study:" + study_id,
         instances=kept,
         notes=notes,
     )
@@ -523,14 +663,18 @@ def _make_series(study_id: str, series_id: str, files: List[Instance]) -> Series
 
 
 def scan(sources: Sequence[Path], workers: Optional[int] = None, tmp_dir: Optional[Path] = None,
-         progress: bool = True) -> ScanResult:
+         progress: bool = True, secret: Optional[bytes] = None) -> ScanResult:
     """Walk ``sources``, read every file's header, and group images into series.
 
-    ``workers`` threads read headers (default :func:`default_workers`: none for a few files).
+    ``workers`` threads read headers (default :func:`default_workers`: none for a few files); ``secret``
+    keys the study/series hashes (see :func:`group_series`).
     """
-    files, nifti, origin = [], [], {}
-    for path, root in iter_files(sources, tmp_dir):
+    files, nifti, origin, bad_archives = [], [], {}, []
+    for path, root, problem in iter_files(sources, tmp_dir):
         origin[path] = root
+        if problem:
+            bad_archives.append(SkippedFile(path, problem, problem=True))
+            continue
         (nifti if _is_nifti(path) else files).append(path)
     if progress:
         with tqdm(total=len(files), desc="headers", unit="file", disable=None, leave=False) as bar:
@@ -538,5 +682,5 @@ def scan(sources: Sequence[Path], workers: Optional[int] = None, tmp_dir: Option
     else:  # not even a disabled bar: its first creation sets up a multiprocessing lock (~3 ms)
         results = parallel_map(read_header, files, workers)
     instances = [r for r in results if isinstance(r, Instance)]
-    skipped = [r for r in results if isinstance(r, SkippedFile)]
-    return ScanResult(series=group_series(instances), skipped=skipped, nifti=nifti, origin=origin)
+    skipped = bad_archives + [r for r in results if isinstance(r, SkippedFile)]
+    return ScanResult(series=group_series(instances, secret), skipped=skipped, nifti=nifti, origin=origin)

@@ -98,10 +98,11 @@ def exclusion_reason(series: Series, rules: SelectionRules, reference: Optional[
     if series.n_slices < rules.min_slices:
         return f"{series.n_slices} slice(s), fewer than min_slices={rules.min_slices}"
     desc = first.series_description
+    # the description itself is not repeated: reasons go into the inventory, free text only with --keep-descriptions
     if rules.include_description and not re.search(rules.include_description, desc, re.IGNORECASE):
-        return f"description {desc!r} does not match include_description"
+        return "SeriesDescription does not match selection.include_description"
     if rules.exclude_description and re.search(rules.exclude_description, desc, re.IGNORECASE):
-        return f"description {desc!r} matches exclude_description"
+        return "SeriesDescription matches selection.exclude_description"
     return None
 
 

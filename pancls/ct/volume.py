@@ -28,7 +28,7 @@ slice normal ``n = r x c``; see :mod:`pancls.ct.geometry` for the affine.
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import math
 import multiprocessing
 import os
@@ -37,7 +37,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -48,13 +48,23 @@ from pydicom.pixels.utils import as_pixel_options
 
 from pancls.ct.geometry import (GeometryPolicy, analyse_stack, check_orientation, grid_affine, resample_flags,
                                 resample_stack)
+from pancls.ct.capture import collecting
 from pancls.ct.scan import PIXEL_DATA, Header, default_workers, parallel_map, read_dicom_header
-from pancls.errors import UserError
+from pancls.errors import UserError, one_line
 
 # GeometryPolicy is re-exported: callers configure build_volume from this one module.
 __all__ = ["GeometryPolicy", "Volume", "build_volume", "decode_processes", "default_workers"]
 
 INT16_MIN, INT16_MAX = np.iinfo(np.int16).min, np.iinfo(np.int16).max
+
+#: Limits checked before any pixel is allocated (a header saying 65535 x 65535 is refused, not attempted):
+#: rows/columns per image, frames per file, voxels per volume (2**30 int16 = 2 GiB; a 512 x 512 CT of
+#: 4096 slices), |coordinate| of a slice position and pixel spacing, in mm.
+MAX_MATRIX = 8192
+MAX_FRAMES = 16384
+MAX_VOXELS = 2 ** 30
+MAX_POSITION_MM = 1e5
+MAX_SPACING_MM = 1e3
 
 # OpenJPEG keeps the GIL while it decodes (pylibjpeg-openjpeg calls it without releasing it), so threads
 # cannot share JPEG 2000 work out; forked processes can. Measured on the idle 2-core machine, 20 JPEG 2000
@@ -81,8 +91,10 @@ class Volume:
         What was done to the data or what it is not, e.g. ``"resampled:gap"``, ``"resampled:tilt"``,
         ``"single_slice"``, ``"rescale_type:US"`` (values are not HU).
     meta : dict
-        Non-identifying acquisition metadata (JSON-serialisable). Never names, IDs, dates or UIDs; the
-        series is identified only by ``series_uid_sha256``.
+        Non-identifying acquisition metadata (JSON-serialisable). Never names, IDs, dates or UIDs (the
+        caller adds its own keyed series id); free text only in :data:`FREE_TEXT_META` keys.
+    warnings : list of str
+        What the readers (pydicom's decoders) warned about while reading the pixel data, one line each.
     """
 
     array: np.ndarray
@@ -90,6 +102,7 @@ class Volume:
     spacing: np.ndarray
     flags: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.affine = np.asarray(self.affine, dtype=np.float64)
@@ -130,55 +143,135 @@ def _group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
 def _number(value: Any, name: str, where: Path) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{name} {value!r} is not a number", where) from None
     if not math.isfinite(number):
         raise UserError(f"{name} is {number}", where)
     return number
 
 
+def _numbers(value: Any, name: str, where: Path, count: int) -> tuple[float, ...]:
+    """Exactly ``count`` finite numbers (a multi-valued DS/FD element); UserError naming ``name`` otherwise."""
+    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    if len(values) != count:
+        raise UserError(f"{name} has {len(values)} value(s), expected {count}", where)
+    return tuple(_number(v, name, where) for v in values)
+
+
+def _get(ds: Dataset, keyword: str, where: Path) -> Any:
+    """``ds.get(keyword)``; a value pydicom cannot convert (unknown VR, malformed string) is a UserError naming it."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # noqa: BLE001 - pydicom converts lazily and raises anything on a bad element
+        raise UserError(f"{keyword}: unreadable value ({type(exc).__name__}: {exc})", where) from None
+
+
+def _integer(ds: Dataset, keyword: str, where: Path, low: int, high: int, default: int | None = None) -> int:
+    """A one-valued integer element within ``low..high``; UserError otherwise (``default`` when absent)."""
+    value = _get(ds, keyword, where)
+    if value is None or value == "":
+        if default is None:
+            raise UserError(f"no {keyword}", where)
+        return default
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        raise UserError(f"{keyword} has {len(value)} values, expected 1", where)
+    try:
+        number = int(value)
+        exact = number == float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{keyword} {value!r} is not an integer", where) from None
+    if not exact:
+        raise UserError(f"{keyword} {value!r} is not an integer", where)
+    if not low <= number <= high:
+        raise UserError(f"{keyword} {number} is outside {low}..{high}", where)
+    return number
+
+
+@contextlib.contextmanager
+def _header_errors(where: Path) -> Iterator[None]:
+    """Turn an error raised while *reading header values* into a UserError naming ``where``: pydicom converts
+    elements lazily, and a damaged one (unknown VR, malformed value) raises anything where it is first used."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring; pixel decoding is not wrapped by this
+        raise UserError(f"unreadable header value ({type(exc).__name__}: {exc})", where) from None
+
+
 def _frames_of(header: Header, path: Path) -> list[_Frame]:
-    """Split one header into planes, taking each attribute from the functional groups when present."""
+    """Split one header into planes (see :func:`_parse_frames`), header errors refused (:func:`_header_errors`)."""
+    with _header_errors(path):
+        return _parse_frames(header, path)
+
+
+def _parse_frames(header: Header, path: Path) -> list[_Frame]:
+    """Split one header into planes, taking each attribute from the functional groups when present.
+
+    Refused before anything is allocated: a matrix or frame count outside :data:`MAX_MATRIX` /
+    :data:`MAX_FRAMES`, NumberOfFrames missing or disagreeing with the per-frame functional groups, a
+    pixel format other than 8/16/32-bit integers with 1 <= BitsStored <= BitsAllocated, positions beyond
+    :data:`MAX_POSITION_MM`, a RescaleSlope that is not > 0, and any value that is not a finite number
+    of the right multiplicity.
+    """
     ds = header.dataset
-    n_frames = int(ds.get("NumberOfFrames") or 1)
     has_groups = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence", path)
+    n_frames = _integer(ds, "NumberOfFrames", path, 1, MAX_FRAMES, default=0 if per_frame else 1)
+    if per_frame is not None and n_frames != len(per_frame):
+        what = "no NumberOfFrames" if n_frames == 0 else f"NumberOfFrames {n_frames}"
+        raise UserError(f"{what}, but {len(per_frame)} per-frame functional group item(s): frames would be "
+                        "dropped or invented", path)
     if n_frames > 1 and not has_groups:
         raise UserError(f"multi-frame object ({n_frames} frames) without functional groups: "
                         "frame positions unknown", path)
-    if int(ds.get("SamplesPerPixel") or 1) != 1:
+    if _integer(ds, "SamplesPerPixel", path, 1, 4, default=1) != 1:
         raise UserError(f"not a grayscale image (SamplesPerPixel {ds.SamplesPerPixel})", path)
     if header.pixel_tag is None:
         raise UserError("no pixel data", path)
+    shape = (_integer(ds, "Rows", path, 1, MAX_MATRIX), _integer(ds, "Columns", path, 1, MAX_MATRIX))
+    if header.pixel_tag == PIXEL_DATA:
+        allocated = _integer(ds, "BitsAllocated", path, 1, 64)
+        if allocated not in (8, 16, 32):
+            raise UserError(f"BitsAllocated {allocated}: a CT image has 8-, 16- or 32-bit integer pixels", path)
+        _integer(ds, "BitsStored", path, 1, allocated)
+        _integer(ds, "PixelRepresentation", path, 0, 1)
     frames = []
     for f in range(n_frames):
         def attr(sequence: str, keyword: str) -> Any:
             item = _group_item(ds, f, sequence) if has_groups else None
-            return item.get(keyword) if item is not None and keyword in item else ds.get(keyword)
+            return _get(item if item is not None and keyword in item else ds, keyword, path)
 
         ipp = attr("PlanePositionSequence", "ImagePositionPatient")
         iop = attr("PlaneOrientationSequence", "ImageOrientationPatient")
         spacing = attr("PixelMeasuresSequence", "PixelSpacing")
-        if not ipp or not iop or not spacing:
+        if ipp in (None, "") or iop in (None, "") or spacing in (None, ""):
             missing = [k for k, v in (("ImagePositionPatient", ipp), ("ImageOrientationPatient", iop),
-                                      ("PixelSpacing", spacing)) if not v]
+                                      ("PixelSpacing", spacing)) if v in (None, "")]
             raise UserError(f"frame {f} has no {', '.join(missing)}: it cannot be placed in space", path)
         slope = attr("PixelValueTransformationSequence", "RescaleSlope")
         intercept = attr("PixelValueTransformationSequence", "RescaleIntercept")
-        if slope is None or intercept is None:
+        if slope in (None, "") or intercept in (None, ""):
             raise UserError(f"frame {f} has no RescaleSlope/RescaleIntercept: HU cannot be computed", path)
         thickness = attr("PixelMeasuresSequence", "SliceThickness")
         rescale_type = attr("PixelValueTransformationSequence", "RescaleType")
+        position = np.array(_numbers(ipp, "ImagePositionPatient", path, 3))
+        if np.max(np.abs(position)) > MAX_POSITION_MM:
+            raise UserError(f"ImagePositionPatient {position.tolist()} lies more than {MAX_POSITION_MM:g} mm "
+                            "from the origin: not a patient position", path)
+        pixel_spacing = _numbers(spacing, "PixelSpacing", path, 2)
+        if min(pixel_spacing) <= 0 or max(pixel_spacing) > MAX_SPACING_MM:
+            raise UserError(f"PixelSpacing {list(pixel_spacing)} must be > 0 and <= {MAX_SPACING_MM:g} mm", path)
+        slope = _numbers(slope, "RescaleSlope", path, 1)[0]
+        if slope <= 0:
+            raise UserError(f"RescaleSlope {slope:g}: must be > 0 (0 would make every voxel the intercept)", path)
         frames.append(_Frame(
-            path=path, index=f,
-            ipp=np.array([_number(v, "ImagePositionPatient", path) for v in ipp]),
-            iop=np.array([_number(v, "ImageOrientationPatient", path) for v in iop]),
-            pixel_spacing=tuple(_number(v, "PixelSpacing", path) for v in spacing),
-            shape=(int(ds.Rows), int(ds.Columns)),
-            slope=_number(slope, "RescaleSlope", path), intercept=_number(intercept, "RescaleIntercept", path),
-            rescale_type=str(rescale_type) if rescale_type else None,
-            slice_thickness=float(thickness) if thickness not in (None, "") else None))
-        if len(frames[-1].ipp) != 3 or len(frames[-1].pixel_spacing) != 2 or min(frames[-1].pixel_spacing) <= 0:
-            raise UserError("ImagePositionPatient needs 3 values and PixelSpacing 2 positive ones", path)
+            path=path, index=f, ipp=position,
+            iop=np.array(_numbers(iop, "ImageOrientationPatient", path, 6)),
+            pixel_spacing=pixel_spacing, shape=shape, slope=slope,
+            intercept=_numbers(intercept, "RescaleIntercept", path, 1)[0],
+            rescale_type=str(rescale_type).strip() or None if rescale_type else None,
+            slice_thickness=(None if thickness in (None, "") else _numbers(thickness, "SliceThickness", path, 1)[0])))
     return frames
 
 
@@ -215,9 +308,9 @@ def _native_stored(fh: BinaryIO, ds: Dataset, value_length: int) -> np.ndarray:
     dtype = np.dtype(f"<{'i' if int(ds.PixelRepresentation) == 1 else 'u'}{allocated // 8}")
     shape = (int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns))
     n_bytes = math.prod(shape) * dtype.itemsize
-    if value_length < n_bytes:
+    if value_length not in (n_bytes, n_bytes + 1):  # + 1: the pad byte of an odd length
         raise ValueError(f"the pixel data element holds {value_length} bytes, Rows x Columns x frames x "
-                         f"BitsAllocated need {n_bytes}")
+                         f"BitsAllocated say {n_bytes}: the header does not describe this pixel data")
     buffer = bytearray(n_bytes)  # writable, so that the bit correction below works in place
     if fh.readinto(buffer) != n_bytes:
         raise ValueError(f"the file ends inside the pixel data ({n_bytes} bytes expected): truncated?")
@@ -253,6 +346,17 @@ def _stored_values(path: Path, header: Header) -> np.ndarray:
         array, _ = get_decoder(syntax).as_array(fh, **as_pixel_options(ds, transfer_syntax_uid=syntax,
                                                                           pixel_keyword="PixelData"))
     return array
+
+
+def _stored_values_captured(path: Path, header: Header) -> tuple[np.ndarray, list[str]]:
+    """:func:`_stored_values` in a worker process, returning its warnings too (the parent's routing of
+    warnings does not reach a forked worker's stderr)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        array = _stored_values(path, header)
+    return array, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
@@ -344,7 +448,9 @@ def _find(ds: Dataset, keyword: str) -> Any:
 
 
 # Acquisition descriptors worth keeping; free-text fields that may carry names (descriptions,
-# institution, operators, comments) are deliberately absent.
+# institution, operators, comments) are deliberately absent. The few kept free-text fields are listed in
+# FREE_TEXT_META: pancls ingest drops them unless --keep-descriptions.
+FREE_TEXT_META = ("contrast_bolus_agent",)
 _META_KEYWORDS = {
     "modality": "Modality",
     "manufacturer": "Manufacturer",
@@ -376,8 +482,6 @@ def _acquisition_meta(ds: Dataset, frames: Iterable[_Frame]) -> dict[str, Any]:
     thickness = sorted({fr.slice_thickness for fr in frames if fr.slice_thickness is not None})
     if thickness:
         meta["slice_thickness_mm"] = thickness
-    uid = str(ds.get("SeriesInstanceUID") or "")
-    meta["series_uid_sha256"] = hashlib.sha256(uid.encode()).hexdigest() if uid else None
     meta["n_slices"] = len(frames)
     return meta
 
@@ -441,9 +545,11 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     if headers is None:
         headers = parallel_map(_read_header, paths, n_workers)
     for path, header in zip(paths, headers):
-        _check_decoder(header.dataset, path)
+        with _header_errors(path):
+            _check_decoder(header.dataset, path)
     frames = [fr for path, header in zip(paths, headers) for fr in _frames_of(header, path)]
-    _check_one_stack([h.dataset for h in headers], frames, policy, where)
+    with _header_errors(where):
+        _check_one_stack([h.dataset for h in headers], frames, policy, where)
 
     try:
         row_cos, col_cos = check_orientation(frames[0].iop)
@@ -459,6 +565,9 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
 
     sorted_frames = [frames[i] for i in geo.order]
     rows, cols = frames[0].shape
+    if len(frames) * rows * cols > MAX_VOXELS:
+        raise UserError(f"{len(frames)} x {rows} x {cols} voxels is more than the {MAX_VOXELS:,} pancls converts "
+                        "(pancls.ct.volume.MAX_VOXELS)", where)
     planes = np.empty((len(frames), rows, cols), dtype=np.int16)
     by_file: dict[Path, list[tuple[int, _Frame]]] = {}
     for k, fr in enumerate(sorted_frames):
@@ -466,22 +575,37 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     header_of = dict(zip(paths, headers))
     items = list(by_file.items())
     n_processes = decode_processes([header_of[path] for path, _ in items], workers)
+    sinks: dict[Path, list[str]] = {path: [] for path, _ in items}
     if n_processes > 1:
         with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_stored_values, path, header_of[path]) for path, _ in items]
+            futures = [pool.submit(_stored_values_captured, path, header_of[path]) for path, _ in items]
             for (path, targets), future in zip(items, futures):
-                _decode_into(planes, path, header_of[path], targets, future.result)
+                def result(future=future, sink=sinks[path]):
+                    array, caught = future.result()
+                    sink.extend(caught)
+                    return array
+                _decode_into(planes, path, header_of[path], targets, result)
     else:
-        parallel_map(lambda item: _decode_into(planes, item[0], header_of[item[0]], item[1]), items, n_workers)
+        def decode(item):
+            with collecting(sinks[item[0]]):
+                _decode_into(planes, item[0], header_of[item[0]], item[1])
+        parallel_map(decode, items, n_workers)
+    decode_warnings = list(dict.fromkeys(f"{path.name}: {one_line(w)}" for path, sink in sinks.items() for w in sink))
 
-    meta = _acquisition_meta(header_of[sorted_frames[0].path].dataset, sorted_frames)
+    with _header_errors(sorted_frames[0].path):
+        meta = _acquisition_meta(header_of[sorted_frames[0].path].dataset, sorted_frames)
     if sorted_frames[0].rescale_type not in (None, "HU"):
         flags.append(f"rescale_type:{sorted_frames[0].rescale_type}")
     dr, dc = geo.pixel_spacing
     if len(frames) == 1:
         # One plane has no neighbour to measure spacing from; SliceThickness is the only hint there is.
-        spacing_k = sorted_frames[0].slice_thickness or 1.0
+        thickness = sorted_frames[0].slice_thickness
+        if thickness is not None and not 0 < thickness <= MAX_SPACING_MM:
+            raise UserError(f"single slice with SliceThickness {thickness:g}: its spacing is unknown", where)
+        spacing_k = thickness or 1.0
         flags.append("single_slice")
+        if thickness is None:
+            meta["slice_spacing_assumed_mm"] = 1.0
         origin = geo.ipp[0]
     elif geo.is_regular:
         spacing_k = geo.uniform_spacing
@@ -496,6 +620,8 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
                     tilt_deg=round(geo.tilt_deg, 4), resample_interpolation="linear", resample_fill_hu=fill)
     spacing = np.array([dc, dr, spacing_k])
     affine = grid_affine(origin, row_cos, col_cos, spacing)
+    if not np.all(np.isfinite(affine)):
+        raise UserError("the slice positions and spacings give a non-finite affine", where)
     array = planes.transpose(2, 1, 0)
     meta.update(shape=list(array.shape), spacing_mm=[round(float(s), 6) for s in spacing])
-    return Volume(array=array, affine=affine, spacing=spacing, flags=flags, meta=meta)
+    return Volume(array=array, affine=affine, spacing=spacing, flags=flags, meta=meta, warnings=decode_warnings)

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pancls.data.classes import check_classes
-from pancls.errors import UserError
+from pancls.errors import UserError, one_line
 
 REQUIRED_COLUMNS = ("patient_id", "image", "label")
 #: Image and mask must share the voxel grid; affines may differ by float noise from a NIfTI round trip.
@@ -45,12 +45,16 @@ _READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderData
 
 
 class ManifestError(UserError):
-    """Every problem found in a manifest; ``problems`` holds ``(line, message)`` pairs in line order."""
+    """Every problem found in a manifest; ``problems`` holds ``(line, message)`` pairs in line order.
+
+    The message lists them one per line (each problem itself is one line)."""
+
+    multiline = True
 
     def __init__(self, path: str | os.PathLike, problems: Sequence[Tuple[int, str]]):
         self.problems = sorted(problems, key=lambda p: p[0])
         shown = os.fspath(path)
-        lines = "\n".join(f"{shown}:{line}: {message}" for line, message in self.problems)
+        lines = "\n".join(f"{one_line(shown)}:{line}: {one_line(message)}" for line, message in self.problems)
         n = len(self.problems)
         super().__init__(f"{n} problem{'s' if n != 1 else ''} in the manifest:\n{lines}", shown)
 
