@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import csv
 import io
 import shutil
@@ -192,3 +193,66 @@ def test_each_file_is_parsed_once(ct_data: Path, capsys, tmp_path: Path, monkeyp
     assert code == 0 and "1 converted" in text, err
     files = sorted(str(p) for p in ct_data.joinpath(*S2010).iterdir())
     assert sorted(map(str, calls)) == files
+
+
+# Elements whose values identify a patient, a study or a person, or describe in free text. UIDs are all
+# UI elements except the standard's own (SOP classes, transfer syntaxes: 1.2.840.10008.*).
+_IDENTIFYING_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
+                         "StudyID", "StudyDescription", "SeriesDescription", "ProtocolName", "InstitutionName",
+                         "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "OperatorsName",
+                         "ReferringPhysicianName", "PerformingPhysicianName", "RequestedProcedureDescription",
+                         "PerformedProcedureStepDescription", "ImageComments", "DeviceSerialNumber",
+                         "ContrastBolusAgent", "AdmittingDiagnosesDescription")
+
+
+def _identifying_values(files):
+    """Every UID, person name, date, date-time and descriptive text of the files (nested items included)."""
+    values = set()
+
+    def visit(ds):
+        for elem in ds:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    visit(item)
+                continue
+            keep = (elem.VR in ("UI", "PN", "DA", "DT") or elem.keyword in _IDENTIFYING_KEYWORDS)
+            if not keep or elem.value in (None, ""):
+                continue
+            for value in (elem.value if elem.VM > 1 else [elem.value]):
+                text = str(value).strip()
+                if len(text) >= 4 and not text.startswith("1.2.840.10008."):
+                    values.add(text)
+
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        visit(ds.file_meta)
+        visit(ds)
+    return values
+
+
+def test_no_identifier_in_any_output_file(ct_data: Path, tmp_path: Path, capsys):
+    """Default ingest of real series: no UID, name, date or description of the input appears in any output
+    file (CSV, JSON, NIfTI headers, file names), neither raw nor as a plain SHA-256 (full or a 10-digit prefix)."""
+    sources = [ct_data.joinpath(*S2010), ct_data / "abdomen" / "dicom_series", ct_data / "enhanced"]
+    files = [f for src in sources for f in sorted(src.iterdir()) if f.name != "expected.json"]
+    values = _identifying_values(files)
+    assert len(values) >= 40 and any("^" in v for v in values)  # real UIDs, names and dates to leak
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, *sources, "--out", out)
+    assert code == 0, err
+    outputs = [p for p in out.rglob("*") if p.is_file() and ".private" not in p.relative_to(out).parts]
+    assert sorted({p.suffix for p in outputs}) == [".csv", ".gz", ".json"] and len(outputs) == 2 + 2 * 3
+    texts = {}
+    for p in outputs:
+        if p.name.endswith(".nii.gz"):
+            header = nib.load(p).header
+            for field in ("descrip", "aux_file", "intent_name", "db_name"):
+                assert header[field].item() == b"", (p.name, field)
+            texts[p] = header.binaryblock.decode("latin-1")
+        else:
+            texts[p] = p.read_text(encoding="utf-8")
+        texts[p] += "\n" + str(p.relative_to(out))
+    for value in values:
+        digest = hashlib.sha256(value.encode()).hexdigest()
+        for p, text in texts.items():
+            assert value not in text and digest[:10] not in text, f"{value!r} (or its sha256) in {p.name}"

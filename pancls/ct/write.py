@@ -56,6 +56,8 @@ def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: st
     img.set_sform(volume.affine, code=NIFTI_SCANNER_CODE)
     img.header.set_xyzt_units(xyz="mm")
     img.header.set_slope_inter(1.0, 0.0)
+    for text_field in ("descrip", "aux_file", "intent_name", "db_name"):  # never carry text from anywhere
+        img.header[text_field] = b""
     atomic_save(nifti_path, lambda tmp: nib.save(img, tmp))
     if sidecar_path is not None:
         atomic_write_json(sidecar_path, sidecar_dict(volume))

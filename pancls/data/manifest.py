@@ -9,8 +9,10 @@ Schema (documented with an example in ``data_manifests/README.md``)::
 ``image`` and ``mask`` are paths relative to the manifest's folder. They must stay inside the dataset
 root (by default that same folder; ``root=`` widens or moves it), so a manifest can be moved together with
 its data and can never point at unrelated files. Absolute paths are refused unless ``allow_absolute=True``,
-and even then must lie inside the root. The check is lexical (``..`` is resolved, symbolic links are not
-followed), so a dataset folder made of links into a shared store is fine.
+and even then must lie inside the root. Two checks: the path as written (``..`` resolved) must lie in the
+root, and so must the file it really is (symbolic links followed: a link inside the root pointing at
+``/etc/passwd`` is refused). A dataset folder made of links into a shared store names that store in
+``allowed_roots``: the real file may then lie in the root or in one of those folders.
 
 Validation collects *every* problem with its CSV line (line 1 = header, line 2 = first data row) and raises
 one :class:`ManifestError` listing them all, so a 530-row manifest is fixed in one round trip. Images are
@@ -105,6 +107,7 @@ def load_manifest(
     root: str | os.PathLike | None = None,
     check_images: bool = True,
     allow_absolute: bool = False,
+    allowed_roots: Sequence[str | os.PathLike] = (),
 ) -> Manifest:
     """Read and validate a manifest CSV.
 
@@ -117,6 +120,8 @@ def load_manifest(
         image's shape and affine (within :data:`AFFINE_ATOL_MM`). ``False`` checks the table alone, e.g. to
         plan folds on a machine without the images.
     allow_absolute : accept absolute paths (still confined to ``root``).
+    allowed_roots : folders (besides ``root``) where the real files behind symbolic links may lie, e.g. the
+        shared store a dataset of links points into. Compared after resolving links on both sides.
 
     Raises
     ------
@@ -131,6 +136,11 @@ def load_manifest(
     root_dir = Path(os.path.abspath(root)) if root is not None else base
     if not root_dir.is_dir():
         raise UserError("dataset root is not a folder", root_dir)
+    real_roots = [Path(os.path.realpath(root_dir))]
+    for extra in allowed_roots:
+        if not Path(extra).is_dir():
+            raise UserError("an allowed root is not a folder", extra)
+        real_roots.append(Path(os.path.realpath(extra)))
     header, rows = _read_csv(path)
 
     problems: List[Tuple[int, str]] = []
@@ -143,7 +153,8 @@ def load_manifest(
             problems.append((line, f"expected {len(columns)} fields, found {len(values)}"))
             continue
         row: Dict[str, Any] = dict(zip(columns, (v.strip() for v in values)))
-        found = _check_values(row, classes) + _check_paths(row, base, root_dir, allow_absolute, check_images)
+        found = _check_values(row, classes) + _check_paths(row, base, root_dir, real_roots, allow_absolute,
+                                                           check_images)
         found += consistency.check(line, row)
         problems += [(line, p) for p in found]
         table_rows.append(row)
@@ -177,8 +188,10 @@ def _check_values(row: Dict[str, Any], classes: Tuple[str, ...]) -> List[str]:
     return problems
 
 
-def _check_paths(row: Dict[str, Any], base: Path, root: Path, allow_absolute: bool, check_images: bool) -> List[str]:
-    """Resolve ``image``/``mask`` to absolute paths (None if empty or unusable) and check the files."""
+def _check_paths(row: Dict[str, Any], base: Path, root: Path, real_roots: List[Path], allow_absolute: bool,
+                 check_images: bool) -> List[str]:
+    """Resolve ``image``/``mask`` to absolute paths (None if empty or unusable) and check the files: the
+    written path must lie in ``root``, the real file (links followed) in one of ``real_roots``."""
     problems, usable = [], {}
     for key in ("image", "mask"):
         if key not in row:
@@ -194,6 +207,9 @@ def _check_paths(row: Dict[str, Any], base: Path, root: Path, allow_absolute: bo
             problems.append(f"{key} path {value!r} is absolute; write it relative to the manifest's folder")
         elif not resolved.is_relative_to(root):
             problems.append(f"{key} path {value!r} escapes the dataset root {root}")
+        elif not any(Path(os.path.realpath(resolved)).is_relative_to(r) for r in real_roots):
+            problems.append(f"{key} path {value!r} is a link to a file outside the dataset root; name the folder "
+                            "it points into in allowed_roots if that is intended")
         else:
             row[key] = str(resolved)
             if not check_images:

@@ -38,6 +38,18 @@ def dataset(tmp_path: Path, ct_data: Path) -> Path:
     return ds
 
 
+@pytest.fixture(autouse=True)
+def _shared_store(ct_data: Path):
+    """The dataset is made of links into the shared fixtures: that store is named as an allowed root."""
+    global STORE
+    STORE = ct_data
+
+
+def _load(*args, **kwargs):
+    kwargs.setdefault("allowed_roots", [STORE])
+    return load_manifest(*args, **kwargs)
+
+
 def _write(path: Path, lines) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -70,7 +82,7 @@ def test_every_problem_is_listed_once_with_its_line(dataset: Path, tmp_path: Pat
         '"P1",images/ct7.nii.gz,,PDAC,2,C',                            # 16 same patient, other fold
     ])
     with pytest.raises(ManifestError) as info:
-        load_manifest(manifest, DEFAULT_CLASSES)
+        _load(manifest, DEFAULT_CLASSES)
     err = info.value
     expected = {
         3: "image file not found", 4: "unknown label 'XYZ'", 5: "empty label", 6: "already listed on line 2",
@@ -99,14 +111,14 @@ def test_an_empty_mask_is_a_problem_of_its_line(dataset: Path):
         "P2,images/tiny.nii.gz,masks/empty.nii.gz,CP",
     ])
     with pytest.raises(ManifestError) as info:
-        load_manifest(manifest, DEFAULT_CLASSES)
+        _load(manifest, DEFAULT_CLASSES)
     assert info.value.problems == [(3, "mask is empty (no non-zero voxel)")]
 
 
 def test_missing_columns_are_reported_with_the_row_problems(dataset: Path):
     manifest = _write(dataset / "manifest.csv", ["patient_id,image", "P1,images/ct1.nii.gz", "P2,images/nope.nii.gz"])
     with pytest.raises(ManifestError) as info:
-        load_manifest(manifest, DEFAULT_CLASSES)
+        _load(manifest, DEFAULT_CLASSES)
     assert [line for line, _ in info.value.problems] == [1, 3]
     assert "missing required column(s): label" in info.value.problems[0][1]
 
@@ -120,7 +132,7 @@ def test_valid_manifest_loads(dataset: Path):
         "",
         "P3,S4,images/ct4.nii.gz,,PDAC,2,GE",
     ])
-    m = load_manifest(manifest, DEFAULT_CLASSES)
+    m = _load(manifest, DEFAULT_CLASSES)
     assert len(m) == 4 and list(m.table.index) == [2, 3, 4, 6]
     records = m.records()
     assert [r["label"] for r in records] == [2, 2, 5, 0]
@@ -133,7 +145,7 @@ def test_valid_manifest_loads(dataset: Path):
     assert m.class_counts() == {"PDAC": 1, "IPMN": 0, "NET": 2, "SCN": 0, "ASC": 0, "CP": 1}
     assert m.patients() == ["P1", "P2", "P3"]
     # the index is the position in the configured list, whatever that order is
-    reordered = load_manifest(manifest, ["CP", "NET", "PDAC", "IPMN", "SCN", "ASC"])
+    reordered = _load(manifest, ["CP", "NET", "PDAC", "IPMN", "SCN", "ASC"])
     assert [r["label"] for r in reordered.records()] == [1, 1, 0, 2]
 
 
@@ -141,44 +153,59 @@ def test_root_bounds_paths_from_a_manifest_kept_elsewhere(dataset: Path, tmp_pat
     manifest = _write(tmp_path / "manifests" / "cohort.csv",
                       ["patient_id,image,label", "P1,../ds/images/ct1.nii.gz,PDAC"])
     with pytest.raises(ManifestError, match="escapes the dataset root"):
-        load_manifest(manifest, DEFAULT_CLASSES)
-    m = load_manifest(manifest, DEFAULT_CLASSES, root=dataset)
+        _load(manifest, DEFAULT_CLASSES)
+    m = _load(manifest, DEFAULT_CLASSES, root=dataset)
     assert m.records()[0]["image"] == str(dataset / "images/ct1.nii.gz")
 
 
 def test_absolute_paths_only_with_the_flag_and_inside_the_root(dataset: Path, tmp_path: Path):
     manifest = _write(dataset / "manifest.csv", ["patient_id,image,label", f"P1,{dataset / 'images/ct1.nii.gz'},SCN"])
     with pytest.raises(ManifestError, match="absolute"):
-        load_manifest(manifest, DEFAULT_CLASSES)
-    assert load_manifest(manifest, DEFAULT_CLASSES, allow_absolute=True).records()[0]["label"] == 3
+        _load(manifest, DEFAULT_CLASSES)
+    assert _load(manifest, DEFAULT_CLASSES, allow_absolute=True).records()[0]["label"] == 3
     outside = _write(dataset / "outside.csv", ["patient_id,image,label", f"P1,{tmp_path / 'x.nii.gz'},SCN"])
     with pytest.raises(ManifestError, match="escapes"):
-        load_manifest(outside, DEFAULT_CLASSES, allow_absolute=True)
+        _load(outside, DEFAULT_CLASSES, allow_absolute=True)
 
 
 def test_check_images_false_skips_the_filesystem_only(dataset: Path):
     manifest = _write(dataset / "manifest.csv",
                       ["patient_id,image,label", "P1,images/not_here.nii.gz,PDAC", "P2,../x.nii.gz,PDAC"])
     with pytest.raises(ManifestError) as info:
-        load_manifest(manifest, DEFAULT_CLASSES, check_images=False)
+        _load(manifest, DEFAULT_CLASSES, check_images=False)
     assert [line for line, _ in info.value.problems] == [3]
 
 
 def test_unreadable_manifest_files_are_user_errors(tmp_path: Path):
     with pytest.raises(UserError, match="manifest not found"):
-        load_manifest(tmp_path / "nope.csv", DEFAULT_CLASSES)
+        _load(tmp_path / "nope.csv", DEFAULT_CLASSES)
     empty = _write(tmp_path / "empty.csv", ["patient_id,image,label"])
     with pytest.raises(ManifestError, match="no data rows"):
-        load_manifest(empty, DEFAULT_CLASSES)
+        _load(empty, DEFAULT_CLASSES)
     dup = _write(tmp_path / "dup.csv", ["patient_id,image,label,label", "P1,a.nii.gz,PDAC,PDAC"])
     with pytest.raises(ManifestError, match="named twice: label"):
-        load_manifest(dup, DEFAULT_CLASSES)
+        _load(dup, DEFAULT_CLASSES)
     with pytest.raises(UserError, match="listed twice"):
-        load_manifest(empty, ["PDAC", "PDAC"])
+        _load(empty, ["PDAC", "PDAC"])
 
 
 def test_example_manifest_is_well_formed():
     example = Path(__file__).resolve().parents[2] / "data_manifests" / "example.csv"
-    m = load_manifest(example, DEFAULT_CLASSES, check_images=False)
+    m = _load(example, DEFAULT_CLASSES, check_images=False)
     assert set(m.class_counts()) == set(DEFAULT_CLASSES) and all(m.class_counts().values())
     assert os.path.commonpath([r["image"] for r in m.records()]).startswith(str(example.parent))
+
+
+def test_links_out_of_the_root_need_an_allowed_root(dataset: Path, tmp_path: Path, ct_data: Path):
+    """The root check follows symbolic links: a link inside the root to a file elsewhere (here /etc/passwd,
+    and the shared store) is refused unless its real folder is an allowed root."""
+    _link(dataset, "images/passwd.nii.gz", Path("/etc/passwd"))
+    manifest = _write(dataset / "manifest.csv", ["patient_id,image,label", "P1,images/passwd.nii.gz,PDAC",
+                                                 "P2,images/ct1.nii.gz,PDAC"])
+    with pytest.raises(ManifestError) as err:
+        load_manifest(manifest, DEFAULT_CLASSES, check_images=False)
+    assert [line for line, _ in err.value.problems] == [2, 3]
+    assert all("link to a file outside the dataset root" in m for _, m in err.value.problems)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(manifest, DEFAULT_CLASSES, check_images=False, allowed_roots=[ct_data])
+    assert [line for line, _ in err.value.problems] == [2]  # the shared store is allowed, /etc is not
