@@ -471,7 +471,9 @@ def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
     meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
     sop_class = str(ds.get("SOPClassUID", "") or "") or meta_class
     if not is_image_storage(sop_class):
-        raise _Skip(SkippedFile(path, f"{sop_class_name(sop_class)}: not an image storage SOP class"))
+        # a SOP class the standard does not define is a damaged file (maybe a lost slice), not a skip
+        unknown = sop_class_name(sop_class).startswith("unknown SOP class")
+        raise _Skip(SkippedFile(path, f"{sop_class_name(sop_class)}: not an image storage SOP class", problem=unknown))
     if "Rows" not in ds or "Columns" not in ds:
         # pydicom stops quietly at end of file, so a truncated header shows up as missing elements
         raise _Skip(SkippedFile(path, f"incomplete {sop_class_name(sop_class)} header (truncated?): no Rows/Columns",
@@ -594,6 +596,28 @@ def _orientation_buckets(files: List[Instance]) -> Dict[Tuple, List[Instance]]:
     return buckets
 
 
+def _geometry_key(inst: Instance) -> Tuple:
+    return (str(inst.folder), inst.is_localizer, _rounded(inst.orientation, 2) if inst.has_orientation else (),
+            _rounded(inst.pixel_spacing, 3), inst.rows, inst.columns)
+
+
+def _fallback_neighbours(by_key: Dict[str, List[Instance]]) -> Dict[str, int]:
+    """For series grouped by the fallback key (no SeriesInstanceUID): how many files of the same folder and
+    geometry ended up in *other* series -- a header difference (KVP, ImageType, ...) may have split one stack."""
+    by_geometry: Dict[Tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for key, files in by_key.items():
+        if key.startswith("fallback:"):
+            for inst in files:
+                by_geometry[_geometry_key(inst)][key] += 1
+    others: Dict[str, int] = defaultdict(int)
+    for counts in by_geometry.values():
+        total = sum(counts.values())
+        for key, n in counts.items():
+            if total > n:
+                others[key] += total - n
+    return others
+
+
 def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) -> List[Series]:
     """Group image objects into series following the rules in the module docstring.
 
@@ -613,6 +637,7 @@ def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) 
             by_key = defaultdict(list)
             for inst in copy_members:
                 by_key[_series_key(inst)].append(inst)
+            fallback_groups = _fallback_neighbours(by_key)
             for key, files in by_key.items():
                 buckets = _orientation_buckets(files)
                 orientations = sum(1 for loc, _ in buckets if not loc)
@@ -623,6 +648,11 @@ def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) 
                     if orientations > 1 and not sub[0]:
                         notes.append(f"the series holds {orientations} slice orientations; converted separately "
                                      f"(this part: {len(sub_files)} of {len(files)} files)")
+                    others = fallback_groups.get(key, 0)
+                    if others:
+                        notes.append(f"grouped without SeriesInstanceUID: {others} other file(s) of the same geometry in "
+                                     "this folder went to other series (they differ in SeriesNumber, description, "
+                                     "ImageType, KVP, kernel, acquisition number or frame of reference)")
                     series.append(_make_series(study_id, series_id, sub_files, secret, notes))
     series.sort(key=lambda s: (s.study_hash, s.first.series_number or 0, s.series_hash))
     return series

@@ -69,15 +69,20 @@ def write_series(files: Sequence[Path], folder: Path,
     return folder
 
 
-def unknown_vr(path: Path, tag: int = 0x00091010) -> None:
-    """Give element ``tag`` of the explicit-VR file ``path`` the unknown VR bytes ``ZZ`` (2-byte length form)."""
-    ds = pydicom.dcmread(path)
-    set_raw(ds, tag, b"ZZ", "SH")
-    save(ds, path)
+SHORT_FORM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH",
+                  b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+
+
+def unknown_vr(path: Path, tag: int) -> None:
+    """Give the first element ``tag`` of the explicit-VR file ``path`` (top level or in an item) the unknown
+    VR bytes ``ZZ``; its 2-byte length stays. ValueError when there is no such short-form element."""
     raw = path.read_bytes()
-    group, element = tag >> 16, tag & 0xFFFF
-    marker = struct.pack("<HH", group, element) + b"SH"
-    at = raw.index(marker)
+    marker = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    at = raw.find(marker, 132)
+    while at != -1 and raw[at + 4:at + 6] not in SHORT_FORM_VRS:
+        at = raw.find(marker, at + 1)
+    if at == -1:
+        raise ValueError(f"no short-form element {tag:08X} in {path}")
     path.write_bytes(raw[:at + 4] + b"ZZ" + raw[at + 6:])
 
 
