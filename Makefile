@@ -3,19 +3,21 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# CPU wheel by default; a CUDA workstation sets TORCH_SPEC="torch==2.13.0" with its own index, or uses the Docker image.
-TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA ?= $(abspath ../shared/data)
 DEMO_OUT ?= runs/cv-demo
 LT_DEMO_OUT ?= runs/lt-demo
 
 .PHONY: venv demo demo-lt test test-slow bench carry clean
 
-$(VENV)/.installed: pyproject.toml
+# Installs exactly what CI tests: every version comes from requirements.lock (used as constraints, so a package
+# pyproject.toml no longer needs is not installed). Refresh the lock with scripts/lock.sh after changing the
+# dependencies in pyproject.toml. torch is pinned there without a build label: this machine's wheel folder gives
+# the CPU build; elsewhere PyPI gives the CUDA build of the same release, and
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make venv gives the CPU one.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c requirements.lock --upgrade pip
+	$(PIP) install -q -c requirements.lock -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
