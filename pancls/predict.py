@@ -30,7 +30,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -40,24 +40,13 @@ import numpy as np
 from monai.data import PersistentDataset
 from monai.transforms import (
     Compose,
-    ConcatItemsd,
-    CopyItemsd,
-    CropForegroundd,
-    DeleteItemsd,
-    EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
     MapTransform,
-    Orientationd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    Spacingd,
-    SpatialCropd,
 )
 from torch.utils.data import Dataset
 
@@ -193,18 +182,20 @@ def ras_extent(shape: Sequence[int], affine: np.ndarray) -> List[float]:
     return out
 
 
-def window_transforms(windows: Sequence[Sequence[float]], key: str = IMAGE_KEY) -> List[monai.transforms.Transform]:
-    """CT windows ``[(width, level), ...]`` -> one [0, 1] channel each, stacked along the channel axis."""
+def window_specs(windows: Sequence[Sequence[float]], key: str = IMAGE_KEY) -> List[Dict[str, Any]]:
+    """CT windows ``[(width, level), ...]`` -> one [0, 1] channel each, stacked along the channel axis
+    (MONAI config specs, see :func:`deterministic_specs`)."""
     ranges = [(level - width / 2.0, level + width / 2.0) for width, level in windows]
     if len(ranges) == 1:
         lo, hi = ranges[0]
-        return [ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)]
+        return [{"_target_": "ScaleIntensityRanged", "keys": key, "a_min": lo, "a_max": hi, "b_min": 0.0,
+                 "b_max": 1.0, "clip": True}]
     names = [f"{key}_window{i}" for i in range(len(ranges))]
-    steps: List[monai.transforms.Transform] = [CopyItemsd(key, times=len(names), names=names)]
-    steps += [ScaleIntensityRanged(name, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
-              for name, (lo, hi) in zip(names, ranges)]
-    steps += [ConcatItemsd(names, key), DeleteItemsd(names)]
-    return steps
+    specs: List[Dict[str, Any]] = [{"_target_": "CopyItemsd", "keys": key, "times": len(names), "names": names}]
+    specs += [{"_target_": "ScaleIntensityRanged", "keys": name, "a_min": lo, "a_max": hi, "b_min": 0.0,
+               "b_max": 1.0, "clip": True} for name, (lo, hi) in zip(names, ranges)]
+    specs += [{"_target_": "ConcatItemsd", "keys": names, "name": key}, {"_target_": "DeleteItemsd", "keys": names}]
+    return specs
 
 
 class RequireForegroundd(MapTransform):
@@ -220,26 +211,13 @@ class RequireForegroundd(MapTransform):
         return d
 
 
-def _load_nifti(keys: Sequence[str]) -> LoadImaged:
-    """``LoadImaged`` reading NIfTI (what manifests hold) with nibabel. MONAI instantiates every default reader
-    anyway, and its optional GPU DICOM reader warns on each construction where nvImageCodec is missing (a
-    CPU machine): that noise is kept out of the user's terminal, nothing else is silenced."""
-    import logging
-    import warnings
+def deterministic_specs(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> List[Dict[str, Any]]:
+    """The cacheable pipeline as MONAI bundle config items (``{"_target_": "Spacingd", ...}``), for a dict of
+    file paths.
 
-    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
-    level = plugin_log.level
-    plugin_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            return LoadImaged(keys, image_only=True, reader="NibabelReader")
-    finally:
-        plugin_log.setLevel(level)
-
-
-def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
-    """The cacheable pipeline for a dict of file paths.
+    This list is the one definition of the preprocessing: :func:`deterministic_transforms` instantiates it
+    for training and ``pancls predict``, and ``pancls export`` writes it into the bundle's
+    ``inference.json``, so the three cannot drift apart.
 
     ``keys`` are the volumes to load: ``"image"`` (the CT in HU) and optionally ``"mask"`` (any label map,
     resampled with nearest neighbour and returned as uint8 on the same grid). ``roi="mask"`` needs the mask.
@@ -251,25 +229,55 @@ def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE
     if cfg.roi == "mask" and MASK_KEY not in keys:
         raise UserError(f"roi 'mask' needs a {MASK_KEY!r} volume for every image", "preprocess.roi")
     is_image = [k == IMAGE_KEY for k in keys]
-    steps: List[monai.transforms.Transform] = [
-        _load_nifti(keys),
-        EnsureChannelFirstd(keys),
+    specs: List[Dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True, "reader": "NibabelReader"},
+        {"_target_": "EnsureChannelFirstd", "keys": keys},
         # labels=None: take the axis convention from the image's own space (RAS for NIfTI).
-        Orientationd(keys, axcodes="RAS", labels=None),
-        Spacingd(keys, pixdim=cfg.spacing, mode=["bilinear" if i else "nearest" for i in is_image]),
-        *window_transforms(cfg.windows),
+        {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS", "labels": None},
+        {"_target_": "Spacingd", "keys": keys, "pixdim": list(cfg.spacing),
+         "mode": ["bilinear" if i else "nearest" for i in is_image]},
+        *window_specs(cfg.windows),
     ]
     if cfg.roi == "mask":
-        steps.append(RequireForegroundd(MASK_KEY))
-        steps.append(CropForegroundd(keys, source_key=MASK_KEY, margin=cfg.margin_voxels,
-                                     start_coord_key=None, end_coord_key=None))
+        specs.append({"_target_": "pancls.data.transforms.RequireForegroundd", "keys": MASK_KEY})
+        specs.append({"_target_": "CropForegroundd", "keys": keys, "source_key": MASK_KEY,
+                      "margin": list(cfg.margin_voxels), "start_coord_key": None, "end_coord_key": None})
     elif cfg.roi == "box":
-        steps.append(SpatialCropd(keys, roi_start=cfg.box_start, roi_end=cfg.box_end))
-    steps += [
-        ResizeWithPadOrCropd(keys, spatial_size=cfg.size),  # pads with 0 = below the window
-        EnsureTyped(keys, dtype=[np.float32 if i else np.uint8 for i in is_image], track_meta=False),
+        specs.append({"_target_": "SpatialCropd", "keys": keys, "roi_start": list(cfg.box_start),
+                      "roi_end": list(cfg.box_end)})
+    specs += [
+        {"_target_": "ResizeWithPadOrCropd", "keys": keys, "spatial_size": list(cfg.size)},  # pads with 0 = below the window
+        {"_target_": "EnsureTyped", "keys": keys, "dtype": ["float32" if i else "uint8" for i in is_image],
+         "track_meta": False},
     ]
-    return Compose(steps)
+    return specs
+
+
+def instantiate_specs(specs: Sequence[Dict[str, Any]]) -> Compose:
+    """``Compose`` of MONAI config items, instantiated by MONAI's own :class:`~monai.bundle.ConfigParser` (what
+    ``monai.bundle run`` does with ``inference.json``). MONAI builds every default image reader on the way, and
+    its optional GPU DICOM reader warns on each construction where nvImageCodec is missing (a CPU machine): that
+    noise is kept out of the user's terminal, nothing else is silenced."""
+    import logging
+    import warnings
+
+    from monai.bundle import ConfigParser
+
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
+            parser = ConfigParser({"transforms": [dict(s) for s in specs]})
+            return Compose(parser.get_parsed_content("transforms"))
+    finally:
+        plugin_log.setLevel(level)
+
+
+def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
+    """The cacheable pipeline for a dict of file paths: :func:`deterministic_specs`, instantiated."""
+    return instantiate_specs(deterministic_specs(cfg, keys))
 
 
 def random_transforms(cfg: AugmentConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:

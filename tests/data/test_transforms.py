@@ -18,7 +18,8 @@ from pancls.data.transforms import (
     make_dataset,
     preprocess_fingerprint,
     random_transforms,
-    window_transforms,
+    instantiate_specs,
+    window_specs,
 )
 from pancls.errors import UserError
 
@@ -78,9 +79,9 @@ def test_image_and_mask_stay_aligned(abdomen, cropped):
 
 def test_window_maps_bounds_exactly():
     hu = torch.tensor([-1000.0, -160.0, 40.0, 240.0, 1000.0]).reshape(1, 5, 1, 1)
-    out = Compose(window_transforms([[400, 40]]))({"image": hu})["image"].flatten()
+    out = instantiate_specs(window_specs([[400, 40]]))({"image": hu})["image"].flatten()
     assert out.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
-    two = Compose(window_transforms([[400, 40], [2000, 0]]))({"image": hu})["image"]
+    two = instantiate_specs(window_specs([[400, 40], [2000, 0]]))({"image": hu})["image"]
     assert two.shape == (2, 5, 1, 1)
     assert two[0].flatten().tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert two[1].flatten().tolist() == pytest.approx([0.0, 0.42, 0.52, 0.62, 1.0])
