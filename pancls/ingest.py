@@ -132,17 +132,24 @@ class IngestReport:
                 f"{self.skipped} skipped, {len(self.refused)} refused, {len(self.failed)} failed")
 
 
-def file_fingerprint(paths: Sequence[Path]) -> str:
-    """sha256 over (resolved path, size, mtime) of every file: changes when any source changes.
+def file_fingerprint(paths: Sequence[Path], origin: Dict[Path, Path], unpacked: Path) -> str:
+    """Text that changes when any source file changes: (resolved path, size, mtime) of every file; a file
+    unpacked from a zip archive under ``unpacked`` counts as (archive path, size, mtime, member path), so
+    that a rerun, which unpacks it anew, finds it unchanged.
 
-    Internal only: it hashes paths, so what is stored is its keyed hash (see :class:`_Run`)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(Path(p).resolve() for p in paths):
-        st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+    Internal only: it holds paths, so what is stored is its keyed hash (see :meth:`_Run.key`)."""
+    lines = []
+    for p in paths:
+        p = Path(p)
+        try:
+            member = p.relative_to(unpacked)
+        except ValueError:
+            source, member = p.resolve(), ""
+        else:
+            source = Path(origin.get(p, p)).resolve()  # member keeps the archive's folder (a hash of its path)
+        st = source.stat()
+        lines.append(f"{source}\0{member}\0{st.st_size}\0{st.st_mtime_ns}")
+    return "\n".join(sorted(lines))
 
 
 def _read_sidecar(path: Path) -> Optional[dict]:
@@ -199,6 +206,12 @@ class _Run:
     report: IngestReport
     err: object
     private: Path
+    origin: Dict[Path, Path] = field(default_factory=dict)  # every file found -> the source it came from
+
+    @property
+    def unpacked(self) -> Path:
+        """Where zip archives are unpacked (emptied at the start and end of every run)."""
+        return self.private / "tmp"
 
     def problem(self, where, reason: str, failed: bool = False) -> None:
         line = f"{one_line(where, escape=True)}: {one_line(reason)}"
@@ -238,7 +251,7 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
     with _exclusive(private), _signals_unwind(), routed():
         for folder in (out, out / "images"):
             remove_stale_temps(folder)
-        tmp = private / "tmp"
+        tmp = run.unpacked
         shutil.rmtree(tmp, ignore_errors=True)  # zip archives unpacked by a killed run
         tmp.mkdir()
         manifest = _previous_manifest(out / "manifest.csv", out)
@@ -311,7 +324,8 @@ def _series_inventory_row(decision: Decision, run: _Run) -> Dict[str, str]:
 def _dicom_job(series: Series, inventory: Dict[str, str], run: _Run) -> Job:
     first = series.first
     # the policy is part of the fingerprint: a series resampled under one policy is redone under another
-    fingerprint = run.key("fingerprint", f"{series.fingerprint()}|{to_dict(run.config.geometry)}", 64)
+    fingerprint = run.key("fingerprint", f"{file_fingerprint(series.paths, run.origin, run.unpacked)}|"
+                                         f"{to_dict(run.config.geometry)}", 64)
 
     def load() -> Volume:
         volume = build_volume(series.paths, run.config.geometry, workers=run.workers, headers=series.headers)
@@ -330,7 +344,7 @@ def _dicom_job(series: Series, inventory: Dict[str, str], run: _Run) -> Job:
 
 
 def _nifti_job(path: Path, inventory: Dict[str, str], run: _Run) -> Job:
-    fingerprint = run.key("fingerprint", file_fingerprint([path]), 64)
+    fingerprint = run.key("fingerprint", file_fingerprint([path], run.origin, run.unpacked), 64)
     key = run.key("file", str(path.resolve()), 10)
     stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
@@ -352,6 +366,7 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
     """Fill ``inventory`` and return the jobs to run; reports unreadable files and sources without usable
     series, and notes on a kept series every unreadable file in its folders (a slice may be lost)."""
     config, report = run.config, run.report
+    run.origin = result.origin
     jobs: List[Job] = []
     reasons_by_source: Dict[Path, List[str]] = {src: [] for src in sources}
     used_sources = set()

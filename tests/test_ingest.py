@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import csv
+import hashlib
 import io
+import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +16,8 @@ import pydicom
 import pytest
 
 from pancls.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 S2010 = ("series_ct", "S21570", "S2010")
 
@@ -256,3 +260,84 @@ def test_no_identifier_in_any_output_file(ct_data: Path, tmp_path: Path, capsys)
         digest = hashlib.sha256(value.encode()).hexdigest()
         for p, text in texts.items():
             assert value not in text and digest[:10] not in text, f"{value!r} (or its sha256) in {p.name}"
+
+
+# ------------------------------------------------------------------------------ kill safety
+def _kill_sources(ct_data: Path, tmp_path: Path):
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(ct_data.joinpath(*S2010).iterdir()):
+            zf.write(f, f"zipped/{f.name}")
+    return [archive, ct_data / "abdomen" / "dicom_series", ct_data / "enhanced", ct_data / "jpeg2000"]
+
+
+def _start(sources, out: Path, secret: Path, tmp: Path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    return subprocess.Popen([sys.executable, "-m", "pancls", "ingest", *map(str, sources), "--out", str(out),
+                             "--secret", str(secret), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+
+
+def _leftovers(out: Path, tmp: Path):
+    from pancls.io import is_temp_name
+
+    temps = [p for p in out.rglob("*") if is_temp_name(p.name)]
+    return temps + list((out / ".private" / "tmp").glob("*")) + list(tmp.iterdir())
+
+
+def _snapshot(out: Path):
+    """What an ingest produced: manifest, inventory without the status column, every image's voxels,
+    affine and sidecar."""
+    inventory = [{k: v for k, v in row.items() if k != "status"} for row in _csv(out / "inventory.csv")]
+    images = {}
+    for p in sorted((out / "images").iterdir()):
+        if p.name.endswith(".nii.gz"):
+            img = nib.load(p)
+            images[p.name] = (hashlib.sha256(np.asanyarray(img.dataobj).tobytes()).hexdigest(),
+                              np.round(img.affine, 6).tolist())
+        else:
+            images[p.name] = p.read_text()
+    return _csv(out / "manifest.csv"), inventory, images
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_ingest_leaves_nothing_and_a_rerun_equals_an_uninterrupted_run(ct_data, tmp_path, sig):
+    import signal
+    import time
+
+    from pancls.io import is_temp_name
+
+    sources = _kill_sources(ct_data, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text("ab" * 32 + "\n")
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    reference = tmp_path / "reference"
+    assert _start(sources, reference, secret, tmp).wait(120) == 0
+    out = tmp_path / "out"
+    for attempt in range(5):  # kill while a volume is being written (retried if the run was too quick)
+        shutil.rmtree(out, ignore_errors=True)
+        proc = _start(sources, out, secret, tmp)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "images").is_dir() and any(is_temp_name(p.name) for p in (out / "images").iterdir()):
+                break
+            time.sleep(0.001)
+        if proc.poll() is None:
+            break
+    assert proc.poll() is None, "every run ended before a volume was being written"
+    proc.send_signal(getattr(signal, sig))
+    code = proc.wait(60)
+    if sig == "SIGKILL":
+        assert code == -signal.SIGKILL
+        assert _leftovers(out, tmp), "the kill left no temporary file: the test did not catch a write"
+    else:  # SIGTERM unwinds: temporary files removed, manifest and inventory written, exit 130
+        assert code == 130 and "interrupted" in proc.stderr.read().decode()
+        assert _leftovers(out, tmp) == [] and (out / "manifest.csv").exists()
+    rerun = _start(sources, out, secret, tmp)
+    assert rerun.wait(120) == 0, rerun.stderr.read().decode()
+    assert _leftovers(out, tmp) == []
+    assert _snapshot(out) == _snapshot(reference)

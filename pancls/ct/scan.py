@@ -268,13 +268,6 @@ class Series:
     def orientation_label(self) -> str:
         return orientation_label(self.first.orientation)
 
-    def fingerprint(self) -> str:
-        """sha256 over (path, size, mtime) of every file: changes when any source file changes."""
-        h = hashlib.sha256()
-        for inst in sorted(self.instances, key=lambda i: str(i.path)):
-            h.update(f"{inst.path.resolve()}\0{inst.size}\0{inst.mtime_ns}\n".encode())
-        return h.hexdigest()
-
 
 @dataclass
 class ScanResult:
