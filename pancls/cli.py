@@ -21,6 +21,7 @@ COMMANDS = {
     "cv": ("pancls.commands.cv", "patient-grouped k-fold cross-validation of the 3D CT classifier, with a report"),
     "report": ("pancls.commands.report", "regenerate the summary, report and model card of a cv run folder"),
     "predict": ("pancls.commands.predict", "predict the subtype of new CT studies with a cv run's fold ensemble"),
+    "export": ("pancls.commands.export", "export a cv run folder as a MONAI bundle (TorchScript ensemble + configs)"),
 }
 
 

@@ -487,7 +487,7 @@ def write_metadata(out: Path, cfg: CVConfig, classes: Sequence[str], records=Non
             }},
             "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": len(classes),
                                  "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [0, 1],
-                                 "channel_def": {str(i): c for i, c in enumerate(classes)}}},
+                                 "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(classes)}}},
         },
         "pancls": {"spacing_mm": p.spacing, "windows_hu": p.windows, "size": p.size, "roi": p.roi,
                    "margin_mm": p.margin_mm, "inference_requires_mask": p.roi == "mask",

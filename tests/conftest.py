@@ -76,3 +76,16 @@ def tiny_cv_config(cohort: Path, tmp: Path, **changes):
 @pytest.fixture(scope="session")
 def tiny_cv_config_factory():
     return tiny_cv_config
+
+
+@pytest.fixture(scope="session")
+def cv_runs(cohort, tmp_path_factory):
+    """Two finished tiny 4-fold runs on the same cohort, ``{"mask": run, "centre": run}`` by ROI mode."""
+    from pancls import cv
+
+    tmp = tmp_path_factory.mktemp("cv_runs")
+    out = {}
+    for roi in ("mask", "centre"):
+        cv.run(tiny_cv_config(cohort, tmp, **{"preprocess.roi": roi}), tmp / roi, log=lambda _: None)
+        out[roi] = tmp / roi
+    return out

@@ -13,20 +13,12 @@ import pandas as pd
 import pydicom
 import pytest
 
-from pancls import cv
 from pancls.cli import main
 
 
 @pytest.fixture(scope="module")
-def runs(cohort, tmp_path_factory, tiny_cv_config_factory):
-    """Two finished 4-fold runs on the same cohort: ROI ``mask`` and ROI ``centre``."""
-    tmp = tmp_path_factory.mktemp("predict_runs")
-    out = {}
-    for roi in ("mask", "centre"):
-        cfg = tiny_cv_config_factory(cohort, tmp, **{"preprocess.roi": roi})
-        cv.run(cfg, tmp / roi, log=lambda _: None)
-        out[roi] = tmp / roi
-    return out
+def runs(cv_runs):
+    return cv_runs
 
 
 def predict_json(tmp_path, capsys, *args):

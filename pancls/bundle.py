@@ -1,0 +1,183 @@
+"""Export a ``pancls cv`` run folder as a MONAI bundle (the exchange format of MONAI Deploy and MONAI Label).
+
+Layout (MONAI Bundle Specification)::
+
+    BUNDLE/configs/metadata.json    versions, task, network_data_format (input: windowed CT, output: K probabilities)
+    BUNDLE/configs/inference.json   loader + the run's own preprocessing + the network, for ``monai.bundle run``
+    BUNDLE/models/model.ts          TorchScript of the fold ensemble: mean_k softmax(z_k / T_k)
+    BUNDLE/models/model.pt          its state dict (the spec's required file)
+    BUNDLE/docs/README.md           the run's model card;  docs/license.txt
+
+The preprocessing in ``inference.json`` is :func:`pancls.data.transforms.deterministic_specs` of the run's
+config -- the same list training and ``pancls predict`` instantiate -- so the bundle cannot drift from them.
+It names one pancls transform (``RequireForegroundd``, which refuses an empty mask), so the bundle needs
+pancls importable; the network itself is plain TorchScript.
+
+Run it::
+
+    python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE \\
+        --image CT.nii.gz [--mask MASK.nii.gz]        # -> BUNDLE/eval/probabilities.json
+
+``python -m monai.bundle verify_metadata --meta_file BUNDLE/configs/metadata.json --filepath SCHEMA`` checks the
+metadata; :data:`SCHEMA_FILE` is a JSON Schema written from the specification's list of mandatory keys (the
+published schema is a download, and nothing here downloads at run time).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import torch
+from torch import nn
+
+from pancls.errors import UserError
+
+SCHEMA_FILE = Path(__file__).parent / "recipes" / "bundle_metadata_schema.json"
+PUBLISHED_SCHEMA = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                    "meta_schema_20220324.json")
+
+
+class FoldEnsemble(nn.Module):
+    """``x -> mean_k softmax(model_k(x) / T_k)``: the fold models with their temperatures, as one network.
+
+    Parameters
+    ----------
+    models : the fold models (each ``(B, C, *size) -> (B, K)`` logits).
+    temperatures : one positive temperature per model (fitted on its fold's inner validation split).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], temperatures: Sequence[float]):
+        super().__init__()
+        if len(models) != len(temperatures) or not models:
+            raise ValueError(f"need one temperature per model, got {len(models)} models and {len(temperatures)}")
+        self.folds = nn.ModuleList(models)
+        self.register_buffer("temperatures", torch.tensor([float(t) for t in temperatures]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = [torch.softmax(m(x).float() / self.temperatures[i], dim=1) for i, m in enumerate(self.folds)]
+        return torch.stack(probs).mean(0)
+
+
+def to_torchscript(loaded) -> torch.jit.ScriptModule:
+    """Trace the ensemble of a :class:`pancls.predict.LoadedRun` on a zero input of the run's shape."""
+    ensemble = FoldEnsemble([f.model.cpu().eval() for f in loaded.folds], [f.temperature for f in loaded.folds]).eval()
+    p = loaded.cfg.preprocess
+    example = torch.zeros(1, len(p.windows), *p.size)
+    with torch.no_grad():
+        return torch.jit.trace(ensemble, example, check_trace=True)
+
+
+def inference_config(loaded) -> Dict[str, Any]:
+    """``configs/inference.json``: read ``@image`` (and ``@mask``), preprocess, run ``model.ts``, write
+    ``@output_dir/probabilities.json``."""
+    from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_specs
+
+    p = loaded.cfg.preprocess
+    keys = [IMAGE_KEY, MASK_KEY] if loaded.requires_mask else [IMAGE_KEY]
+    item = "dict(image=@image, mask=@mask)" if loaded.requires_mask else "dict(image=@image)"
+    return {
+        "imports": ["$import json", "$import os", "$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "image": "",
+        "mask": "",
+        "output_dir": "$os.path.join(@bundle_root, 'eval')",
+        "classes": list(loaded.classes),
+        "roi": p.roi,
+        "network": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device).eval()",
+        "preprocessing": {"_target_": "Compose", "transforms": deterministic_specs(p, keys)},
+        "input": f"$torch.as_tensor(@preprocessing({item})['image'])",
+        "probabilities": "$@network(@input[None].float().to(@device)).detach().cpu()[0].tolist()",
+        "result": "$dict(classes=@classes, probabilities=dict(zip(@classes, @probabilities)), "
+                  "predicted=@classes[max(range(len(@probabilities)), key=@probabilities.__getitem__)])",
+        "run": ["$os.makedirs(@output_dir, exist_ok=True)",
+                "$json.dump(@result, open(os.path.join(@output_dir, 'probabilities.json'), 'w'), indent=2)"],
+    }
+
+
+def bundle_metadata(loaded) -> Dict[str, Any]:
+    """``configs/metadata.json``: the run's metadata plus the keys the MONAI bundle specification requires."""
+    import monai
+    import numpy as np
+
+    from pancls import __version__
+
+    meta = json.loads(json.dumps(loaded.metadata))
+    io = meta["network_data_format"]
+    io["outputs"]["pred"]["description"] = "mean over the fold models of softmax(logits / temperature)"
+    meta.update({
+        "schema": PUBLISHED_SCHEMA,
+        "version": meta.get("version", "0.1.0"),
+        "changelog": {meta.get("version", "0.1.0"): f"exported by pancls {__version__} from a pancls cv run"},
+        "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "optional_packages_version": {"pancls": __version__, "nibabel": _version_of("nibabel")},
+        "authors": "pancls users (the run's owners)",
+        "copyright": "the run's owners",
+        "intended_use": "Research use only; not a medical device, not for diagnosis or treatment decisions.",
+        "data_type": "nibabel",
+        "data_source": "the manifest of the pancls cv run (not distributed with the bundle)",
+        "pancls_model_id": loaded.model_id,
+        "pancls_config_sha256": loaded.config_sha256,
+    })
+    return meta
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def export(run: Path, out: Path, fold=None, force: bool = False) -> Dict[str, Any]:
+    """Write the bundle of ``run`` into ``out`` (complete or not at all: built beside it, then renamed)."""
+    from pancls.io import atomic_write_json, atomic_write_text
+    from pancls.predict import load_run
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError("the folder is not empty; choose another --out or pass --force to replace it", out)
+    if not out.resolve().parent.is_dir():
+        raise UserError("the parent folder does not exist", out.resolve().parent)
+    loaded = load_run(run, fold=fold, device="cpu")
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    try:
+        for sub in ("configs", "models", "docs"):
+            (build / sub).mkdir()
+        atomic_write_json(build / "configs" / "metadata.json", bundle_metadata(loaded))
+        atomic_write_json(build / "configs" / "inference.json", inference_config(loaded))
+        scripted = to_torchscript(loaded)
+        scripted.save(str(build / "models" / "model.ts"))
+        torch.save(scripted.state_dict(), build / "models" / "model.pt")
+        card = Path(run) / "MODEL_CARD.md"
+        readme = card.read_text(encoding="utf-8") if card.exists() else "# pancls model\n"
+        atomic_write_text(build / "docs" / "README.md", readme + _usage(loaded))
+        atomic_write_text(build / "docs" / "license.txt",
+                          "Research use only; not a medical device. Weights: the run owners' terms.\n")
+        if out.exists():
+            shutil.rmtree(out)
+        build.rename(out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return {"out": str(out), "model_id": loaded.model_id, "folds": [f.fold for f in loaded.folds]}
+
+
+def _usage(loaded) -> str:
+    mask = " --mask MASK.nii.gz" if loaded.requires_mask else ""
+    return f"""
+
+## Running this bundle
+
+    pip install pancls   # the preprocessing names one pancls transform
+    python -m monai.bundle run --config_file configs/inference.json --bundle_root . --image CT.nii.gz{mask}
+
+writes `eval/probabilities.json`. The ROI is `{loaded.cfg.preprocess.roi}`
+({'a lesion mask on the image grid is required' if loaded.requires_mask else 'no mask needed'}).
+`pancls predict` gives the same probabilities and adds quality flags, fold agreement and DICOM input.
+"""

@@ -1,0 +1,84 @@
+"""`pancls export`: a MONAI bundle that MONAI's own tools verify and run, giving `pancls predict`'s probabilities."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pancls.bundle import SCHEMA_FILE, FoldEnsemble
+from pancls.cli import main
+
+
+@pytest.fixture(scope="module")
+def bundles(cv_runs, tmp_path_factory):
+    out = {}
+    for roi, run in cv_runs.items():
+        target = tmp_path_factory.mktemp("bundle") / roi
+        assert main(["export", str(run), "--out", str(target)]) == 0
+        out[roi] = target
+    return out
+
+
+def test_layout_and_metadata_verify_with_monai(bundles):
+    from monai.bundle import verify_metadata
+
+    for bundle in bundles.values():
+        for name in ("configs/metadata.json", "configs/inference.json", "models/model.ts", "models/model.pt",
+                     "docs/README.md", "docs/license.txt"):
+            assert (bundle / name).is_file(), name
+        verify_metadata(meta_file=str(bundle / "configs" / "metadata.json"), filepath=str(SCHEMA_FILE))
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["0"] == "PDAC"
+    # the schema does check something: a metadata without a mandatory key fails
+    meta = json.loads((bundles["mask"] / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]["inputs"]["image"]["num_channels"]
+    broken = bundles["mask"].parent / "broken.json"
+    broken.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="num_channels"):
+        verify_metadata(meta_file=str(broken), filepath=str(SCHEMA_FILE))
+
+
+def test_torchscript_is_the_fold_ensemble(bundles, cv_runs):
+    from pancls.predict import load_run
+
+    loaded = load_run(cv_runs["centre"], device="cpu")
+    eager = FoldEnsemble([f.model for f in loaded.folds], [f.temperature for f in loaded.folds]).eval()
+    scripted = torch.jit.load(str(bundles["centre"] / "models" / "model.ts"))
+    x = torch.rand(3, 1, 16, 16, 8)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), eager(x), atol=1e-6)
+        assert torch.allclose(eager(x).sum(1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("roi", ["mask", "centre"])
+def test_monai_bundle_run_gives_the_predict_probabilities(bundles, cv_runs, ct_data, tmp_path, roi):
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    mask = ct_data / "abdomen" / "pancreas_mask.nii.gz"
+    extra = ["--mask", str(mask)] if roi == "mask" else []
+    bundle = bundles[roi]
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--image", str(image), *extra], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads((bundle / "eval" / "probabilities.json").read_text())
+    out = tmp_path / "p.json"
+    assert main(["predict", str(image), *extra, "--model", str(cv_runs[roi]), "--out", str(out)]) == 0
+    expected = json.loads(out.read_text())["studies"][0]
+    classes = list(expected["probabilities"])
+    assert np.allclose([got["probabilities"][c] for c in classes], [expected["probabilities"][c] for c in classes],
+                       atol=1e-5)
+    assert got["predicted"] == expected["predicted"]
+
+
+def test_export_refusals_leave_nothing_behind(cv_runs, tmp_path, capsys):
+    target = tmp_path / "b"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    assert main(["export", str(cv_runs["centre"]), "--out", str(target)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no half-built bundle beside it
