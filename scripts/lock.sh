@@ -17,7 +17,6 @@ if command -v uv >/dev/null 2>&1 && [ "$(uv --version | cut -d' ' -f2)" = "$UV_V
     UV=uv
 else
     tools=$(mktemp -d)
-    trap 'rm -rf "$tools"' EXIT
     python3 -m venv "$tools" && "$tools/bin/pip" install -q "uv==$UV_VERSION"
     UV="$tools/bin/uv"
 fi
@@ -32,10 +31,19 @@ fi
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 "${torch_source[@]}"
         --custom-compile-command "scripts/lock.sh")
 
-"$UV" pip compile -q pyproject.toml requirements.in --extra test "${common[@]}" -o requirements.lock
+# uv keeps the versions of the existing output file where it can (a refresh changes only what must change).
+# Seed it with the CPU build named, or uv would prefer PyPI's unlabelled (CUDA) torch and its nvidia-* packages.
+seed=$(mktemp)
+trap 'rm -f "$seed"; [ -n "${tools:-}" ] && rm -rf "$tools"' EXIT
+[ -f requirements.lock ] && sed -E 's/^(torch==[0-9.]+)$/\1+cpu/' requirements.lock > "$seed"
+"$UV" pip compile -q pyproject.toml requirements.in --extra test "${common[@]}" -o "$seed"
 # Drop torch's local label (2.13.0+cpu -> 2.13.0): the pin then admits the CPU wheel (CI) and a CUDA build
 # of the same release on a GPU workstation; which build comes is the index's choice, the version is not.
-sed -i -E 's/^(torch==[^+[:space:]]+)\+[a-z0-9.]+/\1/' requirements.lock
+sed -E 's/^(torch==[^+[:space:]]+)\+[a-z0-9.]+/\1/' "$seed" > requirements.lock
+if grep -qE '^(nvidia-|triton==|cuda-)' requirements.lock; then
+    echo "lock.sh: a CUDA build of torch was resolved (nvidia-*/triton in requirements.lock): is the CPU wheel reachable?" >&2
+    exit 1
+fi
 
 # Same versions (constrained by requirements.lock), torch removed by an override that never applies.
 override=$(mktemp)
