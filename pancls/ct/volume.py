@@ -605,7 +605,7 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
         spacing_k = thickness or 1.0
         flags.append("single_slice")
         if thickness is None:
-            meta["slice_spacing_assumed_mm"] = 1.0
+            flags.append("slice_spacing_assumed:1mm")  # no SliceThickness: the affine's k step is a guess
         origin = geo.ipp[0]
     elif geo.is_regular:
         spacing_k = geo.uniform_spacing

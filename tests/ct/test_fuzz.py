@@ -109,11 +109,14 @@ def _bad_value(rng: random.Random, ds: Dataset, keyword: str, cls: str) -> Optio
     """Raw bytes of value class ``cls`` for ``keyword`` (None: delete); the VR stays the dictionary's."""
     tag = tag_of(keyword)
     vr = dictionary_VR(tag)
-    old = _current_values(ds[tag]) if tag in ds else []
+    try:
+        old = _current_values(ds[tag]) if tag in ds else []
+    except Exception:  # noqa: BLE001 - an earlier step of this case left a value pydicom cannot convert
+        old = []
     n = max(1, len(old))
     if vr in BINARY_MAX:
         top = BINARY_MAX[vr]
-        numbers = {"nan": [top] * n, "inf": [top] * n, "-inf": [0] * n, "huge": [top] * n, "hugeint": [top] * n,
+        numbers = {"nan": [top] * n, "inf": [top] * n, "-inf": [top] * n, "huge": [top] * n, "hugeint": [top] * n,
                    "zero": [0] * n, "negative": [top] * n}  # US cannot be negative: all-ones bits
         if cls in numbers:
             return encode(numbers[cls], vr)
@@ -162,7 +165,11 @@ def _mutate_element(rng: random.Random, ds: Dataset, keyword: str, classes, step
         raw = ds.get_item(tag)
         value = raw.value if isinstance(raw, pydicom.dataelem.RawDataElement) else None
         if value is None:
-            elem = ds[tag]
+            try:
+                elem = ds[tag]
+                _current_values(elem)
+            except Exception:  # noqa: BLE001 - already damaged by an earlier step of this case
+                return None
             value = encode([str(v) for v in _current_values(elem)] or [""], "LO") \
                 if elem.VR not in BINARY_MAX and elem.VR != "SQ" else None
         if value is None:
