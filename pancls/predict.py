@@ -381,30 +381,61 @@ def quality_flags(volume, loaded: LoadedRun) -> List[str]:
 
 
 class Preprocessor:
-    """The run's deterministic pipeline on one study: the Volume is written to a temporary uncompressed NIfTI
-    and read by the same MONAI transforms as training (so a DICOM study and its ingested NIfTI give the same
-    tensor)."""
+    """The run's deterministic pipeline (:func:`pancls.data.transforms.deterministic_specs`) on one study.
 
-    def __init__(self, cfg, tmp: Path):
-        from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_transforms
+    Training read each volume from the NIfTI that ``pancls ingest`` wrote; here the volume is already in memory,
+    so the pipeline's first step (``LoadImaged`` with MONAI's ``NibabelReader``) is replaced by the same reader
+    applied to the same NIfTI image *in memory* (:func:`pancls.ct.write.nifti_image`, its affine as a NIfTI
+    header stores it): no 50 MB temporary file per study, and a DICOM study still gives the tensor its
+    ingested NIfTI gives (tested). Every later step is the run's own, instantiated once.
+    """
 
-        self.cfg, self.tmp = cfg, Path(tmp)
-        self.keys = (IMAGE_KEY, MASK_KEY)
-        self.with_mask = deterministic_transforms(cfg, [IMAGE_KEY, MASK_KEY])
-        self.image_only = None if cfg.roi == "mask" else deterministic_transforms(cfg, [IMAGE_KEY])
+    def __init__(self, cfg):
+        from monai.transforms import LoadImage
+
+        from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_specs, instantiate_specs
+
+        self.cfg = cfg
+        keys = [IMAGE_KEY, MASK_KEY] if cfg.roi == "mask" else [IMAGE_KEY]
+        specs = deterministic_specs(cfg, [IMAGE_KEY, MASK_KEY])
+        load = specs[0]
+        assert load["_target_"] == "LoadImaged", load
+        options = {k: v for k, v in load.items() if k not in ("_target_", "keys")}
+        self.loader = LoadImage(**options)
+        self.load_mask = instantiate_specs([dict(load, keys=[MASK_KEY])])
+        self.with_mask = instantiate_specs(specs[1:])
+        self.image_only = None if cfg.roi == "mask" else instantiate_specs(deterministic_specs(cfg, keys)[1:])
+
+    def _image(self, volume):
+        """What ``LoadImage`` returns for the volume's NIfTI, from the in-memory image."""
+        import nibabel as nib
+        from monai.data import MetaTensor
+        from monai.utils import convert_to_dst_type
+
+        from pancls.ct.write import nifti_image
+
+        stored = nifti_image(volume)
+        stored.update_header()
+        # the affine a file gives back: the header's sform, whose fields are float32
+        img = nib.Nifti1Image(stored.dataobj, stored.header.get_best_affine(), header=stored.header)
+        reader = self.loader.readers[-1]  # the one the spec names (tried first)
+        reader.filenames = ("study",)  # what read(path) would have set: get_data pairs each image with its name
+        array, meta = reader.get_data(img)
+        array = convert_to_dst_type(array, dst=array, dtype=self.loader.dtype)[0]
+        meta["filename_or_obj"] = "study"
+        return img, MetaTensor.ensure_torch_and_prune_meta(array, meta, self.loader.simple_keys,
+                                                           pattern=self.loader.pattern, sep=self.loader.sep)
 
     def __call__(self, volume, mask: Optional[Path]) -> torch.Tensor:
-        from pancls.ct.write import write_volume
         from pancls.data.manifest import grid_mismatch
 
-        image = self.tmp / "image.nii"
-        write_volume(volume, image)
-        item = {"image": str(image)}
+        img, image = self._image(volume)
+        item = {"image": image}
         if mask is not None:
-            problem = grid_mismatch(image, mask)
+            problem = grid_mismatch(img, mask)
             if problem:
                 raise UserError(f"the mask is not on the image's voxel grid: {problem}", mask)
-            item["mask"] = str(mask)
+            item.update(self.load_mask({"mask": str(mask)}))
         transform = self.with_mask if mask is not None else self.image_only
         try:
             out = transform(item)
@@ -441,31 +472,30 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
                 on_result(results[i], studies[i])
         pending.clear()
 
-    with tempfile.TemporaryDirectory(prefix="pancls-predict-") as tmp:
-        pre = Preprocessor(loaded.cfg.preprocess, Path(tmp))
-        bar = tqdm(studies, desc="studies", unit="study", disable=None if progress else True, leave=False)
-        for i, study in enumerate(bar):
-            base = _base_fields(loaded, study, keep_ids)
-            try:
-                if study.error:
-                    raise UserError(study.error)
-                if loaded.requires_mask and study.mask is None:
-                    raise UserError("this model was trained with roi 'mask' and needs the lesion mask of every "
-                                    "study: pass --mask (one study) or a manifest with a 'mask' column, or use a "
-                                    "model trained with roi 'centre'/'box'")
-                volume = study.load()
-                base["quality_flags"] = study.flags + quality_flags(volume, loaded)
-                base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
-                x = pre(volume, study.mask)
-            except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-                results[i] = {**base, "status": "failed", "error": failure_text(exc)}
-                if on_result:
-                    on_result(results[i], study)
-                continue
-            pending.append((i, x, base))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
+    pre = Preprocessor(loaded.cfg.preprocess)
+    bar = tqdm(studies, desc="studies", unit="study", disable=None if progress else True, leave=False)
+    for i, study in enumerate(bar):
+        base = _base_fields(loaded, study, keep_ids)
+        try:
+            if study.error:
+                raise UserError(study.error)
+            if loaded.requires_mask and study.mask is None:
+                raise UserError("this model was trained with roi 'mask' and needs the lesion mask of every "
+                                "study: pass --mask (one study) or a manifest with a 'mask' column, or use a "
+                                "model trained with roi 'centre'/'box'")
+            volume = study.load()
+            base["quality_flags"] = study.flags + quality_flags(volume, loaded)
+            base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
+            x = pre(volume, study.mask)
+        except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
+            results[i] = {**base, "status": "failed", "error": failure_text(exc)}
+            if on_result:
+                on_result(results[i], study)
+            continue
+        pending.append((i, x, base))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     return results  # type: ignore[return-value]
 
 

@@ -270,3 +270,23 @@ def test_csv_output_has_one_row_per_study(runs, ct_data, tmp_path, capsys):
     probs = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
     assert probs.shape == (2, 6) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (table["agreement"] <= table["n_folds"]).all()
+
+
+def test_in_memory_load_equals_loading_the_written_nifti(ct_data, tmp_path):
+    # predict skips the temporary NIfTI; what it hands to the pipeline must be what LoadImage gives for that file
+    from monai.transforms import LoadImage
+
+    from pancls.ct.nifti import load_nifti
+    from pancls.ct.write import write_volume
+    from pancls.data.transforms import PreprocessConfig
+    from pancls.predict import Preprocessor
+
+    volume = load_nifti(ct_data / "abdomen" / "example_ct_sm.nii.gz")
+    _, in_memory = Preprocessor(PreprocessConfig(roi="centre"))._image(volume)
+    write_volume(volume, tmp_path / "v.nii")
+    from_file = LoadImage(image_only=True, reader="NibabelReader")(str(tmp_path / "v.nii"))
+    assert in_memory.dtype == from_file.dtype and in_memory.shape == from_file.shape
+    assert bool((in_memory == from_file).all())
+    assert bool((in_memory.affine == from_file.affine).all())
+    same = {k for k in from_file.meta if k != "filename_or_obj"}
+    assert all(str(in_memory.meta[k]) == str(from_file.meta[k]) for k in same)

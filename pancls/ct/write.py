@@ -39,6 +39,21 @@ def sidecar_dict(volume: Volume) -> dict:
     }
 
 
+def nifti_image(volume: Volume, where: str | os.PathLike = "volume") -> nib.Nifti1Image:
+    """The in-memory NIfTI-1 image :func:`write_volume` saves: int16, qform = sform = the affine (scanner code),
+    mm, no scaling, empty text fields. A sheared affine is refused (a qform stores rotations and zooms only)."""
+    if _has_shear(volume.affine):
+        raise UserError("the volume's affine has shear, which a NIfTI qform cannot store; resample it first", where)
+    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.int16), volume.affine)
+    img.set_qform(volume.affine, code=NIFTI_SCANNER_CODE)
+    img.set_sform(volume.affine, code=NIFTI_SCANNER_CODE)
+    img.header.set_xyzt_units(xyz="mm")
+    img.header.set_slope_inter(1.0, 0.0)
+    for text_field in ("descrip", "aux_file", "intent_name", "db_name"):  # never carry text from anywhere
+        img.header[text_field] = b""
+    return img
+
+
 def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: str | os.PathLike | None = None) -> None:
     """Write ``volume`` to ``nifti_path`` (``.nii`` or ``.nii.gz``) and, if given, its JSON sidecar.
 
@@ -48,16 +63,7 @@ def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: st
     nifti_path = Path(nifti_path)
     if not (nifti_path.name.endswith(".nii.gz") or nifti_path.name.endswith(".nii")):
         raise UserError("the output file name must end in .nii.gz or .nii", nifti_path)
-    if _has_shear(volume.affine):
-        raise UserError("the volume's affine has shear, which a NIfTI qform cannot store; resample it first",
-                        nifti_path)
-    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.int16), volume.affine)
-    img.set_qform(volume.affine, code=NIFTI_SCANNER_CODE)
-    img.set_sform(volume.affine, code=NIFTI_SCANNER_CODE)
-    img.header.set_xyzt_units(xyz="mm")
-    img.header.set_slope_inter(1.0, 0.0)
-    for text_field in ("descrip", "aux_file", "intent_name", "db_name"):  # never carry text from anywhere
-        img.header[text_field] = b""
+    img = nifti_image(volume, nifti_path)
     atomic_save(nifti_path, lambda tmp: nib.save(img, tmp))
     if sidecar_path is not None:
         atomic_write_json(sidecar_path, sidecar_dict(volume))

@@ -304,14 +304,14 @@ def _grid_problem(image: Tuple[tuple, np.ndarray], mask: Tuple[tuple, np.ndarray
     return None
 
 
-def grid_mismatch(image: str | os.PathLike, mask: str | os.PathLike) -> Optional[str]:
-    """Why the NIfTI ``mask`` is not on the voxel grid of the NIfTI ``image`` (same shape, affine within
+def grid_mismatch(image, mask) -> Optional[str]:
+    """Why the NIfTI ``mask`` is not on the voxel grid of the NIfTI ``image`` (paths or nibabel images) (same shape, affine within
     :data:`AFFINE_ATOL_MM`), from their headers; None when it is. The check ``load_manifest`` applies to
     every row, for callers that meet the pair outside a manifest (``pancls predict --mask``)."""
     headers = []
     for file in (image, mask):
         try:
-            img = nib.load(file)
+            img = file if isinstance(file, nib.spatialimages.SpatialImage) else nib.load(file)
         except _READ_ERRORS as exc:
             return f"{file} is not a readable image ({type(exc).__name__}: {exc})"
         shape = tuple(int(s) for s in img.shape)
