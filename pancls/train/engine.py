@@ -9,7 +9,7 @@ folder, and writes there:
 * ``metrics.jsonl`` -- one JSON line per finished epoch, appended only after that epoch's checkpoint is
   on disk, and rewritten from the checkpoint on resume (lines of epochs the checkpoint does not hold
   are dropped);
-* ``tensorboard/`` when ``tensorboard: true``.
+* ``tensorboard/`` (loss, lr, metrics per epoch) unless ``tensorboard: false`` or the package is missing.
 
 Batch contract: an iterable of either ``(image, label, ...)`` tuples/lists (``TensorBatchLoader``,
 ``TensorDataset``) or mappings with ``"image"`` and ``"label"`` keys (MONAI dictionary transforms).
@@ -96,7 +96,9 @@ class TrainConfig:
     eval_every: int = 1  # the last epoch is always evaluated
     channels_last: bool = False
     compile: Literal["off", "default", "reduce-overhead"] = "off"
-    tensorboard: bool = False
+    #: None: log to ``run_dir/tensorboard`` when the tensorboard package is installed (a dependency of pancls);
+    #: True: require it; False: never.
+    tensorboard: Optional[bool] = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -202,7 +204,7 @@ def fit(
     if any(p.requires_grad for p in loss_fn.parameters()):
         raise ValueError("the loss has trainable parameters; put them in the model so that the optimiser sees them")
     amp_dtype = _amp_dtype(cfg.amp, device)
-    summary_writer = _summary_writer_class() if cfg.tensorboard else None
+    summary_writer = _summary_writer_class(required=cfg.tensorboard is True) if cfg.tensorboard is not False else None
     fingerprint = _fingerprint(cfg, run_config)
 
     model.to(device)
@@ -500,11 +502,13 @@ def _to_channels_last(model: nn.Module) -> None:
             t.data = t.data.contiguous(memory_format=_MEMORY_FORMATS[t.dim()])
 
 
-def _summary_writer_class():
+def _summary_writer_class(required: bool):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("tensorboard: true needs the tensorboard package: pip install 'pancls[tensorboard]'",
+        if not required:
+            return None
+        raise UserError("tensorboard: true needs the tensorboard package: pip install tensorboard",
                         "train.tensorboard") from None
     return SummaryWriter
 

@@ -154,7 +154,8 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monke
     with pytest.raises(OSError, match="No space"):
         _fit(tmp_path, dataclasses.replace(CFG, epochs=2), resume=True)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "metrics.jsonl"]  # no temp files left
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "tensorboard")  # TensorBoard logs as it goes
+    assert left == ["last.pt", "metrics.jsonl"]  # no temp files left
     assert [r["epoch"] for r in _lines(tmp_path)] == [0]  # the unsaved epoch was not logged
 
     monkeypatch.setattr(torch, "save", real_save)
@@ -209,3 +210,24 @@ def test_missing_tensorboard_is_a_user_error_before_anything_is_written(tmp_path
     with pytest.raises(UserError, match="pip install") as info:
         _fit(tmp_path / "tb", dataclasses.replace(CFG, tensorboard=True))
     assert info.value.where == "train.tensorboard" and not (tmp_path / "tb").exists()
+
+
+def test_tensorboard_logs_by_default_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = dataclasses.replace(CFG, tensorboard=None)
+    _fit(tmp_path / "run", cfg)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert any("loss" in t for t in tags)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss_tag = next(t for t in tags if "loss" in t)
+    logged = [e.value for e in events.Scalars(loss_tag)]
+    assert len(logged) == len(history)
+
+
+def test_default_tensorboard_is_skipped_quietly_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    _fit(tmp_path / "run", dataclasses.replace(CFG, tensorboard=None))
+    assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "tensorboard").exists()
