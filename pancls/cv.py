@@ -53,6 +53,8 @@ INNER_SELECTED_ON = "inner validation split of the training patients (never the 
 class CVDataConfig:
     manifest: Optional[str] = None  # None: the synthetic demo cohort, generated into the cache on first use
     root: Optional[str] = None  # folder no image/mask may leave (default: the manifest's folder)
+    #: folders where the real files behind symbolic links in the dataset may lie (a dataset of links into a store)
+    allowed_roots: List[str] = field(default_factory=list)
     classes: List[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))
     cache_dir: Optional[str] = None  # preprocessed volumes; default $PANCLS_CACHE or ~/.cache/pancls
     synth_scale: float = 1.0  # demo cohort only: 1 = the paper's 530 patients
@@ -119,7 +121,8 @@ def load_records(cfg: CVConfig, log: Callable[[str], None] = print):
     from pancls.data.manifest import load_manifest
 
     path = Path(cfg.data.manifest) if cfg.data.manifest else demo_manifest(cfg, log)
-    manifest = load_manifest(path, check_classes(cfg.data.classes, "data.classes"), root=cfg.data.root)
+    manifest = load_manifest(path, check_classes(cfg.data.classes, "data.classes"), root=cfg.data.root,
+                             allowed_roots=cfg.data.allowed_roots)
     records = manifest.records()
     if cfg.preprocess.roi == "mask":
         missing = sum("mask" not in r for r in records)

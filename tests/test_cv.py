@@ -184,3 +184,22 @@ def test_shipped_cv_recipes_load_and_build(path):
     model, _ = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
     x = torch.zeros(1, len(cfg.preprocess.windows), *cfg.preprocess.size)
     assert model.eval()(x).shape == (1, 6)
+
+
+def test_a_dataset_of_links_needs_its_store_in_allowed_roots(config, cohort, tmp_path):
+    from pancls.data.manifest import ManifestError
+
+    table = pd.read_csv(cohort / "manifest.csv")
+    ds = tmp_path / "links"
+    for column in ("image", "mask"):
+        for rel in table[column]:
+            (ds / rel).parent.mkdir(parents=True, exist_ok=True)
+            (ds / rel).symlink_to(cohort / rel)
+    table.to_csv(ds / "manifest.csv", index=False)
+    cfg = config(cohort, tmp_path)
+    cfg.data.manifest = str(ds / "manifest.csv")
+    with pytest.raises(ManifestError, match="allowed_roots"):
+        cv.load_records(cfg, log=lambda _: None)
+    cfg.data.allowed_roots = [str(cohort)]
+    _, records = cv.load_records(cfg, log=lambda _: None)
+    assert len(records) == len(table)
