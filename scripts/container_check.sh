@@ -12,8 +12,13 @@
 #      whose probabilities must equal the host's run of the same command within 1e-5.
 # Not part of `make test`: it needs root, the network (Debian mirror, PyPI) and a few minutes.
 #
-# Usage: scripts/container_check.sh [--rebuild-base] [--keep-image] [--reuse-image]
-#   --reuse-image: skip the build when localhost/pancls:check exists (kept by an earlier --keep-image run).
+# Usage: scripts/container_check.sh [--rebuild-base] [--keep-image] [--reuse-image] [--torch-base] [--worktree]
+#   The image is built from a snapshot of a commit (CHECK_REF, default HEAD; `git archive`), and the host side
+#   runs that same snapshot (PYTHONPATH), so the result names one commit and no half-saved edit gets in.
+#   --worktree:    build and run the working tree as it is instead.
+#   --reuse-image: skip the build when the image exists (kept by an earlier --keep-image run).
+#   --torch-base:  build on a base that already has torch (the base plus torch 2.13.0+cpu and an older sympy in
+#                  the system Python), standing in for the CUDA image: the image must keep both.
 # Env:   CHECK_DIR (work folder, default ~/.cache/pancls-container-check), SHARED_DATA (default ../shared/data),
 #        DEBIAN_MIRROR (default: the mirror apt uses), TORCH_WHEEL (default: the CPU wheel in pip's find-links).
 set -euo pipefail
@@ -23,12 +28,16 @@ REPO=$PWD
 REBUILD_BASE=0
 KEEP_IMAGE=0
 REUSE_IMAGE=0
+TORCH_BASE=0
+WORKTREE=0
 for arg in "$@"; do
     case "$arg" in
         --rebuild-base) REBUILD_BASE=1 ;;
         --keep-image) KEEP_IMAGE=1 ;;
         --reuse-image) REUSE_IMAGE=1; KEEP_IMAGE=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --torch-base) TORCH_BASE=1 ;;
+        --worktree) WORKTREE=1 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "container_check: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -39,8 +48,10 @@ FIXTURE=${FIXTURE:-$SHARED_DATA/ct/abdomen/example_ct_sm.nii.gz}
 FIXTURE_MASK=${FIXTURE_MASK:-$SHARED_DATA/ct/abdomen/pancreas_mask.nii.gz}
 BASE=localhost/pybase:bookworm
 IMAGE=localhost/pancls:check
-HOST_PANCLS=$REPO/.venv/bin/pancls
+TORCH_BASE_IMAGE=localhost/pybase-torch:bookworm
+BASE_TORCH_SYMPY=1.13.3   # torch 2.13 accepts it; requirements.lock pins a newer one
 HOST_PY=$REPO/.venv/bin/python
+CHECK_REF=${CHECK_REF:-HEAD}
 TOL=1e-5
 
 bh() { buildah --storage-driver vfs "$@"; }
@@ -62,16 +73,51 @@ if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah debootstrap >/dev/null
 fi
 buildah --version
-[ -x "$HOST_PANCLS" ] || make -C "$REPO" venv
+[ -x "$HOST_PY" ] || make -C "$REPO" venv
+if [ "$WORKTREE" = 1 ]; then
+    CONTEXT=$REPO
+    echo "source: the working tree of $REPO (git $(git -C "$REPO" rev-parse --short HEAD), uncommitted changes included)"
+    host_pancls() { "$HOST_PY" -m pancls "$@"; }
+else
+    CONTEXT=$CHECK_DIR/context
+    rm -rf "$CONTEXT"; mkdir -p "$CONTEXT"
+    git -C "$REPO" archive --format=tar "$CHECK_REF" | tar -x -C "$CONTEXT"
+    echo "source: commit $(git -C "$REPO" rev-parse --short "$CHECK_REF") ($(git -C "$REPO" log -1 --format=%s "$CHECK_REF" | cut -c1-90))"
+    # the host runs the same snapshot: PYTHONPATH comes before the repo's editable install
+    host_pancls() { PYTHONPATH="$CONTEXT" "$HOST_PY" -P -m pancls "$@"; }  # -P: not the cwd (the repo) first
+    origin=$(PYTHONPATH="$CONTEXT" "$HOST_PY" -P -c 'import pancls; print(pancls.__file__)')
+    case "$origin" in "$CONTEXT"/*) ;; *) fail "the host imports pancls from $origin, not the snapshot";; esac
+fi
 [ -f "$FIXTURE" ] && [ -f "$FIXTURE_MASK" ] || fail "fixture not found: $FIXTURE, $FIXTURE_MASK (set SHARED_DATA)"
 df -h "$CHECK_DIR" | tail -1
 HAVE_PREDICT=1
-if ! "$HOST_PANCLS" predict --help >/dev/null 2>&1; then
+if ! host_pancls predict --help >/dev/null 2>&1; then
     HAVE_PREDICT=0
     echo "note: this checkout has no 'pancls predict' yet: the predict comparison will be skipped (and the check incomplete)"
 fi
 
 # ------------------------------------------------------------------------------------------------ 1. base
+step "pip config for the build (mounted on /etc/xdg/pip, not committed)"
+PIPCONF=$CHECK_DIR/pipconf
+rm -rf "$PIPCONF"; mkdir -p "$PIPCONF/wheels"
+if [ -z "${TORCH_WHEEL:-}" ]; then
+    for dir in $(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-} /opt/wheels; do
+        TORCH_WHEEL=$(ls "$dir"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1) && [ -n "$TORCH_WHEEL" ] && break
+    done
+fi
+[ -n "${TORCH_WHEEL:-}" ] && [ -f "$TORCH_WHEEL" ] || fail "the CPU torch 2.13.0 wheel for Python 3.11 was not found (set TORCH_WHEEL)"
+ln "$TORCH_WHEEL" "$PIPCONF/wheels/" 2>/dev/null || cp "$TORCH_WHEEL" "$PIPCONF/wheels/"
+cp "$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)' 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)" "$PIPCONF/ca.crt" 2>/dev/null \
+    || cp /etc/ssl/certs/ca-certificates.crt "$PIPCONF/ca.crt"
+echo "torch==2.13.0+cpu" > "$PIPCONF/constraints.txt"
+cat > "$PIPCONF/pip.conf" <<'EOF'
+[global]
+find-links = /etc/xdg/pip/wheels
+cert = /etc/xdg/pip/ca.crt
+constraint = /etc/xdg/pip/constraints.txt
+EOF
+echo "wheel: $(basename "$TORCH_WHEEL")"
+
 step "base image $BASE (debootstrap)"
 if [ "$REBUILD_BASE" = 1 ] && bh inspect --type image "$BASE" >/dev/null 2>&1; then
     bh rmi "$BASE" >/dev/null
@@ -101,28 +147,26 @@ else
 fi
 bh images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$BASE"
 
-# ------------------------------------------------------------------------------------------------ 2. image
-step "pip config for the build (mounted on /etc/xdg/pip, not committed)"
-PIPCONF=$CHECK_DIR/pipconf
-rm -rf "$PIPCONF"; mkdir -p "$PIPCONF/wheels"
-if [ -z "${TORCH_WHEEL:-}" ]; then
-    for dir in $(pip config get global.find-links 2>/dev/null || true) ${PIP_FIND_LINKS:-} /opt/wheels; do
-        TORCH_WHEEL=$(ls "$dir"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1) && [ -n "$TORCH_WHEEL" ] && break
-    done
+if [ "$TORCH_BASE" = 1 ]; then
+    step "base with torch $TORCH_BASE_IMAGE (stand-in for the CUDA image)"
+    if [ "$REBUILD_BASE" = 1 ] && bh inspect --type image "$TORCH_BASE_IMAGE" >/dev/null 2>&1; then
+        bh rmi "$TORCH_BASE_IMAGE" >/dev/null
+    fi
+    if bh inspect --type image "$TORCH_BASE_IMAGE" >/dev/null 2>&1; then
+        echo "cached: $TORCH_BASE_IMAGE"
+    else
+        ctr=$(bh from -q "$BASE")
+        bh run --isolation chroot -v "$PIPCONF:/etc/xdg/pip:ro" "$ctr" -- \
+            pip3 install -q --no-cache-dir --break-system-packages torch==2.13.0+cpu "sympy==$BASE_TORCH_SYMPY"
+        bh commit -q "$ctr" "$TORCH_BASE_IMAGE" >/dev/null
+        bh rm "$ctr" >/dev/null
+    fi
+    bh images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$TORCH_BASE_IMAGE"
+    BASE=$TORCH_BASE_IMAGE
+    IMAGE=localhost/pancls:check-torchbase
 fi
-[ -n "${TORCH_WHEEL:-}" ] && [ -f "$TORCH_WHEEL" ] || fail "the CPU torch 2.13.0 wheel for Python 3.11 was not found (set TORCH_WHEEL)"
-ln "$TORCH_WHEEL" "$PIPCONF/wheels/" 2>/dev/null || cp "$TORCH_WHEEL" "$PIPCONF/wheels/"
-cp "$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)' 2>/dev/null || echo /etc/ssl/certs/ca-certificates.crt)" "$PIPCONF/ca.crt" 2>/dev/null \
-    || cp /etc/ssl/certs/ca-certificates.crt "$PIPCONF/ca.crt"
-echo "torch==2.13.0+cpu" > "$PIPCONF/constraints.txt"
-cat > "$PIPCONF/pip.conf" <<'EOF'
-[global]
-find-links = /etc/xdg/pip/wheels
-cert = /etc/xdg/pip/ca.crt
-constraint = /etc/xdg/pip/constraints.txt
-EOF
-echo "wheel: $(basename "$TORCH_WHEEL")"
 
+# ------------------------------------------------------------------------------------------------ 2. image
 step "buildah bud $IMAGE"
 bud_start=$(date +%s)
 if [ "$REUSE_IMAGE" = 1 ] && bh inspect --type image "$IMAGE" >/dev/null 2>&1; then
@@ -130,7 +174,7 @@ if [ "$REUSE_IMAGE" = 1 ] && bh inspect --type image "$IMAGE" >/dev/null 2>&1; t
 elif ! bh bud --isolation chroot --layers=false \
         --build-arg BASE_IMAGE="$BASE" \
         -v "$PIPCONF:/etc/xdg/pip:ro" \
-        -t "$IMAGE" "$REPO" > "$CHECK_DIR/build.log" 2>&1; then
+        -t "$IMAGE" "$CONTEXT" > "$CHECK_DIR/build.log" 2>&1; then
     tail -40 "$CHECK_DIR/build.log"; fail "buildah bud (log: $CHECK_DIR/build.log)"
 else
     grep -E '^STEP|base image torch|^Successfully installed|^pancls |^/.*dcm2niix$|^COMMIT' "$CHECK_DIR/build.log" | cut -c1-200
@@ -170,18 +214,40 @@ crun "$CTR" -- sh -c 'test -z "$(ls -A /etc/xdg/pip 2>/dev/null)" && test ! -e /
     && ! env | grep -qE "^PIP_(INDEX_URL|EXTRA_INDEX_URL|FIND_LINKS|CERT|CONSTRAINT|TRUSTED_HOST)=" \
     && echo "no pip config, index or certificate left in the image"' \
     || fail "a pip config was committed into the image"
-# every installed version is the lock's (torch: the lock says 2.13.0, the CPU wheel is 2.13.0+cpu)
-crun "$CTR" -- python -m pip freeze --all --exclude-editable 2>/dev/null | grep -v '^pancls' | sed 's/+cpu$//' | tr 'A-Z_' 'a-z-' | sort > "$OUT/image_freeze.txt"
-grep -E '^[a-z]' "$REPO/requirements.lock" | grep -vE '^(pytest|pytest-timeout|iniconfig|pluggy|pygments)==' | sort > "$OUT/lock_runtime.txt"
-if diff "$OUT/lock_runtime.txt" <(grep -Ff <(cut -d= -f1 "$OUT/lock_runtime.txt" | sed 's/$/==/') "$OUT/image_freeze.txt") > "$OUT/lock.diff"; then
-    echo "installed versions = requirements.lock ($(wc -l < "$OUT/lock_runtime.txt") packages)"
-else
-    cat "$OUT/lock.diff"; fail "the image's versions differ from requirements.lock"
-fi
+# every installed version is the lock's: requirements.lock on a base without torch; on a base with torch,
+# requirements-notorch.lock, and torch and sympy are the base's (not in the venv, not the lock's sympy)
+crun "$CTR" -- python -m pip freeze --all --exclude-editable 2>/dev/null > "$OUT/image_freeze.txt"
+crun "$CTR" -- python -c 'import torch, sympy; print(torch.__file__); print(sympy.__version__)' > "$OUT/torch_origin.txt"
+python3 - "$OUT/image_freeze.txt" "$CONTEXT/requirements.lock" "$CONTEXT/requirements-notorch.lock" "$TORCH_BASE" \
+    "$OUT/torch_origin.txt" "$BASE_TORCH_SYMPY" <<'EOF'
+import re, sys
+def pins(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r"^([A-Za-z0-9._-]+)==([^\s;#]+)", line)
+        if m:
+            out[re.sub(r"[-_.]+", "-", m[1]).lower()] = m[2].split("+")[0]
+    return out
+image, full, notorch = (pins(p) for p in sys.argv[1:4])
+torch_base = sys.argv[4] == "1"
+torch_file, sympy_version = open(sys.argv[5]).read().split()
+lock, lock_name = (notorch, "requirements-notorch.lock") if torch_base else (full, "requirements.lock")
+missing = sorted(set(notorch) - set(image))
+wrong = {n: f"{image[n]} (lock {v})" for n, v in lock.items() if n in image and image[n] != v}
+if missing or wrong:
+    sys.exit(f"FAIL: missing {missing}, versions differ from {lock_name}: {wrong}")
+compared = len([n for n in lock if n in image])
+print(f"installed versions = {lock_name} ({compared} packages); torch from {torch_file}")
+if torch_base:
+    if "/opt/pancls/venv/" in torch_file or sympy_version != sys.argv[6]:
+        sys.exit(f"FAIL: the base's torch/sympy were replaced: {torch_file}, sympy {sympy_version}")
+    print(f"the base's torch and sympy {sympy_version} were kept (the full lock pins sympy {full.get('sympy')})")
+elif not torch_file.startswith("/opt/pancls/venv/"):
+    sys.exit(f"FAIL: torch not from the image's venv: {torch_file}")
+EOF
 crun "$CTR" -- python -m pip check || fail "pip check"
 
 # ------------------------------------------------------------------------------------------------ 4. predict
-if [ "$HAVE_PREDICT" = 0 ] && "$HOST_PANCLS" predict --help >/dev/null 2>&1; then HAVE_PREDICT=1; fi
 if [ "$HAVE_PREDICT" = 0 ]; then
     step "predict"
     echo "SKIPPED: 'pancls predict' does not exist in this checkout yet"
@@ -195,7 +261,7 @@ if [ -f "$MODEL/summary.json" ]; then
     echo "cached: $MODEL"
 else
     rm -rf "$CHECK_DIR/synth" "$MODEL" "$CHECK_DIR/cache"
-    "$HOST_PANCLS" synth --out "$CHECK_DIR/synth" --scale 0.01 --size 48 48 32 --spacing 4 4 4.5 \
+    host_pancls synth --out "$CHECK_DIR/synth" --scale 0.01 --size 48 48 32 --spacing 4 4 4.5 \
         --dicom-subset 0 --workers 1 --no-progress
     cat > "$CHECK_DIR/tiny_cv.yaml" <<EOF
 # The tests' tiny recipe (tests/conftest.py TINY_CV): seconds per fold on a CPU.
@@ -209,12 +275,16 @@ cv: {folds: 4, inner_folds: 3, bootstrap: 50}
 device: cpu
 eval_batch_size: 12
 EOF
-    "$HOST_PANCLS" cv --config "$CHECK_DIR/tiny_cv.yaml" --out "$MODEL" | tail -5
+    host_pancls cv --config "$CHECK_DIR/tiny_cv.yaml" --out "$MODEL" | tail -5
 fi
 
 step "pancls predict on the host"
+# the host's versions should be the lock's too, or a difference could come from the host's venv
+"$HOST_PY" -m pip freeze --all --exclude-editable 2>/dev/null | sed 's/+cpu$//' | tr 'A-Z_' 'a-z-' | sort > "$OUT/host_freeze.txt"
+drift=$(grep -E '^[a-z]' "$CONTEXT/requirements.lock" | sort | comm -23 - "$OUT/host_freeze.txt" | tr '\n' ' ')
+[ -z "$drift" ] && echo "host venv = requirements.lock" || echo "warning: the host venv differs from requirements.lock in: $drift"
 FIX_DIR=$(dirname "$FIXTURE")
-"$HOST_PANCLS" predict --model "$MODEL" "$FIXTURE" --mask "$FIXTURE_MASK" --out "$OUT/host_preds.json"
+host_pancls predict --model "$MODEL" "$FIXTURE" --mask "$FIXTURE_MASK" --out "$OUT/host_preds.json"
 
 step "pancls predict in the container (model on /runs/model, fixture on /data, both read-only)"
 crun -v "$MODEL:/runs/model:ro" -v "$FIX_DIR:/data:ro" -v "$OUT:/out" "$CTR" -- \
