@@ -236,6 +236,8 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
             study.flags.append(f"series_chosen_among_several:{len(candidates)}")
         study.series = {"series_number": first.series_number, "n_slices": chosen.n_slices,
                         "orientation": chosen.orientation_label, "candidates": len(candidates)}
+        if key[0] < len(rules.phase_preference):  # the description names a phase of selection.phase_preference
+            study.series["phase"] = rules.phase_preference[key[0]]
         study.files = list(chosen.paths)
         study.dicom_headers = [h.dataset for h in chosen.headers]
         ds = study.dicom_headers[0]
@@ -345,8 +347,9 @@ def input_checksum(files: Sequence[Path]) -> str:
 
 
 # ----------------------------------------------------------------------------------- preprocessing
-def quality_flags(volume, loaded: LoadedRun) -> List[str]:
-    """What the model was not trained on, or what a reader should know about this volume."""
+def quality_flags(volume, loaded: LoadedRun, phase: Optional[str] = None) -> List[str]:
+    """What the model was not trained on, or what a reader should know about this volume. ``phase``: the contrast
+    phase the series description names (see :func:`_dicom_studies`), if any."""
     from pancls.data.transforms import ras_extent, ras_spacing
 
     flags = []
@@ -370,7 +373,7 @@ def quality_flags(volume, loaded: LoadedRun) -> List[str]:
     if small and p.roi != "mask":
         flags.append("field_of_view_smaller_than_roi:" + ",".join(small))
     if volume.meta.get("source") == "dicom":
-        if not (volume.meta.get("contrast_bolus_agent") or volume.meta.get("contrast_phase")):
+        if not (phase or volume.meta.get("contrast_bolus_agent") or volume.meta.get("contrast_phase")):
             flags.append("contrast_phase_unknown")
     if p.roi == "centre":
         flags.append("roi_from_centre")
@@ -484,7 +487,7 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
                                 "study: pass --mask (one study) or a manifest with a 'mask' column, or use a "
                                 "model trained with roi 'centre'/'box'")
             volume = study.load()
-            base["quality_flags"] = study.flags + quality_flags(volume, loaded)
+            base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
             base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
             x = pre(volume, study.mask)
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch

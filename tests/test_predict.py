@@ -290,3 +290,23 @@ def test_in_memory_load_equals_loading_the_written_nifti(ct_data, tmp_path):
     assert bool((in_memory.affine == from_file.affine).all())
     same = {k for k in from_file.meta if k != "filename_or_obj"}
     assert all(str(in_memory.meta[k]) == str(from_file.meta[k]) for k in same)
+
+
+def test_contrast_phase_is_known_from_the_header_or_the_description(runs, ct_data, tmp_path, capsys):
+    # Siemens abdomen: ContrastBolusAgent "APPLIED"; the Philips phantom: no contrast tags, no phase word
+    code, got, _ = predict_json(tmp_path, capsys, ct_data / "abdomen" / "dicom_series", ct_data / "series_ct",
+                                "--model", runs["centre"])
+    assert code == 0
+    assert "contrast_phase_unknown" not in got["studies"][0]["quality_flags"]
+    assert "contrast_phase_unknown" in got["studies"][1]["quality_flags"]
+    renamed = tmp_path / "venous"
+    renamed.mkdir()
+    for path in sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = "Abdomen portal venous 5mm"
+        ds.save_as(renamed / path.name)
+    code, got, _ = predict_json(tmp_path, capsys, renamed, "--model", runs["centre"])
+    study = got["studies"][0]
+    assert code == 0 and study["series"]["phase"] == "venous"
+    assert "contrast_phase_unknown" not in study["quality_flags"]
+    assert "portal venous 5mm" not in json.dumps(got)  # the description itself is not written
