@@ -18,9 +18,18 @@ Outputs in ``out``:
   ``notes`` (where the output differs from what the files describe: a file dropped as a duplicate, an
   unreadable file beside the series, a series split by orientation) and ``warnings`` (what pydicom and
   nibabel warned about, per file). Input paths appear only here, relative to the source argument.
-* ``.private/``: the dataset ``secret`` (created on first use; never inside an output), ``lock``, the
-  temporary folder for zip archives and ``errors.log`` (tracebacks of ``failed`` series). Keep it out of
-  anything you share.
+* ``masks/<study>_<series>.nii.gz`` (+ ``.json``) with ``--masks`` or a ``mask`` column in the label sheet:
+  each mask on its volume's voxel grid (the image's affine exactly), and the manifest's ``mask`` column;
+  flags ``mask_reoriented`` (same voxels, other axis order) or ``mask_resampled:nearest``;
+* with ``--labels`` (:mod:`pancls.join`) the manifest's ``label`` is filled and the manifest lists only the
+  labelled volumes; unlabelled volumes and sheet rows that matched no study are in the inventory (reason
+  ``no label ...``; kind ``label``, path ``<sheet>:<line>``). Without it, labels and masks of earlier runs
+  are kept;
+* ``.private/``: the dataset ``secret`` (created on first use; never inside an output), ``keys.csv`` (each
+  pseudonymous patient/study/series id and image -> PatientID, AccessionNumber, Study/SeriesInstanceUID,
+  source and folder, for re-identification by authorised staff: **the one file that must never be
+  shared**), ``lock``, the temporary folder for zip archives and ``errors.log`` (tracebacks of ``failed``
+  series). Keep the whole folder out of anything you share; pancls never reads it into an output.
 
 One series failing never stops the batch: every series and file gets its row, and the manifest and
 inventory are written even when a series fails or the run is interrupted. Each problem is one line
@@ -50,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import nibabel as nib
+import numpy as np
 from tqdm.auto import tqdm
 
 from pancls.config import from_dict, load_yaml, to_dict
@@ -58,16 +69,21 @@ from pancls.ct.nifti import load_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
 from pancls.ct.select import Decision, SelectionRules, select_series
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume
-from pancls.ct.write import write_volume
+from pancls.ct.mask import onto_grid, read_mask
+from pancls.ct.write import label_image, write_volume
+from pancls.data.classes import DEFAULT_CLASSES, check_classes
+from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
 from pancls.errors import UserError, one_line
-from pancls.io import atomic_write_text, remove_stale_temps, writable_folder
+from pancls.io import atomic_save, atomic_write_json, atomic_write_text, remove_stale_temps, writable_folder
+from pancls.join import (KEY_COLUMNS, KEY_FILE, LABEL_KEYS, LabelSheet, MaskFinder, SheetRow, SourceIds, read_key_file,
+                         read_label_sheet, relative_location)
 from pancls.privacy import keyed_id, load_or_create_secret
 
 MANIFEST_COLUMNS = ["patient_id", "image", "label", "study_id", "series_id", "series_number",
                     "description", "n_slices", "flags", "source"]
 INVENTORY_COLUMNS = ["kind", "study_id", "series_id", "series_number", "description", "modality",
                      "sop_class", "n_files", "n_slices", "orientation", "status", "reason", "notes", "warnings",
-                     "path"]
+                     "image", "label", "mask", "path"]
 FINGERPRINT_KEY = "source_fingerprint"
 PRIVATE_DIR = ".private"
 #: exit status of ``pancls ingest``: everything converted / some input refused / an unexpected error
@@ -102,6 +118,7 @@ class Job:
     load: Callable[[], Volume]
     row: Dict[str, str]  # manifest row without 'image' and 'flags'
     inventory: Dict[str, str]  # its inventory row; 'status' is updated as the job runs
+    ids: SourceIds = field(default_factory=SourceIds)  # source identifiers: in memory and .private/keys.csv only
     warnings: List[str] = field(default_factory=list)  # from the header scan
 
 
@@ -113,6 +130,12 @@ class IngestReport:
     with_notes: int = 0  # kept series whose output differs from what the files describe (see 'notes')
     refused: List[str] = field(default_factory=list)  # one line each: input that cannot be converted right
     failed: List[str] = field(default_factory=list)  # one line each: unexpected errors (bugs)
+    labels: bool = False  # a label sheet was given
+    labelled: int = 0  # kept volumes with a label from the sheet
+    unlabelled: int = 0  # kept volumes the sheet has no row for (not in manifest.csv; see inventory.csv)
+    unmatched_rows: List[int] = field(default_factory=list)  # sheet lines that matched no study
+    masks: int = 0  # volumes with a mask on their grid
+    masks_resampled: int = 0  # ... of which resampled (nearest neighbour) onto it
 
     @property
     def kept(self) -> int:
@@ -128,8 +151,16 @@ class IngestReport:
 
     def summary(self) -> str:
         notes = f", {self.with_notes} with notes (see inventory.csv)" if self.with_notes else ""
-        return (f"{self.kept} series kept ({self.converted} converted, {self.up_to_date} up to date{notes}), "
+        text = (f"{self.kept} series kept ({self.converted} converted, {self.up_to_date} up to date{notes}), "
                 f"{self.skipped} skipped, {len(self.refused)} refused, {len(self.failed)} failed")
+        if self.labels:
+            text += (f"; labels: {self.labelled} labelled, {self.unlabelled} without a label (not in manifest.csv), "
+                     f"{len(self.unmatched_rows)} sheet row(s) matched no study")
+        if self.masks:
+            text += f"; masks: {self.masks} ({self.masks_resampled} resampled onto the volume's grid)"
+        if self.unlabelled or self.unmatched_rows:
+            text += " (see inventory.csv)"
+        return text
 
 
 def file_fingerprint(paths: Sequence[Path], origin: Dict[Path, Path], unpacked: Path) -> str:
@@ -167,7 +198,16 @@ def _find_key(obj: dict, key: str):
     return next((v[key] for v in obj.values() if isinstance(v, dict) and key in v), None)
 
 
-def _relative(path: Path, root: Path) -> str:
+def _relative(path: Path, root: Path, unpacked: Optional[Path] = None) -> str:
+    """How the inventory names an input: relative to the source folder (a file source: its folder); a file
+    unpacked from a zip archive (under ``unpacked/<hash>/``) as ``<archive name>/<member path>``."""
+    if unpacked is not None:
+        try:
+            member = path.relative_to(unpacked)
+        except ValueError:
+            pass
+        else:
+            return one_line(Path(root.name, *member.parts[1:]), escape=True)
     root = root if root.is_dir() else root.parent
     try:
         return one_line(path.relative_to(root), escape=True)
@@ -207,6 +247,9 @@ class _Run:
     err: object
     private: Path
     origin: Dict[Path, Path] = field(default_factory=dict)  # every file found -> the source it came from
+    sheet: Optional[LabelSheet] = None
+    masks: Optional[MaskFinder] = None
+    label_key: str = "PatientID"  # how masks are matched to studies (also without a sheet)
 
     @property
     def unpacked(self) -> Path:
@@ -227,7 +270,9 @@ class _Run:
 
 def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConfig(), force: bool = False,
            workers: Optional[int] = None, progress: bool = True, err=None, keep_descriptions: bool = False,
-           insecure_ids: bool = False, secret_file: Optional[Path] = None) -> IngestReport:
+           insecure_ids: bool = False, secret_file: Optional[Path] = None, labels: Optional[Path] = None,
+           label_key: str = "PatientID", masks: Optional[Path] = None,
+           classes: Sequence[str] = DEFAULT_CLASSES) -> IngestReport:
     """Run the whole pipeline into ``out``; each problem is printed to ``err`` (default stderr) and
     collected in the returned report.
 
@@ -235,19 +280,28 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
     writable folder, an unusable secret (see :func:`pancls.privacy.load_or_create_secret`; ``insecure_ids``
     accepts an empty one), another ingest writing into ``out``. After that nothing raises for bad input:
     every series gets its row and the manifest and inventory are always written.
+
+    ``labels`` (a label sheet matched on ``label_key``, labels from ``classes``) and ``masks`` (a folder of
+    mask files): see :mod:`pancls.join`. With a sheet, manifest.csv lists the labelled volumes only.
     """
     err = err or sys.stderr
     sources = [Path(s) for s in sources]
     for src in sources:
         if not src.exists():
             raise UserError("no such file or folder", src)
+    sheet = read_label_sheet(labels, label_key, check_classes(classes)) if labels is not None else None
+    if label_key not in LABEL_KEYS:
+        raise UserError(f"unknown label key {label_key!r}; expected one of {', '.join(LABEL_KEYS)}", "--label-key")
+    finder = (MaskFinder(None if masks is None else Path(masks), sheet)
+              if masks is not None or (sheet is not None and sheet.has_mask_column) else None)
     out = writable_folder(out)
     writable_folder(out / "images")
     private = out / PRIVATE_DIR
     writable_folder(private, "private folder")
     os.chmod(private, 0o700)
     secret = load_or_create_secret(private, insecure=insecure_ids, file=secret_file)
-    run = _Run(config, secret, keep_descriptions, workers, IngestReport(), err, private)
+    run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
+               sheet=sheet, masks=finder, label_key=label_key)
     with _exclusive(private), _signals_unwind(), routed():
         for folder in (out, out / "images"):
             remove_stale_temps(folder)
@@ -255,6 +309,7 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
         shutil.rmtree(tmp, ignore_errors=True)  # zip archives unpacked by a killed run
         tmp.mkdir()
         manifest = _previous_manifest(out / "manifest.csv", out)
+        keys = read_key_file(private / KEY_FILE, [p for p in _images_on_disk(out)])
         inventory: List[Dict[str, str]] = []
         try:
             # no name is kept for the scan result: the headers of series that are not converted can be freed
@@ -265,12 +320,24 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
                 image = f"images/{job.name}.nii.gz"
                 if flags is None:  # an output left from an earlier run no longer stands
                     manifest.pop(image, None)
+                    continue
+                keys[image] = {**job.ids.key_row(), "image": image, **{k: job.row[k] for k in
+                                                                       ("patient_id", "study_id", "series_id")}}
+                row = _join(job, image, flags, out, run, manifest.get(image))
+                if row is None:
+                    manifest.pop(image, None)
                 else:
-                    manifest[image] = {**job.row, "image": image, "flags": ";".join(flags)}
+                    manifest[image] = row
+            if sheet is not None:
+                _unmatched_rows(sheet, run, inventory)
         finally:  # also when interrupted: what was converted is listed, nothing half-written is
-            atomic_write_text(out / "manifest.csv",
-                              _csv_text([manifest[k] for k in sorted(manifest)], MANIFEST_COLUMNS))
+            rows = [manifest[k] for k in sorted(manifest)]
+            columns = MANIFEST_COLUMNS
+            if any(r.get("mask") for r in rows):
+                columns = [*MANIFEST_COLUMNS[:2], "mask", *MANIFEST_COLUMNS[2:]]
+            atomic_write_text(out / "manifest.csv", _csv_text(rows, columns))
             atomic_write_text(out / "inventory.csv", _csv_text(inventory, INVENTORY_COLUMNS))
+            _write_key_file(private / KEY_FILE, keys)
             shutil.rmtree(tmp, ignore_errors=True)
     return run.report
 
@@ -321,6 +388,22 @@ def _series_inventory_row(decision: Decision, run: _Run) -> Dict[str, str]:
     }
 
 
+def _source_ids(path: Path, source: Path, run: _Run, dataset=None, series_uid: str = "") -> SourceIds:
+    """The identifiers of the study at ``path`` (a series folder or a NIfTI file found under the argument
+    ``source``): in memory only."""
+    text = lambda key: str(dataset.get(key, "") or "").strip() if dataset is not None else ""  # noqa: E731
+    try:
+        member = path.relative_to(run.unpacked)
+    except ValueError:
+        folder = str(path.resolve())
+    else:
+        folder = f"{Path(source).resolve()}!/{Path(*member.parts[1:]) if len(member.parts) > 1 else ''}"
+    return SourceIds(patient_id=text("PatientID"), accession=text("AccessionNumber"),
+                     study_uid=text("StudyInstanceUID"), series_uid=series_uid or text("SeriesInstanceUID"),
+                     location=relative_location(path, Path(source), run.unpacked), source=str(Path(source).resolve()),
+                     folder=folder)
+
+
 def _dicom_job(series: Series, inventory: Dict[str, str], run: _Run) -> Job:
     first = series.first
     # the policy is part of the fingerprint: a series resampled under one policy is redone under another
@@ -336,6 +419,7 @@ def _dicom_job(series: Series, inventory: Dict[str, str], run: _Run) -> Job:
     return Job(
         name=f"{series.study_hash}_{series.series_hash}", label=f"{first.folder} (series {series.name})",
         fingerprint=fingerprint, load=load, inventory=inventory,
+        ids=_source_ids(first.folder, run.origin[first.path], run, first.header.dataset, first.series_uid),
         row={"patient_id": run.key("patient", series.patient_key), "label": "",
              "study_id": series.study_hash, "series_id": series.series_hash,
              "series_number": inventory["series_number"], "description": inventory["description"],
@@ -356,6 +440,7 @@ def _nifti_job(path: Path, inventory: Dict[str, str], run: _Run) -> Job:
     inventory.update(study_id=key, series_id="nifti")
     return Job(
         name=f"{key}_nifti", label=str(path), fingerprint=fingerprint, load=load, inventory=inventory,
+        ids=_source_ids(path, run.origin[path], run),
         # the file stem usually carries the case id: only its keyed hash is written
         row={"patient_id": run.key("patient", "nifti:" + stem), "label": "", "study_id": key,
              "series_id": "nifti", "series_number": "", "description": "", "n_slices": "", "source": "nifti"},
@@ -378,6 +463,7 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
         row = _series_inventory_row(decision, run)
         inventory.append(row)
         src = result.origin[decision.series.first.path]
+        row["path"] = _relative(decision.series.first.folder, src, run.unpacked)
         if decision.kept:
             lost = [r for folder in sorted({i.folder for i in decision.series.instances})
                     for r in unreadable.get(folder, [])]
@@ -392,7 +478,7 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
             reasons_by_source[src].append(f"{decision.series.name}: {decision.reason}")
     for path in result.nifti:
         src = result.origin[path]
-        row = {"kind": "nifti", "path": _relative(path, src), "n_files": "1", "status": "selected"}
+        row = {"kind": "nifti", "path": _relative(path, src, run.unpacked), "n_files": "1", "status": "selected"}
         inventory.append(row)
         explicit = src == path  # a NIfTI named on the command line is always converted
         pattern = config.selection.nifti_exclude
@@ -404,7 +490,7 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
         used_sources.add(src)
     for skip in result.skipped:
         src = result.origin[skip.path]
-        inventory.append({"kind": "file", "path": _relative(skip.path, src), "n_files": "1",
+        inventory.append({"kind": "file", "path": _relative(skip.path, src, run.unpacked), "n_files": "1",
                           "status": "refused" if skip.problem else "skipped", "reason": skip.reason})
         if skip.problem or src == skip.path:  # a damaged DICOM, or a file the user named that is unusable
             run.problem(skip.path, skip.reason)
@@ -467,3 +553,112 @@ def _run_job(job: Job, out: Path, force: bool, run: _Run) -> Optional[List[str]]
     if job.inventory.get("notes"):
         report.with_notes += 1
     return list(volume.flags)
+
+
+# --------------------------------------------------------------------------- the join (pancls.join)
+
+
+def _images_on_disk(out: Path) -> List[str]:
+    folder = out / "images"
+    return [f"images/{p.name}" for p in folder.glob("*.nii.gz")] if folder.is_dir() else []
+
+
+def _join(job: Job, image: str, flags: List[str], out: Path, run: _Run,
+          previous: Optional[Dict[str, str]]) -> Optional[Dict[str, str]]:
+    """The manifest row of a kept volume: its label (from the sheet, else the earlier run's) and mask; None
+    when a sheet was given and has no row for it (the volume stays on disk, listed in the inventory)."""
+    inv, report = job.inventory, run.report
+    inv["image"] = image
+    row = {**job.row, "image": image}
+    sheet_row: Optional[SheetRow] = None
+    if run.sheet is not None:
+        sheet_row, why = run.sheet.match(job.ids)
+        if sheet_row is None:
+            report.unlabelled += 1
+            inv["reason"] = one_line(f"no label, not in manifest.csv: {why}")
+            return None
+        sheet_row.matched = True
+        report.labelled += 1
+        row["label"] = sheet_row.label
+    elif previous:
+        row["label"] = previous.get("label", "")
+    inv["label"] = row["label"]
+    mask, flag = _mask(job, image, sheet_row, out, run)
+    if mask is None and previous and previous.get("mask") and (out / previous["mask"]).exists():
+        mask, flag = previous["mask"], next((f for f in previous.get("flags", "").split(";")
+                                             if f.startswith("mask_")), None)
+    if mask:
+        row["mask"] = inv["mask"] = mask
+        report.masks += 1
+        report.masks_resampled += flag == MASK_RESAMPLED
+    row["flags"] = ";".join([*flags, *([flag] if flag else [])])
+    return row
+
+
+MASK_RESAMPLED, MASK_REORIENTED = "mask_resampled:nearest", "mask_reoriented"
+
+
+def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _Run
+          ) -> tuple[Optional[str], Optional[str]]:
+    """``(masks/<name>.nii.gz, flag)`` of a volume whose mask was found, on the image's grid; ``(None,
+    None)`` when there is none (or it was refused: one line on stderr, the reason in the inventory)."""
+    if run.masks is None:
+        return None, None
+    source, why = run.masks.find(job.ids, run.label_key, sheet_row)
+    if source is None:
+        if why:
+            job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"), f"no mask: {why}"]))
+            run.problem(job.label, why)
+        return None, None
+    name = f"masks/{job.name}.nii.gz"
+    target, sidecar_path = out / name, out / "masks" / f"{job.name}.json"
+    fingerprint = run.key("fingerprint", f"{file_fingerprint([source], {}, run.unpacked)}|{job.fingerprint}", 64)
+    sidecar = _read_sidecar(sidecar_path) if target.exists() else None
+    if sidecar is not None and sidecar.get(FINGERPRINT_KEY) == fingerprint:
+        return name, sidecar.get("flag") or None
+    try:
+        labels, affine, kind = read_mask(source)
+        img = nib.load(out / image)
+        shape = tuple(int(s) for s in img.shape[:3])
+        flag = None
+        if grid_mismatch(img, nib.Nifti1Image(labels, affine)) is not None:
+            marked = int(np.count_nonzero(labels))
+            labels, how = onto_grid(labels, affine, shape, img.affine, AFFINE_ATOL_MM)
+            flag = MASK_RESAMPLED if how == "resampled" else MASK_REORIENTED
+            lost = marked - int(np.count_nonzero(labels))
+            if how == "reoriented" and lost > 0:
+                job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"),
+                                                                 f"{lost} mask voxel(s) lie outside the volume"]))
+        if not labels.any():
+            raise UserError("the mask marks nothing on the volume's grid" +
+                            (" (it does not overlap the volume)" if flag else ""))
+        writable_folder(out / "masks")
+        mask_img = label_image(labels, img.affine, target)
+        atomic_save(target, lambda tmp: nib.save(mask_img, tmp))
+        atomic_write_json(sidecar_path, {FINGERPRINT_KEY: fingerprint, "flag": flag, "format": kind,
+                                         "labels": sorted(int(v) for v in np.unique(labels) if v)})
+    except UserError as exc:
+        job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"), f"mask refused: {exc.reason}"]))
+        run.problem(source, exc.reason)
+        return None, None
+    return name, flag
+
+
+def _unmatched_rows(sheet: LabelSheet, run: _Run, inventory: List[Dict[str, str]]) -> None:
+    """One inventory row per sheet row that matched no study (named by its line, never by its key)."""
+    rows = sheet.unmatched()
+    for r in rows:
+        inventory.append({"kind": "label", "status": "unmatched", "label": r.label,
+                          "reason": f"no study in the sources has this {sheet.key}",
+                          "path": f"{one_line(sheet.name, escape=True)}:{r.line}"})
+    run.report.unmatched_rows = [r.line for r in rows]
+    if rows:
+        lines = ", ".join(map(str, run.report.unmatched_rows[:20])) + (", ..." if len(rows) > 20 else "")
+        print(f"{one_line(sheet.name, escape=True)}: {len(rows)} row(s) matched no study (line {lines})",
+              file=run.err, flush=True)
+
+
+def _write_key_file(path: Path, keys: Dict[str, Dict[str, str]]) -> None:
+    """``.private/keys.csv``: pseudonymous ids -> source identifiers and folder (owner-only, never shared)."""
+    atomic_write_text(path, _csv_text([keys[k] for k in sorted(keys)], KEY_COLUMNS))
+    os.chmod(path, 0o600)

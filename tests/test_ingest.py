@@ -74,8 +74,9 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
 
     inventory = _csv(out / "inventory.csv")
     status = {(r["kind"], r["series_number"], r["description"], r["path"]): (r["status"], r["reason"]) for r in inventory}
-    assert status["series", "100", "", ""][0] == "skipped" and "localizer" in status["series", "100", "", ""][1]
-    assert "secondary capture" in status["series", "401", "Exam Summary", ""][1]
+    localizer = status["series", "100", "", "series_ct/S21570/S1000"]  # series rows name their folder
+    assert localizer[0] == "skipped" and "localizer" in localizer[1]
+    assert "secondary capture" in status["series", "401", "Exam Summary", "series_ct/S21570/S4010"][1]
     series_status = {r["series_id"]: r["status"] for r in inventory if r["kind"] == "series"}
     assert series_status[by_desc["dicom", "STD BRAIN 5MM"]["series_id"]] == "converted"
     assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 4 + ["refused"] * 2

@@ -13,7 +13,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from pancls.data.classes import DEFAULT_CLASSES
 from pancls.errors import UserError
+from pancls.join import LABEL_KEYS
+
+
+def _classes(text: str) -> list:
+    return [c.strip() for c in text.split(",")]
 
 
 def _workers(text: str) -> int:
@@ -44,6 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-descriptions", action="store_true",
                         help="write SeriesDescription and other header free text into the manifest, inventory "
                              "and sidecars (off: they may carry names)")
+    parser.add_argument("--labels", type=Path, metavar="CSV",
+                        help="label sheet (a key column, 'label', optional 'mask'): fills the manifest's label; the "
+                             "manifest then lists the labelled volumes only (the others: inventory.csv)")
+    parser.add_argument("--label-key", default="PatientID", choices=LABEL_KEYS,
+                        help="what the sheet's key column holds, matched inside pancls (default PatientID; "
+                             "folder: a folder or NIfTI name on the input's path)")
+    parser.add_argument("--masks", type=Path, metavar="DIR",
+                        help="mask files (NIfTI, NRRD, DICOM SEG) matched by the same key or the sheet's 'mask' "
+                             "column, put on each volume's grid (resampled nearest-neighbour and flagged if need be)")
+    parser.add_argument("--classes", type=_classes, default=list(DEFAULT_CLASSES), metavar="A,B,...",
+                        help=f"the allowed labels (default {','.join(DEFAULT_CLASSES)})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -61,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"the output folder must not be inside the source {src}", "--out")
     report = ingest(args.sources, args.out, config, force=args.force, workers=args.workers,
                     progress=not args.no_progress, keep_descriptions=args.keep_descriptions,
-                    insecure_ids=args.insecure_ids, secret_file=args.secret)
+                    insecure_ids=args.insecure_ids, secret_file=args.secret, labels=args.labels,
+                    label_key=args.label_key, masks=args.masks, classes=args.classes)
     print(f"pancls ingest: {report.summary()} -> {args.out}")
     return report.exit_code

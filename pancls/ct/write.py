@@ -42,11 +42,20 @@ def sidecar_dict(volume: Volume) -> dict:
 def nifti_image(volume: Volume, where: str | os.PathLike = "volume") -> nib.Nifti1Image:
     """The in-memory NIfTI-1 image :func:`write_volume` saves: int16, qform = sform = the affine (scanner code),
     mm, no scaling, empty text fields. A sheared affine is refused (a qform stores rotations and zooms only)."""
-    if _has_shear(volume.affine):
+    return _image(np.asarray(volume.array, dtype=np.int16), volume.affine, where)
+
+
+def label_image(labels: np.ndarray, affine: np.ndarray, where: str | os.PathLike = "mask") -> nib.Nifti1Image:
+    """A label map (mask) as NIfTI-1 with the same header conventions as :func:`nifti_image`, its own dtype."""
+    return _image(np.asarray(labels), affine, where)
+
+
+def _image(array: np.ndarray, affine: np.ndarray, where) -> nib.Nifti1Image:
+    if _has_shear(affine):
         raise UserError("the volume's affine has shear, which a NIfTI qform cannot store; resample it first", where)
-    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.int16), volume.affine)
-    img.set_qform(volume.affine, code=NIFTI_SCANNER_CODE)
-    img.set_sform(volume.affine, code=NIFTI_SCANNER_CODE)
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=NIFTI_SCANNER_CODE)
+    img.set_sform(affine, code=NIFTI_SCANNER_CODE)
     img.header.set_xyzt_units(xyz="mm")
     img.header.set_slope_inter(1.0, 0.0)
     for text_field in ("descrip", "aux_file", "intent_name", "db_name"):  # never carry text from anywhere

@@ -47,18 +47,19 @@ _READ_ERRORS = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderData
 
 
 class ManifestError(UserError):
-    """Every problem found in a manifest; ``problems`` holds ``(line, message)`` pairs in line order.
+    """Every problem found in a manifest (or another CSV table, named by ``what``: the ingest label sheet);
+    ``problems`` holds ``(line, message)`` pairs in line order.
 
     The message lists them one per line (each problem itself is one line)."""
 
     multiline = True
 
-    def __init__(self, path: str | os.PathLike, problems: Sequence[Tuple[int, str]]):
+    def __init__(self, path: str | os.PathLike, problems: Sequence[Tuple[int, str]], what: str = "the manifest"):
         self.problems = sorted(problems, key=lambda p: p[0])
         shown = os.fspath(path)
         lines = "\n".join(f"{one_line(shown)}:{line}: {one_line(message)}" for line, message in self.problems)
         n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} in the manifest:\n{lines}", shown)
+        super().__init__(f"{n} problem{'s' if n != 1 else ''} in {what}:\n{lines}", shown)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def load_manifest(
         if not Path(extra).is_dir():
             raise UserError("an allowed root is not a folder", extra)
         real_roots.append(Path(os.path.realpath(extra)))
-    header, rows = _read_csv(path)
+    header, rows = read_csv_rows(path)
 
     problems: List[Tuple[int, str]] = []
     columns = _check_header(path, header, problems)
@@ -170,15 +171,25 @@ def load_manifest(
     return Manifest(path=path, root=root_dir, classes=classes, table=table)
 
 
+def label_problem(label: str, classes: Sequence[str]) -> Optional[str]:
+    """Why ``label`` is not one of ``classes`` (None when it is): the message names the allowed classes.
+    The one label rule, for manifests and for the label sheet of ``pancls ingest --labels``."""
+    if label in classes:
+        return None
+    what = f"unknown label {label!r}" if label else "empty label"
+    return f"{what}; expected one of {', '.join(classes)}"
+
+
 def _check_values(row: Dict[str, Any], classes: Tuple[str, ...]) -> List[str]:
     """Text fields; ``fold`` becomes an int, an invalid ``label``/``fold`` becomes None."""
     problems = []
     if "patient_id" in row and not row["patient_id"]:
         problems.append("empty patient_id")
-    if "label" in row and row["label"] not in classes:
-        what = f"unknown label {row['label']!r}" if row["label"] else "empty label"
-        problems.append(f"{what}; expected one of {', '.join(classes)}")
-        row["label"] = None
+    if "label" in row:
+        problem = label_problem(row["label"], classes)
+        if problem:
+            problems.append(problem)
+            row["label"] = None
     if "fold" in row:
         if _FOLD.match(row["fold"]):
             row["fold"] = int(row["fold"])
@@ -254,11 +265,13 @@ class _Consistency:
         return problems
 
 
-def _read_csv(path: Path) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
-    """Header and ``(line, fields)`` rows; blank lines are skipped but still counted."""
+def read_csv_rows(path: Path, what: str = "manifest", delimiter: str = ","
+                  ) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
+    """Header and ``(line, fields)`` rows of a UTF-8 CSV (a BOM is accepted); blank lines are skipped but
+    still counted. ``what`` names the file in errors."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
+            reader = csv.reader(fh, delimiter=delimiter)
             header = next(reader, None)
             rows = []
             while True:
@@ -270,11 +283,11 @@ def _read_csv(path: Path) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
                 if any(v.strip() for v in values):
                     rows.append((start, values))
     except FileNotFoundError:
-        raise UserError("manifest not found", path) from None
+        raise UserError(f"{what} not found", path) from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read the manifest: {exc}", path) from None
+        raise UserError(f"cannot read the {what}: {exc}", path) from None
     if header is None:
-        raise UserError("the manifest is empty (no header line)", path)
+        raise UserError(f"the {what} is empty (no header line)", path)
     return header, rows
 
 
