@@ -35,18 +35,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    # mkstemp creates 0600; give the result the permissions an ordinary open() would (shared results folders)
-    os.chmod(tmp, 0o666 & ~_umask())
-    tmp_path = Path(tmp)
-    try:
+    tmp_path = None
+    try:  # from the file's creation on: a signal (SIGTERM -> KeyboardInterrupt) right after it removes it too
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+        tmp_path = Path(tmp)
+        os.close(fd)
+        # mkstemp creates 0600; give the result the permissions an ordinary open() would (shared results folders)
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 

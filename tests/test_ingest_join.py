@@ -92,6 +92,9 @@ def test_one_ingest_gives_a_labelled_manifest_with_masks(ct_data: Path, tmp_path
     assert sorted(manifest.class_counts().items()) == sorted({"PDAC": 1, "IPMN": 1, "NET": 1, "SCN": 0, "ASC": 0,
                                                               "CP": 0}.items())
     rows = {r["label"]: r for r in _csv(out / "manifest.csv")}
+    for r in rows.values():  # one voxel order for every volume and mask written (DICOM rows/columns are L, P)
+        for key in ("image", "mask"):
+            assert nib.aff2axcodes(nib.load(out / r[key]).affine) == ("R", "A", "S")
     assert list(_csv(out / "manifest.csv")[0])[:4] == ["patient_id", "image", "mask", "label"]
     # the SEG: the drawn box, voxel for voxel, on the ingested volume (sorted by position like the SEG frames)
     pdac = nib.load(out / rows["PDAC"]["mask"])

@@ -1,5 +1,11 @@
 """Write a :class:`~pancls.ct.volume.Volume` as NIfTI-1 plus a JSON sidecar, atomically.
 
+One voxel orientation for everything written (:func:`as_ras`): the voxel axes run as close as the volume's
+own axes allow to R, A, S (RAS+, nibabel's canonical order and the one the preprocessing's ``Orientation``
+transform uses), so a DICOM series (rows/columns in L, P order) and a NIfTI input come out alike. Only axes
+are permuted and flipped: the voxels and their world positions are unchanged, and the affine stays exact
+(an oblique volume keeps its obliquity).
+
 The image is int16 with ``qform = sform = volume.affine`` (code 1, scanner anatomical), units mm, and no
 scaling (``scl_slope`` = 1, ``scl_inter`` = 0), so the stored integers are the HU. The sidecar holds the
 geometry, the flags and ``volume.meta``; it is written only from those fields, so it cannot carry a
@@ -7,6 +13,7 @@ header value pancls did not choose to keep (no names, IDs, dates or UIDs).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -25,6 +32,29 @@ def _has_shear(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
     return bool(np.max(np.abs(axes.T @ axes - np.eye(3))) > tolerance)
 
 
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+def as_ras(volume: Volume) -> Volume:
+    """``volume`` with its voxel axes in the order closest to R, A, S (itself when they already are)."""
+    ornt = nib.orientations.io_orientation(volume.affine)
+    if np.array_equal(ornt, _RAS):
+        return volume
+    shape = volume.array.shape
+    array = nib.orientations.apply_orientation(volume.array, ornt)
+    affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = np.asarray(volume.spacing, float)
+    meta = dict(volume.meta)
+    if "shape" in meta:
+        meta["shape"] = [int(s) for s in array.shape]
+    if "spacing_mm" in meta:
+        meta["spacing_mm"] = [round(float(s), 6) for s in spacing]
+    if "axcodes" in meta:
+        meta["axcodes"] = list(nib.aff2axcodes(affine))
+    return dataclasses.replace(volume, array=array, affine=affine, spacing=spacing, meta=meta)
+
+
 def sidecar_dict(volume: Volume) -> dict:
     """The JSON sidecar content: geometry, flags and the volume's non-identifying metadata."""
     return {
@@ -40,8 +70,10 @@ def sidecar_dict(volume: Volume) -> dict:
 
 
 def nifti_image(volume: Volume, where: str | os.PathLike = "volume") -> nib.Nifti1Image:
-    """The in-memory NIfTI-1 image :func:`write_volume` saves: int16, qform = sform = the affine (scanner code),
-    mm, no scaling, empty text fields. A sheared affine is refused (a qform stores rotations and zooms only)."""
+    """The in-memory NIfTI-1 image :func:`write_volume` saves: RAS+ voxel order (:func:`as_ras`), int16,
+    qform = sform = the affine (scanner code), mm, no scaling, empty text fields. A sheared affine is refused
+    (a qform stores rotations and zooms only)."""
+    volume = as_ras(volume)
     return _image(np.asarray(volume.array, dtype=np.int16), volume.affine, where)
 
 
@@ -72,6 +104,7 @@ def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: st
     nifti_path = Path(nifti_path)
     if not (nifti_path.name.endswith(".nii.gz") or nifti_path.name.endswith(".nii")):
         raise UserError("the output file name must end in .nii.gz or .nii", nifti_path)
+    volume = as_ras(volume)
     img = nifti_image(volume, nifti_path)
     atomic_save(nifti_path, lambda tmp: nib.save(img, tmp))
     if sidecar_path is not None:

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from pancls.ct.volume import Volume, build_volume
-from pancls.ct.write import write_volume
+from pancls.ct.write import as_ras, write_volume
 from pancls.errors import UserError
 
 IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
@@ -28,7 +28,7 @@ def _volume() -> Volume:
 
 
 def test_round_trip_keeps_values_and_geometry(tmp_path):
-    vol = _volume()
+    vol = as_ras(_volume())
     write_volume(vol, tmp_path / "ct.nii.gz", tmp_path / "ct.json")
     img = nib.load(tmp_path / "ct.nii.gz")
     assert img.get_data_dtype() == np.int16
@@ -39,6 +39,39 @@ def test_round_trip_keeps_values_and_geometry(tmp_path):
     assert img.header.get_xyzt_units()[0] == "mm"
     side = json.loads((tmp_path / "ct.json").read_text())
     assert side["flags"] == ["resampled:gap"] and side["shape"] == [5, 4, 3] and side["meta"]["kvp"] == 120.0
+
+
+def test_every_volume_is_written_in_ras_order_with_the_same_voxels_at_the_same_places(tmp_path):
+    vol = _volume()  # L, P, S voxel order, as DICOM rows/columns give it
+    write_volume(vol, tmp_path / "ct.nii.gz", tmp_path / "ct.json")
+    img = nib.load(tmp_path / "ct.nii.gz")
+    ref = nib.as_closest_canonical(nib.Nifti1Image(vol.array, vol.affine))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj))
+    np.testing.assert_allclose(img.get_sform(), ref.affine, atol=1e-9)
+    side = json.loads((tmp_path / "ct.json").read_text())
+    assert side["axcodes"] == ["R", "A", "S"] and np.allclose(side["affine_ras"], ref.affine, atol=1e-9)
+    assert side["shape"] == [5, 4, 3] and side["spacing_mm"] == [0.5, 0.6, 2.5]
+    assert as_ras(as_ras(vol)) is not vol and as_ras(as_ras(vol)).array.shape == (5, 4, 3)
+
+
+def test_written_dicom_series_equals_simpleitk_in_ras_order(ct_data, tmp_path):
+    import SimpleITK as sitk
+
+    folder = ct_data / "series_ct/S21570/S2010"
+    write_volume(build_volume(sorted(folder.iterdir())), tmp_path / "ct.nii.gz")
+    img = nib.load(tmp_path / "ct.nii.gz")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    ref = nib.as_closest_canonical(nib.Nifti1Image(sitk.GetArrayFromImage(image).transpose(2, 1, 0),
+                                                   np.diag([-1, -1, 1, 1]) @ lps))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(img.affine, ref.affine, atol=1e-3)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), np.asanyarray(ref.dataobj))
 
 
 def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, monkeypatch):
@@ -81,5 +114,6 @@ def test_sidecar_of_real_series_has_no_identifiers(ct_data, tmp_path, source):
         assert value not in text, f"{keyword} leaked into the sidecar"
     assert "series_uid_sha256" not in text  # a plain hash of the UID is linkable; ids are keyed (pancls.ingest)
     img = nib.load(tmp_path / "ct.nii.gz")
-    np.testing.assert_array_equal(np.asanyarray(img.dataobj), vol.array)
-    np.testing.assert_allclose(img.affine, vol.affine, atol=1e-5)
+    ras = as_ras(vol)
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), ras.array)
+    np.testing.assert_allclose(img.affine, ras.affine, atol=1e-5)
