@@ -195,7 +195,7 @@ class Study:
     series: Dict[str, Any] = field(default_factory=dict)  # the DICOM series choice (no identifiers)
     ids: Dict[str, str] = field(default_factory=dict)  # identifiers, written only with keep_ids
     patient_id: Optional[str] = None  # a manifest's own (pseudonymous) patient_id column
-    error: Optional[str] = None  # set when the study cannot be predicted; the batch goes on
+    error: Optional[Any] = None  # why the study cannot be predicted (a message or the exception); the batch goes on
     dicom_headers: List[Any] = field(default_factory=list)  # the chosen series' datasets, for the SR
 
 
@@ -286,11 +286,13 @@ def _manifest_studies(index: int, path: Path) -> List[Study]:
     return studies
 
 
-def failure_text(exc: BaseException) -> str:
-    """One line for a study's failure: a :class:`UserError` as itself; anything else is a pancls bug, named
-    as one (type and first line), so that the batch can go on and the row says what happened."""
+def failure_text(exc: BaseException, where: bool = True) -> str:
+    """One line for a study's failure: a :class:`UserError` as itself (without the file it names when
+    ``where`` is false: input paths may carry identifiers, so output files get the reason only); anything else
+    is a pancls bug, named as one (type and first line), so that the batch can go on and the row says what
+    happened."""
     if isinstance(exc, UserError):
-        return " ".join(str(exc).split())
+        return " ".join((str(exc) if where else exc.reason).split())
     first = str(exc).splitlines()[0] if str(exc) else ""
     return f"internal error ({type(exc).__name__}: {first}); please report it with the input's description"
 
@@ -331,7 +333,7 @@ def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=N
                         raise UserError(f"--mask given but the input holds {len(found)} studies", p)
                     found[0].mask = Path(mask)
         except Exception as exc:  # noqa: BLE001 - this input is unusable; the others still run
-            found = [Study(input=index, study=0, kind="unknown", error=failure_text(exc), ids={"source": str(p)})]
+            found = [Study(input=index, study=0, kind="unknown", error=exc, ids={"source": str(p)})]
         studies.extend(found)
     return studies
 
@@ -454,10 +456,12 @@ class Preprocessor:
 
 # ----------------------------------------------------------------------------------------- predict
 def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False, batch_size: Optional[int] = None,
-            progress: bool = True, on_result: Optional[Callable[[Dict[str, Any], Study], None]] = None
+            progress: bool = True,
+            on_result: Optional[Callable[[Dict[str, Any], Study, Optional[str]], None]] = None
             ) -> List[Dict[str, Any]]:
-    """One result dict per study, in order (see :func:`result_fields`). A study that fails gets
-    ``status: "failed"`` and its one-line ``error``; the others go on."""
+    """One result dict per study, in order. A study that fails gets ``status: "failed"`` and its one-line
+    ``error`` (the reason; the file it names too with ``keep_ids``); the others go on. ``on_result(result,
+    study, message)`` is called as each study is done, ``message`` being the full one-line failure or None."""
     from tqdm.auto import tqdm
 
     if batch_size is None:
@@ -472,7 +476,7 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
         for row, (i, _, base) in enumerate(pending):
             results[i] = {**base, **_prediction(loaded, out, row)}
             if on_result:
-                on_result(results[i], studies[i])
+                on_result(results[i], studies[i], None)
         pending.clear()
 
     pre = Preprocessor(loaded.cfg.preprocess)
@@ -480,6 +484,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
     for i, study in enumerate(bar):
         base = _base_fields(loaded, study, keep_ids)
         try:
+            if isinstance(study.error, BaseException):
+                raise study.error
             if study.error:
                 raise UserError(study.error)
             if loaded.requires_mask and study.mask is None:
@@ -491,9 +497,9 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
             base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
             x = pre(volume, study.mask)
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-            results[i] = {**base, "status": "failed", "error": failure_text(exc)}
+            results[i] = {**base, "status": "failed", "error": failure_text(exc, where=keep_ids)}
             if on_result:
-                on_result(results[i], study)
+                on_result(results[i], study, failure_text(exc))
             continue
         pending.append((i, x, base))
         if len(pending) >= batch_size:

@@ -93,7 +93,7 @@ def test_a_centre_model_predicts_dicom_like_its_ingested_nifti(runs, ct_data, tm
     # the localizer and the secondary capture were not chosen: the 10-slice axial series was
     assert study["series"]["n_slices"] == 10 and study["series"]["candidates"] == 1
     assert "roi_from_centre" in study["quality_flags"]
-    assert main(["ingest", str(ct_data / "series_ct"), "--out", str(tmp_path / "ingested")]) == 0
+    assert main(["ingest", str(ct_data / "series_ct"), "--out", str(tmp_path / "ingested"), "--min-slices", "1"]) == 0  # 10 slices
     capsys.readouterr()
     image = next((tmp_path / "ingested" / "images").glob("*.nii.gz"))
     code, from_nifti, _ = predict_json(tmp_path, capsys, image, "--model", run)
@@ -122,12 +122,17 @@ def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, caps
     series = ct_data / "series_ct"
     ids = _identifiers(series)
     assert ids  # the fixture does carry UIDs
+    # a folder named after the patient, as exports often are, that fails (a 25 mm gap): its path must not leak
+    named = tmp_path / "DOE_JOHN_1234567"
+    shutil.copytree(ct_data / "gap" / "removed_slices", named)
     for suffix in ("json", "csv"):
         out = tmp_path / f"plain.{suffix}"
-        assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(out)]) == 0
+        assert main(["predict", str(series), str(named), "--model", str(runs["centre"]), "--out", str(out)]) == 1
         text = out.read_text()
-        leaked = [v for v in ids if v in text] + ([str(series)] if str(series) in text else [])
+        leaked = [v for v in ids if v in text] + [p for p in (str(series), "DOE_JOHN") if p in text]
         assert not leaked, leaked
+        assert "gap of 25.00 mm" in text  # the reason is there, only the path is not
+    assert "DOE_JOHN" in capsys.readouterr().err  # the operator's terminal names the folder
     keep = tmp_path / "keep.json"
     assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(keep), "--keep-ids"]) == 0
     kept = json.loads(keep.read_text())["studies"][0]["ids"]

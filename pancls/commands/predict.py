@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = predict.load_run(args.model, fold=args.fold, device=args.device)
     err = sys.stderr
 
-    def report(result, study):
-        if result["status"] != "ok":
-            print(f"pancls predict: input {result['input']} ({study.kind}): {result['error']}", file=err, flush=True)
+    def report(result, study, message):
+        if message:  # the terminal gets the file too; output files only the reason (paths may identify)
+            print(f"pancls predict: input {result['input']} ({study.kind}): {message}", file=err, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="pancls-predict-inputs-") as tmp:  # zip archives unpack here
         studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
