@@ -44,6 +44,7 @@ starts by removing the temporary files a killed run left (in ``out``, ``out/imag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import csv
 import fcntl
 import io
@@ -88,6 +89,12 @@ FINGERPRINT_KEY = "source_fingerprint"
 PRIVATE_DIR = ".private"
 #: exit status of ``pancls ingest``: everything converted / some input refused / an unexpected error
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED = 0, 1, 3
+
+
+#: ingest's ``selection.min_slices`` when the config leaves it unset: a shorter series (a scout, a single image,
+#: a partial series) is not a volume to train on; it is skipped with the reason in the inventory. Set it in the
+#: config or with --min-slices to keep such series. (``pancls predict`` reads whatever study it is given: 1.)
+INGEST_MIN_SLICES = 20
 
 
 @dataclass
@@ -300,6 +307,9 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
     writable_folder(private, "private folder")
     os.chmod(private, 0o700)
     secret = load_or_create_secret(private, insecure=insecure_ids, file=secret_file)
+    if config.selection.min_slices is None:
+        config = dataclasses.replace(config, selection=dataclasses.replace(config.selection,
+                                                                           min_slices=INGEST_MIN_SLICES))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
                sheet=sheet, masks=finder, label_key=label_key)
     with _exclusive(private), _signals_unwind(), routed():

@@ -16,11 +16,9 @@ def _check(capsys, *argv):
 def test_ingest_then_check_passes(ct_data: Path, tmp_path: Path, capsys):
     sheet = tmp_path / "labels.csv"
     sheet.write_text("PatientID,label\nPLASTIC,PDAC\nCQ500-CT-310,CP\n")
-    config = tmp_path / "ingest.yaml"
-    config.write_text("selection:\n  min_slices: 1\n")
     out = tmp_path / "ds"
     assert main(["ingest", str(ct_data / "series_ct"), str(ct_data / "jpeg2000"), "--out", str(out), "--labels",
-                 str(sheet), "--config", str(config), "--no-progress"]) == 0
+                 str(sheet), "--min-slices", "1", "--no-progress"]) == 0
     capsys.readouterr()
     code, text, err = _check(capsys, out / "manifest.csv")
     assert code == 0, err

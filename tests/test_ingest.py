@@ -23,7 +23,8 @@ S2010 = ("series_ct", "S21570", "S2010")
 
 
 def _run(capsys, *argv):
-    code = main(["ingest", *map(str, argv), "--no-progress"])
+    """`pancls ingest ARGV`, keeping the fixtures' short series (1-10 slices; the default minimum is 20)."""
+    code = main(["ingest", *map(str, argv), "--no-progress", "--min-slices", "1"])
     captured = capsys.readouterr()
     return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
 
@@ -43,7 +44,8 @@ def whole_ct(ct_data: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest") / "out"
     err, std = io.StringIO(), io.StringIO()  # capsys is function-scoped
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
-        code = main(["ingest", str(ct_data), "--out", str(out), "--no-progress", "--keep-descriptions"])
+        code = main(["ingest", str(ct_data), "--out", str(out), "--no-progress", "--keep-descriptions",
+                     "--min-slices", "1"])
     return code, std.getvalue(), err.getvalue().splitlines(), out
 
 
@@ -278,7 +280,7 @@ def _start(sources, out: Path, secret: Path, tmp: Path):
 
     env = {**os.environ, "TMPDIR": str(tmp)}
     return subprocess.Popen([sys.executable, "-m", "pancls", "ingest", *map(str, sources), "--out", str(out),
-                             "--secret", str(secret), "--no-progress"],
+                             "--secret", str(secret), "--no-progress", "--min-slices", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
 
 
@@ -342,3 +344,20 @@ def test_killed_ingest_leaves_nothing_and_a_rerun_equals_an_uninterrupted_run(ct
     assert rerun.wait(120) == 0, rerun.stderr.read().decode()
     assert _leftovers(out, tmp) == []
     assert _snapshot(out) == _snapshot(reference)
+
+
+def test_default_min_slices_skips_short_series_with_the_reason(ct_data: Path, capsys, tmp_path: Path):
+    """Default 20 slices: the 10-slice series and the 1-slice JPEG 2000 study are not volumes to train on; the
+    20-slice abdomen series is kept. Each skip has its reason; a source left without a series is refused."""
+    code, text, err = main(["ingest", str(ct_data / "series_ct"), str(ct_data / "jpeg2000"),
+                            str(ct_data / "abdomen" / "dicom_series"), "--out", str(tmp_path / "out"),
+                            "--no-progress"]), *(lambda c: (c.out, c.err))(capsys.readouterr())
+    assert code == 1 and "1 series kept" in text
+    assert len(err.splitlines()) == 2 and all("no usable series" in line and "min_slices=20" in line
+                                              for line in err.splitlines())
+    reasons = [r["reason"] for r in _csv(tmp_path / "out" / "inventory.csv") if r["status"] == "skipped"]
+    short = [r for r in reasons if "fewer than min_slices=20" in r]
+    assert all("lower selection.min_slices" in r for r in short)
+    assert any(r.startswith("10 slice(s), fewer than min_slices=20") for r in short)  # S2010
+    assert any(r.startswith("1 slice(s), fewer than min_slices=20") for r in short)  # the JPEG 2000 study
+    assert len(_csv(tmp_path / "out" / "manifest.csv")) == 1

@@ -34,13 +34,6 @@ def _write(path: Path, rows, delimiter=","):
     return path
 
 
-def _short_series_config(tmp_path: Path) -> Path:
-    """The fixtures' series have 1-10 slices: below the default minimum for training data."""
-    path = tmp_path / "ingest.yaml"
-    path.write_text("selection:\n  min_slices: 1\n")
-    return path
-
-
 def _seg_for_s2010(ct_data: Path, out: Path) -> tuple[Path, np.ndarray]:
     """A DICOM SEG (highdicom) of a 4 x 5 x 3 voxel box drawn on the S2010 slices; returns it and the box in
     the SEG's frame order (source file order) as a boolean (frames, rows, columns) array."""
@@ -82,7 +75,7 @@ def test_one_ingest_gives_a_labelled_manifest_with_masks(ct_data: Path, tmp_path
     out = tmp_path / "ds"
     code, text, err = _run(capsys, ct_data / "series_ct", abdomen / "dicom_series", abdomen / "example_ct_sm.nii.gz",
                            ct_data / "jpeg2000", "--out", out, "--labels", sheet, "--label-key", "folder",
-                           "--masks", tmp_path / "masks", "--config", _short_series_config(tmp_path))
+                           "--masks", tmp_path / "masks", "--min-slices", "1")
     assert code == 0, err
     assert "labels: 3 labelled, 1 without a label (not in manifest.csv), 1 sheet row(s) matched no study" in text
     assert "masks: 3 (0 resampled onto the volume's grid)" in text
@@ -150,14 +143,14 @@ def test_patient_id_key_and_rerun_keep_labels(ct_data: Path, tmp_path: Path, cap
     sheet = _write(tmp_path / "labels.csv", [["Patient ID", "Label"], ["PLASTIC", "SCN"], [" CQ500-CT-310 ", "CP"]],
                    delimiter=";")
     out = tmp_path / "ds"
-    config = _short_series_config(tmp_path)
+    config = "--min-slices", "1"  # the fixtures' series have 1-10 slices: below the default minimum (20)
     code, text, err = _run(capsys, ct_data.joinpath(*S2010), ct_data / "jpeg2000", "--out", out, "--labels", sheet,
-                           "--config", config)
+                           *config)
     assert code == 0, err
     assert "labels: 2 labelled, 0 without a label" in text and "0 sheet row(s) matched no study" in text
     assert sorted(load_manifest(out / "manifest.csv", DEFAULT_CLASSES).table["label"]) == ["CP", "SCN"]
     before = _csv(out / "manifest.csv")
-    code, text, err = _run(capsys, ct_data.joinpath(*S2010), ct_data / "jpeg2000", "--out", out, "--config", config)
+    code, text, err = _run(capsys, ct_data.joinpath(*S2010), ct_data / "jpeg2000", "--out", out, *config)
     assert code == 0 and "up to date" in text and _csv(out / "manifest.csv") == before  # labels kept without --labels
 
 

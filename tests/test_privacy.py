@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from pancls.errors import UserError
-from pancls.ingest import ingest
+from pancls.ct.select import SelectionRules
+from pancls.ingest import IngestConfig, ingest
+
+SHORT = IngestConfig(selection=SelectionRules(min_slices=1))  # jpeg2000 is one slice
 from pancls.privacy import keyed_id, load_or_create_secret
 
 
@@ -52,12 +55,12 @@ def _ids(out: Path):
 
 def test_ingest_ids_are_keyed_with_the_dataset_secret(ct_data: Path, tmp_path: Path):
     src = ct_data / "jpeg2000"
-    ingest([src], tmp_path / "a", progress=False, err=io.StringIO())
+    ingest([src], tmp_path / "a", SHORT, progress=False, err=io.StringIO())
     secret = tmp_path / "a" / ".private" / "secret"
     assert secret.exists()
-    ingest([src], tmp_path / "a", progress=False, err=io.StringIO(), force=True)
-    ingest([src], tmp_path / "b", progress=False, err=io.StringIO())
-    ingest([src], tmp_path / "c", progress=False, err=io.StringIO(), secret_file=secret)
+    ingest([src], tmp_path / "a", SHORT, progress=False, err=io.StringIO(), force=True)
+    ingest([src], tmp_path / "b", SHORT, progress=False, err=io.StringIO())
+    ingest([src], tmp_path / "c", SHORT, progress=False, err=io.StringIO(), secret_file=secret)
     assert _ids(tmp_path / "a") == _ids(tmp_path / "c")  # same secret, same ids (one id space)
     assert _ids(tmp_path / "a") != _ids(tmp_path / "b")  # another dataset's secret: unrelated ids
     assert not (tmp_path / "c" / ".private" / "secret").exists()
@@ -67,7 +70,7 @@ def test_ingest_refuses_an_empty_secret_unless_insecure(ct_data: Path, tmp_path:
     empty = tmp_path / "empty"
     empty.write_text("")
     with pytest.raises(UserError, match="--insecure-ids"):
-        ingest([ct_data / "jpeg2000"], tmp_path / "out", progress=False, err=io.StringIO(), secret_file=empty)
-    report = ingest([ct_data / "jpeg2000"], tmp_path / "out", progress=False, err=io.StringIO(),
+        ingest([ct_data / "jpeg2000"], tmp_path / "out", SHORT, progress=False, err=io.StringIO(), secret_file=empty)
+    report = ingest([ct_data / "jpeg2000"], tmp_path / "out", SHORT, progress=False, err=io.StringIO(),
                     secret_file=empty, insecure_ids=True)
     assert report.converted == 1

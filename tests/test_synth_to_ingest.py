@@ -10,7 +10,7 @@ from pancls.data.synth_dicom import write_ct_series
 
 
 def test_synthetic_dicom_series_round_trips_through_ingest(tmp_path, capsys):
-    phantom = generate_phantom("NET", 0, seed=3, size=(48, 40, 16), spacing=(2.0, 2.0, 3.0))
+    phantom = generate_phantom("NET", 0, seed=3, size=(48, 40, 20), spacing=(2.0, 2.0, 3.0))
     write_ct_series(tmp_path / "dicom" / "SYN0001", phantom.image, phantom.affine, "SYN0001", seed=3)
 
     code = main(["ingest", str(tmp_path / "dicom"), "--out", str(tmp_path / "out"), "--no-progress"])

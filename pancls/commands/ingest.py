@@ -22,7 +22,7 @@ def _classes(text: str) -> list:
     return [c.strip() for c in text.split(",")]
 
 
-def _workers(text: str) -> int:
+def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -38,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--config", type=Path, help="YAML with 'selection' and 'geometry'")
     parser.add_argument("--force", action="store_true", help="convert again even when up to date")
-    parser.add_argument("--workers", type=_workers, help="threads for header reading and decoding")
+    parser.add_argument("--workers", type=_positive_int, help="threads for header reading and decoding")
     for problem in ("gap", "tilt", "uneven"):
         parser.add_argument(f"--on-{problem}", choices=("refuse", "resample"),
                             help=f"what to do with a series with {problem} (overrides the config; default refuse)")
+    parser.add_argument("--min-slices", type=_positive_int, metavar="N",
+                        help="skip series with fewer slices (overrides selection.min_slices; default 20: shorter "
+                             "stacks are scouts, single images or partial series)")
     parser.add_argument("--secret", type=Path, metavar="FILE",
                         help="the key of every id (default OUT/.private/secret, created on first use); give "
                              "several datasets the same file to share one id space")
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {f"on_{p}": getattr(args, f"on_{p}") for p in ("gap", "tilt", "uneven") if getattr(args, f"on_{p}")}
     if overrides:
         config.geometry = dataclasses.replace(config.geometry, **overrides)
+    if args.min_slices is not None:
+        config.selection = dataclasses.replace(config.selection, min_slices=args.min_slices)
     out = args.out.resolve()
     for src in args.sources:
         # a later scan of that source would pick up our own NIfTI outputs as inputs

@@ -15,10 +15,11 @@ Decision order
    ``"most_slices"``; finally the lowest series number, so the choice is deterministic.
    The winner is kept; the others are skipped as "not preferred: <winner> chosen".
 
-``min_slices`` defaults to 1 so that a study with a single valid CT object (the ``jpeg2000``
-fixture, a 2-frame enhanced object) is still converted: the preference step already picks the
-proper volume in a real study, and localizers are excluded by their own rule. Set it (e.g. 20) in
-the config for training data, where short stacks are useless.
+``min_slices`` unset (None) means 1 here, so that a study with a single valid CT object (the
+``jpeg2000`` fixture, a 2-frame enhanced object) is still usable where the caller decides
+(``pancls predict`` reads whatever study it is given). ``pancls ingest`` builds training data and
+fills an unset value with :data:`pancls.ingest.INGEST_MIN_SLICES` (20): a 1-slice or 10-slice
+series is not a volume to classify.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class SelectionRules:
     include_description: Optional[str] = None  # regex; when set a series must match (search, case-insensitive)
     exclude_description: Optional[str] = None  # regex; a matching series is excluded
     phase_preference: List[str] = field(default_factory=lambda: ["venous", "portal", "arterial"])
-    min_slices: int = 1
+    min_slices: Optional[int] = None  # None: the caller's default (1 here and in predict; pancls ingest: 20)
     tie_break: Literal["thinnest", "most_slices"] = "thinnest"
     localizer_angle_deg: float = 45.0
     one_per_study: bool = True  # False keeps every eligible series
@@ -53,7 +54,7 @@ class SelectionRules:
                     re.compile(pattern)
                 except re.error as exc:
                     raise UserError(f"bad regular expression {pattern!r}: {exc}", f"selection.{name}") from None
-        if self.min_slices < 1:
+        if self.min_slices is not None and self.min_slices < 1:
             raise UserError(f"must be >= 1, got {self.min_slices}", "selection.min_slices")
         if not 0 < self.localizer_angle_deg <= 90:
             raise UserError(f"must be in (0, 90], got {self.localizer_angle_deg}", "selection.localizer_angle_deg")
@@ -95,8 +96,9 @@ def exclusion_reason(series: Series, rules: SelectionRules, reference: Optional[
         n, ref = _normal(series), _normal(reference)
         if n is not None and ref is not None and _angle_deg(n, ref) > rules.localizer_angle_deg:
             return f"localizer/scout (single {series.orientation_label} slice, {_angle_deg(n, ref):.0f} deg off the study's main series)"
-    if series.n_slices < rules.min_slices:
-        return f"{series.n_slices} slice(s), fewer than min_slices={rules.min_slices}"
+    if series.n_slices < (rules.min_slices or 1):
+        return (f"{series.n_slices} slice(s), fewer than min_slices={rules.min_slices} (too short a stack to "
+                "classify: a scout, a single image or a partial series; lower selection.min_slices to keep it)")
     desc = first.series_description
     # the description itself is not repeated: reasons go into the inventory, free text only with --keep-descriptions
     if rules.include_description and not re.search(rules.include_description, desc, re.IGNORECASE):

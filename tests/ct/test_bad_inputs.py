@@ -17,7 +17,8 @@ import pytest
 
 from pancls.ct.volume import build_volume
 from pancls.errors import UserError
-from pancls.ingest import ingest
+from pancls.ct.select import SelectionRules
+from pancls.ingest import IngestConfig, ingest
 
 from .conftest import save, set_raw, set_value, unknown_vr, write_series  # noqa: F401 - helpers
 
@@ -31,6 +32,7 @@ def _ingest(tmp_path: Path, *sources: Path, **kwargs):
     """Run ingest; return (report, stderr lines, inventory rows, manifest rows). Never expected to raise."""
     err = io.StringIO()
     out = tmp_path / "out"
+    kwargs.setdefault("config", IngestConfig(selection=SelectionRules(min_slices=1)))  # the fixtures are short
     report = ingest(list(sources), out, progress=False, err=err, **kwargs)
     lines = err.getvalue().splitlines()
     assert all("Traceback" not in line for line in lines)

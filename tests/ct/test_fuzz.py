@@ -42,7 +42,8 @@ import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
-from pancls.ingest import ingest
+from pancls.ct.select import SelectionRules
+from pancls.ingest import IngestConfig, ingest
 
 from .conftest import encode, save, set_raw, tag_of, unknown_vr
 
@@ -295,7 +296,7 @@ class Result:
 
 def run_ingest(src: Path, out: Path) -> Result:
     err = io.StringIO()
-    ingest([src], out, progress=False, err=err, workers=1)
+    ingest([src], out, IngestConfig(selection=SelectionRules(min_slices=1)), progress=False, err=err, workers=1)
     inventory = _rows(out / "inventory.csv")
     manifest = _rows(out / "manifest.csv")
     by_series = {r["series_id"]: r for r in inventory if r["kind"] == "series"}
