@@ -462,7 +462,13 @@ _META_KEYWORDS = {
     "contrast_phase": "ContrastBolusAgentPhase",
     "gantry_detector_tilt_deg": "GantryDetectorTilt",
     "image_type": "ImageType",
+    "body_part_examined": "BodyPartExamined",
+    "x_ray_tube_current_ma": "XRayTubeCurrent",
 }
+#: The sidecar's names for the acquisition fields (:func:`pancls.ct.write.sidecar_dict`): dcm2niix's BIDS
+#: CamelCase keys (``ManufacturersModelName``, ``SliceThickness`` in mm), else the DICOM keyword.
+SIDECAR_KEYS = {key: keyword for key, keyword in _META_KEYWORDS.items()}
+SIDECAR_KEYS.update(manufacturer_model_name="ManufacturersModelName", slice_thickness_mm="SliceThickness")
 
 
 def _acquisition_meta(ds: Dataset, frames: Iterable[_Frame]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pancls.ct.volume import Volume
+from pancls.ct.volume import SIDECAR_KEYS, Volume
 from pancls.errors import UserError
 from pancls.io import atomic_save, atomic_write_json
 
@@ -56,7 +56,11 @@ def as_ras(volume: Volume) -> Volume:
 
 
 def sidecar_dict(volume: Volume) -> dict:
-    """The JSON sidecar content: geometry, flags and the volume's non-identifying metadata."""
+    """The JSON sidecar content: geometry, flags and the volume's non-identifying metadata, the acquisition
+    fields under dcm2niix's BIDS keys (``Modality``, ``Manufacturer``, ``ManufacturersModelName``,
+    ``ConvolutionKernel``, ``KVP``, ``XRayTubeCurrent``, ``SliceThickness``, ``ContrastBolusAgent`` (only
+    with --keep-descriptions), ``ContrastBolusRoute``, ``ContrastBolusAgentPhase``, ``GantryDetectorTilt``,
+    ``ImageType``, ``BodyPartExamined``)."""
     return {
         "shape": [int(s) for s in volume.array.shape],
         "spacing_mm": [float(s) for s in volume.spacing],
@@ -65,8 +69,14 @@ def sidecar_dict(volume: Volume) -> dict:
         "dtype": "int16",
         "units": "HU" if not any(f.startswith("rescale_type:") for f in volume.flags) else "rescaled stored values",
         "flags": list(volume.flags),
-        "meta": volume.meta,
+        "meta": {SIDECAR_KEYS.get(k, k): _sidecar_value(k, v) for k, v in volume.meta.items()},
     }
+
+
+def _sidecar_value(key: str, value):
+    if key == "slice_thickness_mm" and isinstance(value, list) and len(value) == 1:
+        return value[0]  # one number, as dcm2niix writes it (several: the list of distinct values)
+    return value
 
 
 def nifti_image(volume: Volume, where: str | os.PathLike = "volume") -> nib.Nifti1Image:

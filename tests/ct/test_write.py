@@ -38,7 +38,7 @@ def test_round_trip_keeps_values_and_geometry(tmp_path):
     np.testing.assert_allclose(img.get_qform(), vol.affine, atol=1e-5)
     assert img.header.get_xyzt_units()[0] == "mm"
     side = json.loads((tmp_path / "ct.json").read_text())
-    assert side["flags"] == ["resampled:gap"] and side["shape"] == [5, 4, 3] and side["meta"]["kvp"] == 120.0
+    assert side["flags"] == ["resampled:gap"] and side["shape"] == [5, 4, 3] and side["meta"]["KVP"] == 120.0
 
 
 def test_every_volume_is_written_in_ras_order_with_the_same_voxels_at_the_same_places(tmp_path):
@@ -117,3 +117,15 @@ def test_sidecar_of_real_series_has_no_identifiers(ct_data, tmp_path, source):
     ras = as_ras(vol)
     np.testing.assert_array_equal(np.asanyarray(img.dataobj), ras.array)
     np.testing.assert_allclose(img.affine, ras.affine, atol=1e-5)
+
+
+def test_sidecar_acquisition_fields_use_the_dcm2niix_bids_keys(ct_data, tmp_path):
+    folder = ct_data / "series_ct/S21570/S2010"
+    write_volume(build_volume(sorted(folder.iterdir())), tmp_path / "ct.nii.gz", tmp_path / "ct.json")
+    meta = json.loads((tmp_path / "ct.json").read_text())["meta"]
+    ds = pydicom.dcmread(folder / "I10", stop_before_pixels=True)
+    assert meta["Modality"] == "CT" and meta["Manufacturer"] == ds.Manufacturer
+    assert meta["ManufacturersModelName"] == ds.ManufacturerModelName and meta["ConvolutionKernel"] == "UB"
+    assert meta["SliceThickness"] == float(ds.SliceThickness) and meta["KVP"] == float(ds.KVP)
+    assert meta["XRayTubeCurrent"] == int(ds.XRayTubeCurrent) and meta["ImageType"][:2] == ["ORIGINAL", "PRIMARY"]
+    assert "kvp" not in meta and "manufacturer_model_name" not in meta and "slice_thickness_mm" not in meta
