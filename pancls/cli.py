@@ -27,13 +27,16 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pancls", description=__doc__.splitlines()[0] if __doc__ else None)
+    # allow_abbrev=False: an unknown option (--epoch) is an error, not silently the one it prefixes (--epochs)
+    parser = argparse.ArgumentParser(prog="pancls", description=__doc__.splitlines()[0] if __doc__ else None,
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"pancls {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
+                           allow_abbrev=False)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
