@@ -100,7 +100,7 @@ def steady_state(study: Path, run: Path, runs: int):
         a = time.perf_counter()
         volume = s.load()
         b = time.perf_counter()
-        x = predict.Preprocessor(loaded.cfg.preprocess)(volume, None)
+        x, _ = predict.Preprocessor(loaded.cfg.preprocess)(volume, None)
         c = time.perf_counter()
         predict.ensemble(loaded, x[None])
         d = time.perf_counter()

@@ -407,40 +407,60 @@ class Preprocessor:
         assert load["_target_"] == "LoadImaged", load
         options = {k: v for k, v in load.items() if k not in ("_target_", "keys")}
         self.loader = LoadImage(**options)
-        self.load_mask = instantiate_specs([dict(load, keys=[MASK_KEY])])
         self.with_mask = instantiate_specs(specs[1:])
         self.image_only = None if cfg.roi == "mask" else instantiate_specs(deterministic_specs(cfg, keys)[1:])
 
-    def _image(self, volume):
-        """What ``LoadImage`` returns for the volume's NIfTI, from the in-memory image."""
-        import nibabel as nib
+    def _loaded(self, img, name: str):
+        """What ``LoadImage`` returns for the NIfTI image ``img`` had it been read from a file."""
         from monai.data import MetaTensor
         from monai.utils import convert_to_dst_type
+
+        reader = self.loader.readers[-1]  # the one the spec names (tried first)
+        reader.filenames = (name,)  # what read(path) would have set: get_data pairs each image with its name
+        array, meta = reader.get_data(img)
+        array = convert_to_dst_type(array, dst=array, dtype=self.loader.dtype)[0]
+        meta["filename_or_obj"] = name
+        return MetaTensor.ensure_torch_and_prune_meta(array, meta, self.loader.simple_keys,
+                                                      pattern=self.loader.pattern, sep=self.loader.sep)
+
+    def _image(self, volume):
+        """The volume's NIfTI image (its affine as a file gives it back: the header's float32 sform) and what
+        ``LoadImage`` returns for it."""
+        import nibabel as nib
 
         from pancls.ct.write import nifti_image
 
         stored = nifti_image(volume)
         stored.update_header()
-        # the affine a file gives back: the header's sform, whose fields are float32
         img = nib.Nifti1Image(stored.dataobj, stored.header.get_best_affine(), header=stored.header)
-        reader = self.loader.readers[-1]  # the one the spec names (tried first)
-        reader.filenames = ("study",)  # what read(path) would have set: get_data pairs each image with its name
-        array, meta = reader.get_data(img)
-        array = convert_to_dst_type(array, dst=array, dtype=self.loader.dtype)[0]
-        meta["filename_or_obj"] = "study"
-        return img, MetaTensor.ensure_torch_and_prune_meta(array, meta, self.loader.simple_keys,
-                                                           pattern=self.loader.pattern, sep=self.loader.sep)
+        return img, self._loaded(img, "study")
 
-    def __call__(self, volume, mask: Optional[Path]) -> torch.Tensor:
-        from pancls.data.manifest import grid_mismatch
+    def _mask(self, img, mask: Path):
+        """The mask on the image's voxel grid, and a note when it had to be reoriented. A mask saved in another
+        orientation or slice order (same voxels, axes flipped or permuted, e.g. dcm2niix's geometry or DICOM
+        SEG) is reordered exactly; one that would need resampling is refused: the lesion drawn on another grid
+        is not this study's lesion voxel for voxel."""
+        import nibabel as nib
+        import numpy as np
 
+        from pancls.ct.mask import onto_grid, read_mask
+        from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
+
+        labels, affine, _ = read_mask(mask)
+        on, how = onto_grid(labels, affine, img.shape, img.affine, AFFINE_ATOL_MM)
+        if how != "reoriented":
+            raise UserError("the mask is not on the image's voxel grid (it would need resampling): give the mask "
+                            "drawn on this series", mask)
+        out = nib.Nifti1Image(np.asarray(on, dtype=np.int16), img.affine, header=img.header)
+        # noted unless the file as given is on the grid (a NIfTI with the image's shape and affine)
+        return self._loaded(out, "mask"), [] if grid_mismatch(img, mask) is None else ["mask_reoriented"]
+
+    def __call__(self, volume, mask: Optional[Path]):
+        """``(tensor (C, *size), notes)`` for one study."""
         img, image = self._image(volume)
-        item = {"image": image}
+        item, notes = {"image": image}, []
         if mask is not None:
-            problem = grid_mismatch(img, mask)
-            if problem:
-                raise UserError(f"the mask is not on the image's voxel grid: {problem}", mask)
-            item.update(self.load_mask({"mask": str(mask)}))
+            item["mask"], notes = self._mask(img, mask)
         transform = self.with_mask if mask is not None else self.image_only
         try:
             out = transform(item)
@@ -451,7 +471,7 @@ class Preprocessor:
             if cause is None:
                 raise
             raise UserError(cause.reason, mask or cause.where) from None
-        return torch.as_tensor(out["image"]).as_subclass(torch.Tensor)
+        return torch.as_tensor(out["image"]).as_subclass(torch.Tensor), notes
 
 
 # ----------------------------------------------------------------------------------------- predict
@@ -495,7 +515,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
             volume = study.load()
             base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
             base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
-            x = pre(volume, study.mask)
+            x, notes = pre(volume, study.mask)
+            base["quality_flags"] += notes
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
             results[i] = {**base, "status": "failed", "error": failure_text(exc, where=keep_ids)}
             if on_result:

@@ -315,3 +315,29 @@ def test_contrast_phase_is_known_from_the_header_or_the_description(runs, ct_dat
     assert code == 0 and study["series"]["phase"] == "venous"
     assert "contrast_phase_unknown" not in study["quality_flags"]
     assert "portal venous 5mm" not in json.dumps(got)  # the description itself is not written
+
+
+def test_a_mask_model_on_a_dicom_series_with_a_mask_in_another_orientation(runs, ct_data, tmp_path, capsys):
+    # the TotalSegmentator labels of the DICOM series in dcm2niix's geometry (x flipped against pancls's volume)
+    series, mask = ct_data / "abdomen" / "dicom_series", ct_data / "abdomen" / "example_seg_dicom.nii.gz"
+    code, got, _ = predict_json(tmp_path, capsys, series, "--mask", mask, "--model", runs["mask"])
+    study = got["studies"][0]
+    assert code == 0 and study["status"] == "ok" and study["mask_used"] is True
+    assert "mask_reoriented" in study["quality_flags"]
+    # the same labels written on pancls's own grid of the series give the same prediction, without the note
+    import nibabel as nib
+
+    from pancls.ct.mask import onto_grid, read_mask
+    from pancls.ct.write import nifti_image
+    from pancls.predict import collect_studies
+
+    image = nifti_image(collect_studies([series])[0].load())  # the series as `pancls ingest` writes it (RAS+)
+    labels, affine, _ = read_mask(mask)
+    on, how = onto_grid(labels, affine, image.shape, image.affine, 1e-3)
+    assert how == "reoriented"
+    nib.save(nib.Nifti1Image(on.astype(np.int16), image.affine), tmp_path / "own_grid.nii.gz")
+    code, again, _ = predict_json(tmp_path, capsys, series, "--mask", tmp_path / "own_grid.nii.gz", "--model",
+                                  runs["mask"])
+    assert code == 0 and "mask_reoriented" not in again["studies"][0]["quality_flags"]
+    assert np.allclose(list(again["studies"][0]["probabilities"].values()), list(study["probabilities"].values()),
+                       atol=1e-6)
