@@ -341,3 +341,16 @@ def test_a_mask_model_on_a_dicom_series_with_a_mask_in_another_orientation(runs,
     assert code == 0 and "mask_reoriented" not in again["studies"][0]["quality_flags"]
     assert np.allclose(list(again["studies"][0]["probabilities"].values()), list(study["probabilities"].values()),
                        atol=1e-6)
+
+
+def test_batched_forward_passes_give_the_same_results(runs, ct_data, tmp_path, capsys):
+    # CUDA batches 8 studies per pass; the results must not depend on the batch size
+    inputs = [ct_data / "abdomen" / "example_ct_sm.nii.gz", ct_data / "series_ct", ct_data / "nonimage",
+              ct_data / "abdomen" / "dicom_series"]
+    _, one, _ = predict_json(tmp_path, capsys, *inputs, "--model", runs["centre"], "--batch-size", 1)
+    _, three, _ = predict_json(tmp_path, capsys, *inputs, "--model", runs["centre"], "--batch-size", 3)
+    assert [s["status"] for s in one["studies"]] == ["ok", "ok", "failed", "ok"]
+    for a, b in zip(one["studies"], three["studies"]):
+        assert a["status"] == b["status"] and a.get("predicted") == b.get("predicted")
+        if a["status"] == "ok":
+            assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-6)
