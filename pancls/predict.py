@@ -5,8 +5,8 @@ Pipeline per study (the model loads once; one bad study never stops the others):
 
     input (DICOM folder/zip, NIfTI, manifest CSV row)
       -> series chosen by the rules of ``pancls ingest`` -> Volume (int16 HU, RAS affine)
-      -> the run's own deterministic preprocessing (:func:`pancls.data.transforms.deterministic_transforms`
-         with ``configs/config.yaml``'s ``preprocess``: never re-specified by hand)
+      -> the run's own deterministic preprocessing (:func:`pancls.data.transforms.deterministic_specs` with
+         ``configs/config.yaml``'s ``preprocess``: never re-specified by hand; see :class:`Preprocessor`)
       -> every fold model -> softmax(logits / T_k) with fold k's temperature -> mean over folds
 
 The ensemble probability of class c is the mean of the fold models' calibrated probabilities,
@@ -165,15 +165,10 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
 def ensemble(loaded: LoadedRun, x: torch.Tensor) -> Dict[str, np.ndarray]:
     """``x``: ``(B, C, *size)`` preprocessed studies -> per-fold calibrated probabilities ``(F, B, K)``, their
     mean ``(B, K)``, spread (SD over folds), the ensemble prediction and the folds agreeing with it."""
+    from pancls.eval.clinical import softmax
+
     x = x.to(loaded.device)
-    per_fold = []
-    for f in loaded.folds:
-        logits = f.model(x).float().cpu().numpy().astype(np.float64)
-        z = logits / f.temperature
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        per_fold.append(p / p.sum(axis=1, keepdims=True))
-    probs = np.stack(per_fold)
+    probs = np.stack([softmax(f.model(x).float().cpu().numpy(), f.temperature) for f in loaded.folds])
     mean = probs.mean(axis=0)
     pred = mean.argmax(axis=1)
     agreement = (probs.argmax(axis=2) == pred[None, :]).sum(axis=0)
@@ -299,9 +294,11 @@ def failure_text(exc: BaseException, where: bool = True) -> str:
 
 def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=None, policy=None,
                     tmp: Optional[Path] = None, progress: bool = False) -> List[Study]:
-    """Every study of every input, in order. A missing input or an unreadable manifest is a
-    :class:`UserError` for the whole call (nothing was predicted yet); a study that cannot be read gets
-    ``error`` instead, so that the others still run."""
+    """Every study of every input, in order; zip archives are unpacked into ``tmp`` (the CLI passes a temporary
+    folder it removes; default: the system temp folder). A missing input, or ``mask`` with several inputs, is a
+    :class:`UserError` for the whole call (nothing was predicted yet); an input or a study that cannot be read
+    (an unreadable manifest, no CT series, an ambiguous choice) becomes a study with ``error`` instead, so that
+    the others still run."""
     from pancls.ct.select import SelectionRules
     from pancls.ct.volume import GeometryPolicy
 
@@ -398,7 +395,8 @@ class Preprocessor:
     def __init__(self, cfg):
         from monai.transforms import LoadImage
 
-        from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_specs, instantiate_specs
+        from pancls.data.transforms import (IMAGE_KEY, MASK_KEY, deterministic_specs, instantiate_specs,
+                                            quiet_monai_readers)
 
         self.cfg = cfg
         keys = [IMAGE_KEY, MASK_KEY] if cfg.roi == "mask" else [IMAGE_KEY]
@@ -406,7 +404,8 @@ class Preprocessor:
         load = specs[0]
         assert load["_target_"] == "LoadImaged", load
         options = {k: v for k, v in load.items() if k not in ("_target_", "keys")}
-        self.loader = LoadImage(**options)
+        with quiet_monai_readers():
+            self.loader = LoadImage(**options)
         self.with_mask = instantiate_specs(specs[1:])
         self.image_only = None if cfg.roi == "mask" else instantiate_specs(deterministic_specs(cfg, keys)[1:])
 

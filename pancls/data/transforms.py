@@ -27,6 +27,7 @@ serves every fold and a corrected label never meets a stale cached copy.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -253,15 +254,13 @@ def deterministic_specs(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY,
     return specs
 
 
-def instantiate_specs(specs: Sequence[Dict[str, Any]]) -> Compose:
-    """``Compose`` of MONAI config items, instantiated by MONAI's own :class:`~monai.bundle.ConfigParser` (what
-    ``monai.bundle run`` does with ``inference.json``). MONAI builds every default image reader on the way, and
-    its optional GPU DICOM reader warns on each construction where nvImageCodec is missing (a CPU machine): that
-    noise is kept out of the user's terminal, nothing else is silenced."""
+@contextlib.contextmanager
+def quiet_monai_readers():
+    """MONAI builds every default image reader whenever a loader is made, and its optional GPU DICOM reader warns
+    on each construction where nvImageCodec is missing (a CPU machine): that noise is kept out of the user's
+    terminal, nothing else is silenced."""
     import logging
     import warnings
-
-    from monai.bundle import ConfigParser
 
     plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
     level = plugin_log.level
@@ -269,10 +268,19 @@ def instantiate_specs(specs: Sequence[Dict[str, Any]]) -> Compose:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
-            parser = ConfigParser({"transforms": [dict(s) for s in specs]})
-            return Compose(parser.get_parsed_content("transforms"))
+            yield
     finally:
         plugin_log.setLevel(level)
+
+
+def instantiate_specs(specs: Sequence[Dict[str, Any]]) -> Compose:
+    """``Compose`` of MONAI config items, instantiated by MONAI's own :class:`~monai.bundle.ConfigParser` (what
+    ``monai.bundle run`` does with ``inference.json``), readers built quietly (:func:`quiet_monai_readers`)."""
+    from monai.bundle import ConfigParser
+
+    with quiet_monai_readers():
+        parser = ConfigParser({"transforms": [dict(s) for s in specs]})
+        return Compose(parser.get_parsed_content("transforms"))
 
 
 def deterministic_transforms(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> Compose:
