@@ -56,14 +56,17 @@ class FoldEnsemble(nn.Module):
         self.folds = nn.ModuleList(models)
         self.register_buffer("temperatures", torch.tensor([float(t) for t in temperatures]))
 
+    def fold_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """``(F, B, K)``: each fold model's ``softmax(z_k / T_k)``."""
+        return torch.stack([torch.softmax(m(x).float() / self.temperatures[i], dim=1) for i, m in enumerate(self.folds)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = [torch.softmax(m(x).float() / self.temperatures[i], dim=1) for i, m in enumerate(self.folds)]
-        return torch.stack(probs).mean(0)
+        return self.fold_probabilities(x).mean(0)
 
 
 def to_torchscript(loaded) -> torch.jit.ScriptModule:
     """Trace the ensemble of a :class:`pancls.predict.LoadedRun` on a zero input of the run's shape."""
-    ensemble = FoldEnsemble([f.model.cpu().eval() for f in loaded.folds], [f.temperature for f in loaded.folds]).eval()
+    ensemble = loaded.ensemble.cpu().eval()
     p = loaded.cfg.preprocess
     example = torch.zeros(1, len(p.windows), *p.size)
     with torch.no_grad():

@@ -65,6 +65,7 @@ class LoadedRun:
     model_id: str  # sha256 (16 hex) over the fold checkpoints' bytes and the config
     config_sha256: str
     device: torch.device
+    ensemble: torch.nn.Module  # pancls.bundle.FoldEnsemble of the folds: what predict runs and export traces
 
     @property
     def requires_mask(self) -> bool:
@@ -156,19 +157,20 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
                             f"e.g. {result.unexpected_keys[:3]})", fold_dir / name)
         digest.update((fold_dir / name).read_bytes())
         folds.append(FoldModel(k, model.eval().to(device), float(record.get("temperature", 1.0)), name))
+    from pancls.bundle import FoldEnsemble
+
+    ensemble = FoldEnsemble([f.model for f in folds], [f.temperature for f in folds]).eval().to(device)
     return LoadedRun(run=run, cfg=cfg, classes=classes, folds=folds, metadata=metadata,
                      model_id=digest.hexdigest()[:16], config_sha256=hashlib.sha256(config_text).hexdigest(),
-                     device=device)
+                     device=device, ensemble=ensemble)
 
 
 @torch.no_grad()
 def ensemble(loaded: LoadedRun, x: torch.Tensor) -> Dict[str, np.ndarray]:
-    """``x``: ``(B, C, *size)`` preprocessed studies -> per-fold calibrated probabilities ``(F, B, K)``, their
-    mean ``(B, K)``, spread (SD over folds), the ensemble prediction and the folds agreeing with it."""
-    from pancls.eval.clinical import softmax
-
-    x = x.to(loaded.device)
-    probs = np.stack([softmax(f.model(x).float().cpu().numpy(), f.temperature) for f in loaded.folds])
+    """``x``: ``(B, C, *size)`` preprocessed studies -> per-fold calibrated probabilities ``(F, B, K)``
+    (:meth:`pancls.bundle.FoldEnsemble.fold_probabilities`, the network ``pancls export`` traces), their mean
+    ``(B, K)``, spread (SD over folds), the ensemble prediction and the folds agreeing with it."""
+    probs = loaded.ensemble.fold_probabilities(x.to(loaded.device)).cpu().numpy().astype(np.float64)
     mean = probs.mean(axis=0)
     pred = mean.argmax(axis=1)
     agreement = (probs.argmax(axis=2) == pred[None, :]).sum(axis=0)
