@@ -118,13 +118,17 @@ constraint = /etc/xdg/pip/constraints.txt
 EOF
 echo "wheel: $(basename "$TORCH_WHEEL")"
 
+cached() {  # cached IMAGE: true when IMAGE exists and --rebuild-base was not given (then it is removed first)
+    if bh inspect --type image "$1" >/dev/null 2>&1; then
+        if [ "$REBUILD_BASE" = 1 ]; then bh rmi "$1" >/dev/null; return 1; fi
+        echo "cached: $1 (--rebuild-base to redo it)"
+        return 0
+    fi
+    return 1
+}
+
 step "base image $BASE (debootstrap)"
-if [ "$REBUILD_BASE" = 1 ] && bh inspect --type image "$BASE" >/dev/null 2>&1; then
-    bh rmi "$BASE" >/dev/null
-fi
-if bh inspect --type image "$BASE" >/dev/null 2>&1; then
-    echo "cached: $BASE (--rebuild-base to redo it)"
-else
+if ! cached "$BASE"; then
     # the mirror apt uses (deb822 .sources or a one-line sources.list), else Debian's CDN
     MIRROR=${DEBIAN_MIRROR:-$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
         | sed -n 's/^URIs: *//p; s/^deb \(http[^ ]*\) bookworm .*/\1/p' | grep '/debian/*$' | head -1 || true)}
@@ -149,12 +153,7 @@ bh images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$BASE"
 
 if [ "$TORCH_BASE" = 1 ]; then
     step "base with torch $TORCH_BASE_IMAGE (stand-in for the CUDA image)"
-    if [ "$REBUILD_BASE" = 1 ] && bh inspect --type image "$TORCH_BASE_IMAGE" >/dev/null 2>&1; then
-        bh rmi "$TORCH_BASE_IMAGE" >/dev/null
-    fi
-    if bh inspect --type image "$TORCH_BASE_IMAGE" >/dev/null 2>&1; then
-        echo "cached: $TORCH_BASE_IMAGE"
-    else
+    if ! cached "$TORCH_BASE_IMAGE"; then
         ctr=$(bh from -q "$BASE")
         bh run --isolation chroot -v "$PIPCONF:/etc/xdg/pip:ro" "$ctr" -- \
             pip3 install -q --no-cache-dir --break-system-packages torch==2.13.0+cpu "sympy==$BASE_TORCH_SYMPY"
