@@ -109,3 +109,15 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
     """Call ``writer(tmp_path)`` (e.g. ``torch.save``, ``nib.save``) and move the result onto ``path``."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "the folder") -> None:
+    """Refuse, before any work, a folder that a command will write into and cannot: missing or read-only
+    (``what`` names it in the message, e.g. "the output's folder")."""
+    from pancls.errors import UserError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} does not exist", folder)
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{what} is not writable", folder)

@@ -602,13 +602,9 @@ def check_output_path(path: Optional[Path]) -> None:
         raise UserError("the output must end in .json or .csv", "--out")
     if path.is_dir():
         raise UserError("is a folder; give a file name ending in .json or .csv", path)
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise UserError("the output's folder does not exist", parent)
-    import os
+    from pancls.io import check_writable_folder
 
-    if not os.access(parent, os.W_OK):
-        raise UserError("the output's folder is not writable", parent)
+    check_writable_folder(path.resolve().parent, "the output's folder")
 
 
 def iter_results_summary(results: Sequence[Dict[str, Any]]) -> Iterator[str]:

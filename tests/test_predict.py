@@ -254,13 +254,15 @@ def test_a_bad_model_folder_is_one_line_exit_2(runs, ct_data, tmp_path, capsys, 
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", ["suffix", "missing_folder", "mask_with_two_inputs", "missing_input"])
+@pytest.mark.parametrize("case", ["suffix", "missing_folder", "mask_with_two_inputs", "missing_input",
+                                  "sr_missing_parent"])
 def test_bad_invocations_are_one_line_exit_2(runs, ct_data, tmp_path, capsys, case):
     image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
     args = {"suffix": [str(image), "--out", str(tmp_path / "p.txt")],
             "missing_folder": [str(image), "--out", str(tmp_path / "nope" / "p.json")],
             "mask_with_two_inputs": [str(image), str(image), "--mask", str(ct_data / "abdomen" / "pancreas_mask.nii.gz")],
-            "missing_input": [str(tmp_path / "absent.nii.gz")]}[case]
+            "missing_input": [str(tmp_path / "absent.nii.gz")],
+            "sr_missing_parent": [str(image), "--sr", str(tmp_path / "nope" / "sr")]}[case]
     code = main(["predict", *args, "--model", str(runs["centre"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("pancls predict: error:")

@@ -17,7 +17,6 @@ study ID -- unless ``keep_ids`` (then highdicom copies them from the source imag
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -35,9 +34,9 @@ def check_sr_folder(folder: Path) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError("exists and is not a folder", folder)
-    parent = folder if folder.exists() else folder.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError("cannot be written (the folder or its parent is missing or read-only)", folder)
+    from pancls.io import check_writable_folder
+
+    check_writable_folder(folder if folder.exists() else folder.resolve().parent, "the --sr folder (or its parent)")
 
 
 def build_sr(source_images: Sequence[Any], result: Dict[str, Any], classes: Sequence[str], model_id: str,
