@@ -7,7 +7,7 @@ SHARED_DATA ?= $(abspath ../shared/data)
 DEMO_OUT ?= runs/cv-demo
 LT_DEMO_OUT ?= runs/lt-demo
 
-.PHONY: venv demo demo-lt test test-slow bench carry clean
+.PHONY: venv lint demo demo-lt test test-slow bench carry clean
 
 # Installs exactly what CI tests: every version comes from requirements.lock (used as constraints, so a package
 # pyproject.toml no longer needs is not installed). Refresh the lock with scripts/lock.sh after changing the
@@ -32,7 +32,10 @@ demo-lt: venv
 	PANCLS_DATA=$(SHARED_DATA) $(VENV)/bin/pancls lt --config configs/lt_demo_cpu.yaml \
 	    --data $(SHARED_DATA)/cifar10.npz --out $(LT_DEMO_OUT) --resume
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	PANCLS_DATA=$(SHARED_DATA) $(PY) -m pytest -q
 
 test-slow: venv

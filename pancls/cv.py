@@ -295,7 +295,7 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
         "fold": k, "train_patients": len({r["patient_id"] for r in parts["train"]}),
         "val_patients": len({r["patient_id"] for r in parts["val"]}),
         "test_patients": len({r["patient_id"] for r in parts["test"]}),
-        "train_counts": {c: int(n) for c, n in zip(classes, counts)},
+        "train_counts": {c: int(n) for c, n in zip(classes, counts, strict=True)},
         "selection": cfg.cv.select, "selected_epoch": selected_epoch, "selected_on": INNER_SELECTED_ON,
         "select_metric": cfg.cv.select_metric, "checkpoint": checkpoint, "temperature": float(temperature),
         "inner_best": result.best_epoch_metrics, "last": result.last_metrics,
@@ -314,7 +314,7 @@ def write_predictions(path: Path, rows, logits: np.ndarray, temperature: float, 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["patient_id", "label", "fold", "pred", *[f"p_{c}" for c in classes], *[f"logit_{c}" for c in classes]])
-    for r, p, z in zip(rows, probs, logits):
+    for r, p, z in zip(rows, probs, logits, strict=True):
         w.writerow([r["patient_id"], classes[r["label"]], fold, classes[int(p.argmax())],
                     *[f"{v:.6f}" for v in p], *[f"{v:.6f}" for v in z]])
     atomic_write_text(path, buf.getvalue())

@@ -44,8 +44,8 @@ starts by removing the temporary files a killed run left (in ``out``, ``out/imag
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -66,18 +66,28 @@ from tqdm.auto import tqdm
 
 from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
+from pancls.ct.mask import onto_grid, read_mask
 from pancls.ct.nifti import load_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
 from pancls.ct.select import Decision, SelectionRules, select_series
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume
-from pancls.ct.mask import onto_grid, read_mask
 from pancls.ct.write import label_image, write_volume
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
 from pancls.errors import UserError, one_line
 from pancls.io import atomic_save, atomic_write_json, atomic_write_text, remove_stale_temps, writable_folder
-from pancls.join import (KEY_COLUMNS, KEY_FILE, LABEL_KEYS, LabelSheet, MaskFinder, SheetRow, SourceIds, read_key_file,
-                         read_label_sheet, relative_location)
+from pancls.join import (
+    KEY_COLUMNS,
+    KEY_FILE,
+    LABEL_KEYS,
+    LabelSheet,
+    MaskFinder,
+    SheetRow,
+    SourceIds,
+    read_key_file,
+    read_label_sheet,
+    relative_location,
+)
 from pancls.privacy import keyed_id, load_or_create_secret
 
 MANIFEST_COLUMNS = ["patient_id", "image", "label", "study_id", "series_id", "series_number",
@@ -275,7 +285,7 @@ class _Run:
         return keyed_id(self.secret, kind, value, length)
 
 
-def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConfig(), force: bool = False,
+def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = None, force: bool = False,
            workers: Optional[int] = None, progress: bool = True, err=None, keep_descriptions: bool = False,
            insecure_ids: bool = False, secret_file: Optional[Path] = None, labels: Optional[Path] = None,
            label_key: str = "PatientID", masks: Optional[Path] = None,
@@ -291,6 +301,7 @@ def ingest(sources: Sequence[Path], out: Path, config: IngestConfig = IngestConf
     ``labels`` (a label sheet matched on ``label_key``, labels from ``classes``) and ``masks`` (a folder of
     mask files): see :mod:`pancls.join`. With a sheet, manifest.csv lists the labelled volumes only.
     """
+    config = config if config is not None else IngestConfig()
     err = err or sys.stderr
     sources = [Path(s) for s in sources]
     for src in sources:

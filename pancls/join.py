@@ -138,6 +138,12 @@ def _delimiter(path: Path) -> str:
     return max(counts, key=counts.get) if any(counts.values()) else ","
 
 
+def _cell(values: Sequence[str], index: Dict[str, int], name: str) -> str:
+    """The stripped cell of column ``name`` in one sheet row ("" when the column or the cell is absent)."""
+    i = index.get(name)
+    return values[i].strip() if i is not None and i < len(values) else ""
+
+
 def read_label_sheet(path: str | os.PathLike, key: str, classes: Sequence[str]) -> LabelSheet:
     """Read and check the whole sheet; every problem at once as a :class:`ManifestError` (CSV line numbers)."""
     from pancls.data.manifest import ManifestError, label_problem, read_csv_rows
@@ -169,8 +175,7 @@ def read_label_sheet(path: str | os.PathLike, key: str, classes: Sequence[str]) 
     out: List[SheetRow] = []
     by_value: Dict[str, SheetRow] = {}
     for line, values in rows:
-        get = lambda name: values[index[name]].strip() if name in index and index[name] < len(values) else ""  # noqa: E731
-        row = SheetRow(line, get("key"), get("label"), get("mask"))
+        row = SheetRow(line, *(_cell(values, index, name) for name in ("key", "label", "mask")))
         found = []
         if not row.key:
             found.append(f"empty {key}")

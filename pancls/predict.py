@@ -359,7 +359,7 @@ def quality_flags(volume, loaded: LoadedRun, phase: Optional[str] = None) -> Lis
     training = loaded.metadata.get("pancls", {}).get("training_spacing_mm")
     if training:
         lo, hi = training["min"], training["max"]
-        out = [f"{axis}={s:.2f}mm (trained {a:.2f}-{b:.2f})" for axis, s, a, b in zip("RAS", spacing, lo, hi)
+        out = [f"{axis}={s:.2f}mm (trained {a:.2f}-{b:.2f})" for axis, s, a, b in zip("RAS", spacing, lo, hi, strict=True)
                if s < a * (1 - SPACING_TOLERANCE) or s > b * (1 + SPACING_TOLERANCE)]
         if out:
             flags.append("spacing_outside_training_range:" + ",".join(out))
@@ -368,9 +368,9 @@ def quality_flags(volume, loaded: LoadedRun, phase: Optional[str] = None) -> Lis
             flags.append(f"slice_thickness_outside_training_range:{max(thickness):g}mm (trained up to {hi[2]:.2f})")
     else:
         flags.append("training_range_unknown")
-    roi = [n * s for n, s in zip(p.size, p.spacing)]
+    roi = [n * s for n, s in zip(p.size, p.spacing, strict=True)]
     fov = ras_extent(volume.array.shape, volume.affine)
-    small = [f"{axis}={f:.0f}<{r:.0f}mm" for axis, f, r in zip("RAS", fov, roi) if f < r]
+    small = [f"{axis}={f:.0f}<{r:.0f}mm" for axis, f, r in zip("RAS", fov, roi, strict=True) if f < r]
     if small and p.roi != "mask":
         flags.append("field_of_view_smaller_than_roi:" + ",".join(small))
     if volume.meta.get("source") == "dicom":
@@ -397,8 +397,13 @@ class Preprocessor:
     def __init__(self, cfg):
         from monai.transforms import LoadImage
 
-        from pancls.data.transforms import (IMAGE_KEY, MASK_KEY, deterministic_specs, instantiate_specs,
-                                            quiet_monai_readers)
+        from pancls.data.transforms import (
+            IMAGE_KEY,
+            MASK_KEY,
+            deterministic_specs,
+            instantiate_specs,
+            quiet_monai_readers,
+        )
 
         self.cfg = cfg
         keys = [IMAGE_KEY, MASK_KEY] if cfg.roi == "mask" else [IMAGE_KEY]
@@ -551,8 +556,8 @@ def _prediction(loaded: LoadedRun, out: Dict[str, np.ndarray], row: int) -> Dict
     pred = int(out["pred"][row])
     return {
         "status": "ok", "error": None, "predicted": classes[pred],
-        "probabilities": {c: round(float(v), 6) for c, v in zip(classes, out["mean"][row])},
-        "spread": {c: round(float(v), 6) for c, v in zip(classes, out["spread"][row])},
+        "probabilities": {c: round(float(v), 6) for c, v in zip(classes, out["mean"][row], strict=True)},
+        "spread": {c: round(float(v), 6) for c, v in zip(classes, out["spread"][row], strict=True)},
         "agreement": int(out["agreement"][row]), "n_folds": len(loaded.folds),
         "fold_predictions": [classes[int(k)] for k in out["per_fold"][:, row].argmax(axis=1)],
     }

@@ -1,8 +1,6 @@
 """Command-line boundary checks (issue 14): each bad argument is one line on stderr and exit 2, before any work."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 

@@ -47,12 +47,12 @@ def test_out_of_fold_predictions_cover_every_patient_once(finished, cohort):
     manifest = pd.read_csv(cohort / "manifest.csv", dtype={"patient_id": str})
     assert sorted(oof["patient_id"]) == sorted(manifest["patient_id"])
     splits = json.loads((run / "splits.json").read_text())
-    assert all(splits["test_fold"][p] == f for p, f in zip(oof["patient_id"], oof["fold"]))
+    assert all(splits["test_fold"][p] == f for p, f in zip(oof["patient_id"], oof["fold"], strict=True))
     probs = oof[[f"p_{c}" for c in summary["classes"]]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
     # the labels in the predictions are the manifest's
-    label = dict(zip(manifest["patient_id"], manifest["label"]))
-    assert all(label[p] == y for p, y in zip(oof["patient_id"], oof["label"]))
+    label = dict(zip(manifest["patient_id"], manifest["label"], strict=True))
+    assert all(label[p] == y for p, y in zip(oof["patient_id"], oof["label"], strict=True))
     # pooled top-1 recomputed from the file equals the summary's
     assert math.isclose(summary["pooled"]["top1"], float((oof["pred"] == oof["label"]).mean()), abs_tol=1e-9)
 

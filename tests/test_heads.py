@@ -156,7 +156,7 @@ def test_tsp_gradient_on_tail_centres_decays_polynomially(form):
     ratios = [_tail_centre_gradient(tsp, c) / _tail_centre_gradient(vmf, c) for c in angles]
     assert ratios[0] < 1.0  # near tail centre: tSP pushes less than vMF
     assert ratios[2] > 100.0 and ratios[3] > ratios[2]  # far tail centres: tSP pushes far more
-    assert all(a < b for a, b in zip(ratios, ratios[1:]))
+    assert all(a < b for a, b in zip(ratios, ratios[1:], strict=False))
 
 
 def test_fig2_claim_holds_only_at_a_matched_scale():

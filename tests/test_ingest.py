@@ -53,8 +53,8 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     code, out_text, err, out = whole_ct
     assert code == 1
     assert "Traceback" not in "\n".join(err)
-    gap_lines = [l for l in err if "removed_slices" in l]
-    tilt_lines = [l for l in err if "tilt_variable_spacing" in l]
+    gap_lines = [line for line in err if "removed_slices" in line]
+    tilt_lines = [line for line in err if "tilt_variable_spacing" in line]
     assert len(gap_lines) == 1 and "gap" in gap_lines[0] and "25" in gap_lines[0]
     assert len(tilt_lines) == 1 and "tilt" in tilt_lines[0] and "18.5" in tilt_lines[0]
     assert len(err) == 2, err
@@ -167,7 +167,7 @@ def test_bad_inputs_each_give_one_line(ct_data: Path, capsys, tmp_path: Path):
     assert code == 1
     assert "Traceback" not in "\n".join(err)
     assert len(err) == 6, err  # cut.dcm, broken/ has no usable series, only_sr/, notes.txt, nan, flat
-    line = {key: [l for l in err if key in l] for key in ("cut.dcm", "only_sr", "notes.txt", "nan.nii.gz", "flat.nii.gz")}
+    line = {key: [line for line in err if key in line] for key in ("cut.dcm", "only_sr", "notes.txt", "nan.nii.gz", "flat.nii.gz")}
     assert all(len(v) == 1 for v in line.values()), line
     assert "truncated" in line["cut.dcm"][0]
     assert "no usable series" in line["only_sr"][0] and "Comprehensive SR Storage" in line["only_sr"][0]
@@ -321,7 +321,7 @@ def test_killed_ingest_leaves_nothing_and_a_rerun_equals_an_uninterrupted_run(ct
     reference = tmp_path / "reference"
     assert _start(sources, reference, secret, tmp).wait(120) == 0
     out = tmp_path / "out"
-    for attempt in range(5):  # kill while a volume is being written (retried if the run was too quick)
+    for _attempt in range(5):  # kill while a volume is being written (retried if the run was too quick)
         shutil.rmtree(out, ignore_errors=True)
         proc = _start(sources, out, secret, tmp)
         deadline = time.monotonic() + 60

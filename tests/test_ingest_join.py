@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-import pytest
 
 from pancls.cli import main
 from pancls.data.classes import DEFAULT_CLASSES

@@ -3,10 +3,10 @@ no-torch lock agrees with the full one, and `make venv` installs under the lock.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

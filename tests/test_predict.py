@@ -352,7 +352,7 @@ def test_batched_forward_passes_give_the_same_results(runs, ct_data, tmp_path, c
     _, one, _ = predict_json(tmp_path, capsys, *inputs, "--model", runs["centre"], "--batch-size", 1)
     _, three, _ = predict_json(tmp_path, capsys, *inputs, "--model", runs["centre"], "--batch-size", 3)
     assert [s["status"] for s in one["studies"]] == ["ok", "ok", "failed", "ok"]
-    for a, b in zip(one["studies"], three["studies"]):
+    for a, b in zip(one["studies"], three["studies"], strict=True):
         assert a["status"] == b["status"] and a.get("predicted") == b.get("predicted")
         if a["status"] == "ok":
             assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-6)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pancls.errors import UserError
 from pancls.ct.select import SelectionRules
+from pancls.errors import UserError
 from pancls.ingest import IngestConfig, ingest
+from pancls.privacy import keyed_id, load_or_create_secret
 
 SHORT = IngestConfig(selection=SelectionRules(min_slices=1))  # jpeg2000 is one slice
-from pancls.privacy import keyed_id, load_or_create_secret
 
 
 def test_keyed_id_depends_on_secret_and_kind_and_is_not_a_plain_hash():

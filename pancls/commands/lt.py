@@ -44,7 +44,6 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pancls import lt
-
     from pancls.io import writable_folder
 
     cfg = build_config(args)

@@ -623,7 +623,7 @@ def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) 
     series: List[Series] = []
     for study_key, members in by_study.items():
         tagged = defaultdict(list)
-        for inst, tag in zip(members, _copy_tags(members)):
+        for inst, tag in zip(members, _copy_tags(members), strict=True):
             tagged[tag].append(inst)
         for tag, copy_members in tagged.items():
             study_id = study_key + (f"|copy:{tag}" if tag else "")

@@ -123,8 +123,9 @@ def preference_key(series: Series, rules: SelectionRules) -> Tuple:
     return (phase, derived, not_axial, *tie, number, series.series_hash)
 
 
-def select_series(series: Sequence[Series], rules: SelectionRules = SelectionRules()) -> List[Decision]:
+def select_series(series: Sequence[Series], rules: SelectionRules | None = None) -> List[Decision]:
     """One :class:`Decision` per series, in input order; at most one kept per study by default."""
+    rules = rules if rules is not None else SelectionRules()
     by_study: Dict[str, List[Series]] = {}
     for s in series:
         by_study.setdefault(s.study_hash, []).append(s)

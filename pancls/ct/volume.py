@@ -46,9 +46,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
-from pancls.ct.geometry import (GeometryPolicy, analyse_stack, check_orientation, grid_affine, resample_flags,
-                                resample_stack)
 from pancls.ct.capture import collecting
+from pancls.ct.geometry import (
+    GeometryPolicy,
+    analyse_stack,
+    check_orientation,
+    grid_affine,
+    resample_flags,
+    resample_stack,
+)
 from pancls.ct.scan import PIXEL_DATA, Header, default_workers, parallel_map, read_dicom_header
 from pancls.errors import UserError, one_line
 
@@ -238,7 +244,7 @@ def _parse_frames(header: Header, path: Path) -> list[_Frame]:
         _integer(ds, "PixelRepresentation", path, 0, 1)
     frames = []
     for f in range(n_frames):
-        def attr(sequence: str, keyword: str) -> Any:
+        def attr(sequence: str, keyword: str, f: int = f) -> Any:
             item = _group_item(ds, f, sequence) if has_groups else None
             return _get(item if item is not None and keyword in item else ds, keyword, path)
 
@@ -508,7 +514,7 @@ def decode_processes(headers: Sequence[Header], workers: int | None = None) -> i
     return max(1, min(workers or cpus, cpus, compressed // MIN_COMPRESSED_FILES_PER_PROCESS))
 
 
-def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = GeometryPolicy(),
+def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy | None = None,
                  workers: int | None = None, headers: Sequence[Header] | None = None) -> Volume:
     """Build the HU volume of ONE series from its DICOM files (see the module docstring for the rules).
 
@@ -539,6 +545,7 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
         undecodable transfer syntax, mixed series/orientation/size/spacing, duplicate positions, and any
         gap, uneven spacing or tilt the policy refuses. ``where`` is the file or the series folder.
     """
+    policy = policy if policy is not None else GeometryPolicy()
     paths = [Path(p) for p in paths]
     if not paths:
         raise UserError("no DICOM files given", "build_volume")
@@ -550,10 +557,10 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     n_workers = workers or default_workers(len(paths))
     if headers is None:
         headers = parallel_map(_read_header, paths, n_workers)
-    for path, header in zip(paths, headers):
+    for path, header in zip(paths, headers, strict=True):
         with _header_errors(path):
             _check_decoder(header.dataset, path)
-    frames = [fr for path, header in zip(paths, headers) for fr in _frames_of(header, path)]
+    frames = [fr for path, header in zip(paths, headers, strict=True) for fr in _frames_of(header, path)]
     with _header_errors(where):
         _check_one_stack([h.dataset for h in headers], frames, policy, where)
 
@@ -578,14 +585,14 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy = Ge
     by_file: dict[Path, list[tuple[int, _Frame]]] = {}
     for k, fr in enumerate(sorted_frames):
         by_file.setdefault(fr.path, []).append((k, fr))
-    header_of = dict(zip(paths, headers))
+    header_of = dict(zip(paths, headers, strict=True))
     items = list(by_file.items())
     n_processes = decode_processes([header_of[path] for path, _ in items], workers)
     sinks: dict[Path, list[str]] = {path: [] for path, _ in items}
     if n_processes > 1:
         with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork")) as pool:
             futures = [pool.submit(_stored_values_captured, path, header_of[path]) for path, _ in items]
-            for (path, targets), future in zip(items, futures):
+            for (path, targets), future in zip(items, futures, strict=True):
                 def result(future=future, sink=sinks[path]):
                     array, caught = future.result()
                     sink.extend(caught)

@@ -153,7 +153,7 @@ def load_manifest(
         if len(values) != len(columns):
             problems.append((line, f"expected {len(columns)} fields, found {len(values)}"))
             continue
-        row: Dict[str, Any] = dict(zip(columns, (v.strip() for v in values)))
+        row: Dict[str, Any] = dict(zip(columns, (v.strip() for v in values), strict=True))
         found = _check_values(row, classes) + _check_paths(row, base, root_dir, real_roots, allow_absolute,
                                                            check_images)
         found += consistency.check(line, row)

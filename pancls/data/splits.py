@@ -43,7 +43,7 @@ def check_class_sizes(records: Sequence[Dict[str, Any]], classes: Sequence[str],
     """Every class needs at least ``folds`` patients, or some test fold has none of it: one error with the
     counts per class."""
     per_class = Counter()
-    for pid, label in {(r["patient_id"], int(r["label"])) for r in records}:
+    for _pid, label in {(r["patient_id"], int(r["label"])) for r in records}:
         per_class[label] += 1
     small = [k for k in range(len(classes)) if per_class[k] < folds]
     if small:
@@ -92,13 +92,13 @@ def make_splits(records: Sequence[Dict[str, Any]], classes: Sequence[str], folds
         check_class_sizes(records, classes, folds)
         outer = _group_kfold(patients, labels, folds, seed)
         source = f"StratifiedGroupKFold(n_splits={folds}, shuffle=True, random_state={seed}), grouped by patient"
-    test = {p: k for p, k in zip(patients, outer)}
+    test = {p: k for p, k in zip(patients, outer, strict=True)}
     inner = {}
     for k in range(folds):
         train_p = [p for p in patients if test[p] != k]
         train_y = [label_of[p] for p in train_p]
         inner_k = _group_kfold(train_p, train_y, inner_folds, seed + 1000 + k)
-        inner[str(k)] = sorted(p for p, f in zip(train_p, inner_k) if f == 0)
+        inner[str(k)] = sorted(p for p, f in zip(train_p, inner_k, strict=True) if f == 0)
     return {
         "version": SPLITS_VERSION,
         "folds": folds,

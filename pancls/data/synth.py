@@ -174,14 +174,14 @@ class _Grid:
     def box(self, lo: Sequence[float], hi: Sequence[float]) -> Tuple[slice, slice, slice]:
         """Slices selecting the voxels whose centres lie within ``[lo, hi]`` mm (possibly empty)."""
         out = []
-        for axis, a, b in zip(self.axes, lo, hi):
+        for axis, a, b in zip(self.axes, lo, hi, strict=True):
             i0, i1 = int(np.searchsorted(axis, a)), int(np.searchsorted(axis, b, side="right"))
             out.append(slice(i0, max(i0, i1)))
         return tuple(out)  # type: ignore[return-value]
 
     def coords(self, sl: Tuple[slice, slice, slice]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable x (n,1,1), y (1,n,1), z (1,1,n) for a crop."""
-        x, y, z = (a[s] for a, s in zip(self.axes, sl))
+        x, y, z = (a[s] for a, s in zip(self.axes, sl, strict=True))
         return x[:, None, None], y[None, :, None], z[None, None, :]
 
 
@@ -348,12 +348,12 @@ def _ipmn(ctx: _Context):
     inside = np.zeros(tuple(s.stop - s.start for s in sl), bool)
     wall_hu = ctx.parenchyma + rng.uniform(-20, 30)
     content = ctx.fluid + rng.uniform(-5, 20)
-    for c, rad in zip(centres - ctx.centre, radii):
+    for c, rad in zip(centres - ctx.centre, radii, strict=True):
         r = np.sqrt((dx - c[0]) ** 2 + (dy - c[1]) ** 2 + (dz - c[2]) ** 2)
         alpha = _ramp(r - rad, ctx.grid.voxel)
         _blend(ctx.vol, sl, alpha, wall_hu)
         inside |= alpha >= 0.5
-    for c, rad in zip(centres - ctx.centre, radii):  # contents after all walls: septa only between cysts
+    for c, rad in zip(centres - ctx.centre, radii, strict=True):  # contents after all walls: septa only between cysts
         r = np.sqrt((dx - c[0]) ** 2 + (dy - c[1]) ** 2 + (dz - c[2]) ** 2)
         _blend(ctx.vol, sl, _ramp(r - (rad - 1.2), ctx.grid.voxel), content)
     if rng.random() < 0.2:  # mural nodule

@@ -111,7 +111,7 @@ class PreprocessConfig:
                 raise ValueError("roi 'box' needs box_start and box_end (voxels of the resampled RAS grid)")
             self.box_start = [int(v) for v in _triple(self.box_start, "box_start")]
             self.box_end = [int(v) for v in _triple(self.box_end, "box_end")]
-            if any(s < 0 or e <= s for s, e in zip(self.box_start, self.box_end)):
+            if any(s < 0 or e <= s for s, e in zip(self.box_start, self.box_end, strict=True)):
                 raise ValueError(f"box must satisfy 0 <= box_start < box_end, got {self.box_start}..{self.box_end}")
         elif self.box_start is not None or self.box_end is not None:
             raise ValueError(f"box_start/box_end are only used with roi 'box', not {self.roi!r}")
@@ -194,7 +194,7 @@ def window_specs(windows: Sequence[Sequence[float]], key: str = IMAGE_KEY) -> Li
     names = [f"{key}_window{i}" for i in range(len(ranges))]
     specs: List[Dict[str, Any]] = [{"_target_": "CopyItemsd", "keys": key, "times": len(names), "names": names}]
     specs += [{"_target_": "ScaleIntensityRanged", "keys": name, "a_min": lo, "a_max": hi, "b_min": 0.0,
-               "b_max": 1.0, "clip": True} for name, (lo, hi) in zip(names, ranges)]
+               "b_max": 1.0, "clip": True} for name, (lo, hi) in zip(names, ranges, strict=True)]
     specs += [{"_target_": "ConcatItemsd", "keys": names, "name": key}, {"_target_": "DeleteItemsd", "keys": names}]
     return specs
 

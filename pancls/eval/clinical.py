@@ -385,7 +385,7 @@ def bootstrap_intervals(
 
     def evaluate(W: np.ndarray) -> Dict[str, np.ndarray]:
         T = W @ S  # (B, F)
-        parts = dict(zip(names, np.split(T, np.cumsum(widths)[:-1], axis=1)))
+        parts = dict(zip(names, np.split(T, np.cumsum(widths)[:-1], axis=1), strict=True))
         cm = parts["cm"].reshape(-1, num_classes, num_classes)
         vals = _metrics_from_confusion(cm)
         n = cm.sum(axis=(1, 2))

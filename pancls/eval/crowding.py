@@ -40,7 +40,7 @@ def plot_crowding(
 
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     ax.scatter(class_counts, mean_angles, color="tab:blue")
-    for n, a, name in zip(class_counts, mean_angles, class_names):
+    for n, a, name in zip(class_counts, mean_angles, class_names, strict=True):
         ax.annotate(name, (n, a), textcoords="offset points", xytext=(3, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)")

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def class_terciles(train_counts) -> Dict[str, np.ndarray]:
     """Class indices of the most frequent, middle and least frequent thirds (ties by class index)."""
     order = np.argsort(-np.asarray(train_counts), kind="stable")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+# Each backbone module registers its networks into BACKBONES when imported; importing them here makes
+# every registered name available as soon as pancls.models is.
+from pancls.models import monai_resnet, resnet_cifar  # noqa: F401
+from pancls.models.backbones import BACKBONES
 from pancls.models.classifier import Classifier
-from pancls.registry import Registry
-
-BACKBONES = Registry("backbone")
 
 
 def create_model(
@@ -32,8 +33,8 @@ def create_model(
     num_classes : int
         K, the number of classes.
     """
-    from pancls.heads import HEADS
     from pancls.errors import UserError
+    from pancls.heads import HEADS
 
     if not isinstance(num_classes, int) or num_classes < 2:
         raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}", "num_classes")
@@ -41,8 +42,5 @@ def create_model(
     classifier_head = HEADS.create(head, in_features=net.out_features, num_classes=num_classes, **dict(head_kwargs or {}))
     return Classifier(net, classifier_head)
 
-
-# Imported for their @BACKBONES.register side effects (after BACKBONES exists).
-from pancls.models import monai_resnet, resnet_cifar  # noqa: E402,F401
 
 __all__ = ["BACKBONES", "Classifier", "create_model"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pancls.models import BACKBONES
+from pancls.models.backbones import BACKBONES
 
 
 class MonaiResNetFeatures(nn.Module):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pancls.errors import UserError
-from pancls.models import BACKBONES
+from pancls.models.backbones import BACKBONES
 
 
 class ShortcutA(nn.Module):

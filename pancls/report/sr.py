@@ -99,7 +99,7 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = 0
-    for study, result in zip(studies, results):
+    for study, result in zip(studies, results, strict=True):
         if result["status"] != "ok" or study.kind != "dicom" or not study.dicom_headers:
             continue
         name = f"sr_{study.input}_{study.study}.dcm"
@@ -110,7 +110,7 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
         except (ValueError, TypeError, AttributeError) as exc:
             result["sr"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             continue
-        atomic_save(folder / name, lambda tmp: sr.save_as(tmp, enforce_file_format=True))
+        atomic_save(folder / name, lambda tmp, sr=sr: sr.save_as(tmp, enforce_file_format=True))
         result["sr"] = name
         written += 1
     return written

@@ -45,8 +45,15 @@ from tqdm import tqdm
 from pancls.config import to_dict
 from pancls.errors import UserError
 from pancls.io import atomic_write_text
-from pancls.train.checkpoint import (capture_rng_state, check_same_config, config_hash, flatten, load_checkpoint,
-                                     restore_rng_state, save_checkpoint)
+from pancls.train.checkpoint import (
+    capture_rng_state,
+    check_same_config,
+    config_hash,
+    flatten,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from pancls.train.optim import LRSchedule, build_optimizer
 
 CHECKPOINT = "last.pt"
@@ -123,7 +130,7 @@ class TrainConfig:
             bad("nesterov", "needs optimizer 'sgd' with momentum > 0")
         if not self.gamma > 0:
             bad("gamma", "must be > 0")
-        if any(m < 1 for m in self.milestones) or any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):
+        if any(m < 1 for m in self.milestones) or any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
             bad("milestones", "must be strictly increasing epochs >= 1")
         if self.warmup_epochs > self.epochs:
             bad("warmup_epochs", f"must be <= epochs ({self.epochs}), or the run would end inside its warm-up")

@@ -15,9 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from pancls.ct.select import SelectionRules
 from pancls.ct.volume import build_volume
 from pancls.errors import UserError
-from pancls.ct.select import SelectionRules
 from pancls.ingest import IngestConfig, ingest
 
 from .conftest import save, set_raw, set_value, unknown_vr, write_series  # noqa: F401 - helpers

@@ -257,7 +257,7 @@ def make_case(rng: random.Random, base: str, datasets: List[Dataset], names: Lis
 
 def write_case(case: Case, folder: Path) -> Path:
     folder.mkdir(parents=True)
-    for ds, name in zip(case.datasets, case.names):
+    for ds, name in zip(case.datasets, case.names, strict=True):
         save(ds, folder / name)
     for kind, name, parameter in case.file_edits:
         path = folder / name
@@ -371,7 +371,7 @@ def _fuzz(bases, tmp_path: Path, n_cases: int, seed: int) -> collections.Counter
         folder = tmp_path / f"case{k}"
         try:
             src = write_case(case, folder / "src")
-        except Exception as exc:  # noqa: BLE001 - a mutation pydicom cannot write is not a case
+        except Exception:  # noqa: BLE001 - a mutation pydicom cannot write is not a case
             counts["not written"] += 1
             shutil.rmtree(folder, ignore_errors=True)
             continue

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from pancls.config import from_dict
-from pancls.ct.geometry import (GeometryError, GeometryPolicy, analyse_stack, check_orientation, grid_affine,
-                                median, resample_flags, resample_stack)
+from pancls.ct.geometry import (
+    GeometryError,
+    GeometryPolicy,
+    analyse_stack,
+    check_orientation,
+    grid_affine,
+    median,
+    resample_flags,
+    resample_stack,
+)
 from pancls.errors import UserError
 
 AXIAL = (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
@@ -23,8 +31,8 @@ def _stack(z, shift_y=None):
     return ipp
 
 
-def _analyse(ipp, policy=GeometryPolicy(), iop=AXIAL, spacing=(1.0, 1.0)):
-    return analyse_stack(ipp, *iop, spacing, policy, [f"f{i}" for i in range(len(ipp))])
+def _analyse(ipp, policy=None, iop=AXIAL, spacing=(1.0, 1.0)):
+    return analyse_stack(ipp, *iop, spacing, policy or GeometryPolicy(), [f"f{i}" for i in range(len(ipp))])
 
 
 def test_sorts_along_normal_not_input_order():
@@ -151,7 +159,7 @@ def test_resample_without_tilt_keeps_original_planes_exactly():
     geo = _analyse(_stack(z), policy)
     out, origin = resample_stack(planes, geo, spacing=5.0, fill=-1024, policy=policy)
     assert out.shape == (9, 4, 3) and origin.tolist() == [0, 0, 0]
-    for src, k in zip(range(5), [0, 1, 2, 7, 8]):
+    for src, k in zip(range(5), [0, 1, 2, 7, 8], strict=True):
         np.testing.assert_array_equal(out[k], planes[src])
     np.testing.assert_allclose(out[4], 0.6 * planes[2] + 0.4 * planes[3], atol=1e-3)
 

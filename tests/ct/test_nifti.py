@@ -13,8 +13,8 @@ from pancls.ct.nifti import load_nifti
 from pancls.errors import UserError
 
 
-def _save(path: Path, data: np.ndarray, affine=np.diag([2.0, 2.0, 3.0, 1.0]), code: int = 1,
-          qform: bool = True) -> Path:
+def _save(path: Path, data: np.ndarray, affine=None, code: int = 1, qform: bool = True) -> Path:
+    affine = np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
     img = nib.Nifti1Image(data, np.eye(4))  # a singular affine cannot go through the constructor's qform
     img.set_sform(affine, code=code)
     img.set_qform(affine if qform else None, code=code if qform else 0)

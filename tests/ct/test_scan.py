@@ -8,8 +8,17 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pancls.ct.scan import (PIXEL_DATA, SkippedFile, default_workers, group_series, orientation_label,
-                            parallel_map, read_dicom_header, read_header, scan)
+from pancls.ct.scan import (
+    PIXEL_DATA,
+    SkippedFile,
+    default_workers,
+    group_series,
+    orientation_label,
+    parallel_map,
+    read_dicom_header,
+    read_header,
+    scan,
+)
 from pancls.errors import UserError
 
 

@@ -49,8 +49,8 @@ def test_preferences_phase_then_original_then_tie_break(series_ct):
     venous_thin = _variant(axial, "x", series_description="Portal Venous thin", series_number=8, pixel_spacing=(0.3, 0.3))
     candidates = [arterial, venous_derived, venous, venous_thin]
 
-    def kept(rules=SelectionRules()):
-        return [d.series.series_hash for d in select_series(candidates, rules) if d.kept]
+    def kept(rules=None):
+        return [d.series.series_hash for d in select_series(candidates, rules or SelectionRules()) if d.kept]
 
     assert kept() == ["x"]  # venous, ORIGINAL, thinnest pixels
     assert kept(SelectionRules(phase_preference=["arterial", "venous"])) == ["a"]

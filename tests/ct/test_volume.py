@@ -271,7 +271,7 @@ def _copy_with(src: Path, dst: Path, **changes) -> Path:
 def test_inconsistent_series_is_refused(series_files, tmp_path, changes, message):
     trio = [series_files[0].parent / name for name in ("I10", "I20", "I30")]  # contiguous, 5 mm apart
     paths = [tmp_path / p.name for p in trio]
-    for src, dst in zip(trio[:2], paths):
+    for src, dst in zip(trio[:2], paths, strict=False):
         shutil.copy(src, dst)
     _copy_with(trio[2], paths[2], **changes)  # I30 changed; I20 sits at z=701.21
     with pytest.raises(UserError, match=message):

@@ -34,7 +34,7 @@ def ldam_reference(targets: np.ndarray, counts: list[int]) -> np.ndarray:
     try:
         np.random.seed(0)
         keep = []
-        for the_class, n in zip(np.unique(targets), counts):
+        for the_class, n in zip(np.unique(targets), counts, strict=True):
             idx = np.where(targets == the_class)[0]
             np.random.shuffle(idx)
             keep.append(idx[:n])

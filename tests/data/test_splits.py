@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pancls.data.splits import (check_class_sizes, fold_records, load_or_make_splits, make_splits)
+from pancls.data.splits import check_class_sizes, fold_records, load_or_make_splits, make_splits
 from pancls.errors import UserError
 
 CLASSES = ["PDAC", "IPMN", "NET", "SCN", "ASC", "CP"]
@@ -63,7 +63,7 @@ def test_class_smaller_than_folds_is_one_error_with_counts():
 
 def test_fold_column_overrides_and_is_checked(tmp_path):
     records = cohort()
-    for i, r in enumerate(records):
+    for r in records:
         r["fold"] = int(r["patient_id"][1:]) % 4
     splits = make_splits(records, CLASSES, 4, 0, 5, tmp_path)
     assert splits["source"] == "manifest fold column"

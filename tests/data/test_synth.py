@@ -14,8 +14,15 @@ from threadpoolctl import threadpool_limits
 from pancls.cli import main
 from pancls.data.classes import DEFAULT_CLASSES
 from pancls.data.manifest import load_manifest
-from pancls.data.synth import (PAPER_COUNTS, SynthConfig, generate_dataset, generate_phantom, load_synth_config,
-                               plan_patients, scaled_counts)
+from pancls.data.synth import (
+    PAPER_COUNTS,
+    SynthConfig,
+    generate_dataset,
+    generate_phantom,
+    load_synth_config,
+    plan_patients,
+    scaled_counts,
+)
 from pancls.errors import UserError
 
 SAMPLES = 4  # phantoms per class for the feature checks

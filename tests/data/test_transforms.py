@@ -15,10 +15,10 @@ from pancls.data.transforms import (
     AugmentConfig,
     PreprocessConfig,
     deterministic_transforms,
+    instantiate_specs,
     make_dataset,
     preprocess_fingerprint,
     random_transforms,
-    instantiate_specs,
     window_specs,
 )
 from pancls.errors import UserError

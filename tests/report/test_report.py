@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from pancls.eval.clinical import (
     bootstrap_intervals,

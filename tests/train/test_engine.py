@@ -89,7 +89,7 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
     np.random.seed(999)
     split, split_result = _fit(tmp_path / "split", resume=True, model_seed=5)  # ...and another initialisation
 
-    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items()):
+    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert _strip(split_result.history) == _strip(whole_result.history)
     np.testing.assert_array_equal(split_result.eval_logits, whole_result.eval_logits)
@@ -125,7 +125,7 @@ def test_finished_run_resumes_as_a_no_op_with_its_weights(tmp_path):
     assert (tmp_path / "last.pt").stat().st_mtime_ns == mtime
     assert again_result.history == result.history
     np.testing.assert_array_equal(again_result.eval_logits, result.eval_logits)
-    assert all(torch.equal(a, b) for a, b in zip(done.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(done.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 def test_refuses_to_overwrite_and_to_resume_a_different_config(tmp_path):
@@ -173,7 +173,7 @@ def test_amp_auto_is_off_on_cpu_and_bf16_runs(tmp_path):
     cfg = dataclasses.replace(CFG, epochs=2)
     off, _ = _fit(tmp_path / "off", cfg)
     auto, _ = _fit(tmp_path / "auto", dataclasses.replace(cfg, amp="auto"))
-    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), auto.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(off.state_dict().values(), auto.state_dict().values(), strict=True))
     bf16, result = _fit(tmp_path / "bf16", dataclasses.replace(cfg, amp="bf16", clip_grad_norm=1.0))
     assert np.isfinite(result.last_metrics["train_loss"])
     assert not torch.equal(bf16[1].weight, off[1].weight)  # autocast really changed the arithmetic

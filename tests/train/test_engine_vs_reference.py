@@ -24,9 +24,9 @@ def _reference():
 
 @pytest.mark.slow
 def test_engine_matches_the_minimal_reference_on_a_short_protocol(cifar10_npz, tmp_path):
-    from pancls.commands.lt import build_config
-    from pancls.cli import build_parser
     from pancls import lt
+    from pancls.cli import build_parser
+    from pancls.commands.lt import build_config
 
     epochs = 2
     ref = _reference().train(str(cifar10_npz), epochs, seed=0, log=lambda _: None)

@@ -39,7 +39,7 @@ def test_same_epoch_same_batches_and_augmentation_whatever_the_global_rng():
     fresh = TensorBatchLoader(images, labels, batch_size=8, transform=_noise, seed=1)
     fresh.set_epoch(3)
     again = list(fresh)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
     fresh.set_epoch(4)
     assert not torch.equal(next(iter(fresh))[0], first[0][0])
 

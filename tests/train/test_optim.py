@@ -42,7 +42,7 @@ def test_step_warmup_ramps_linearly_per_iteration_issue_19():
     s = LRSchedule(TrainConfig(schedule="cosine", epochs=15, warmup_epochs=1, lr=0.1), steps_per_epoch=97)
     first = [s.lr_at(0, i) for i in range(97)]
     assert math.isclose(first[0], 0.1 / 97, rel_tol=1e-12) and math.isclose(first[-1], 0.1, rel_tol=1e-12)
-    assert all(math.isclose(b - a, 0.1 / 97, rel_tol=1e-9) for a, b in zip(first, first[1:]))
+    assert all(math.isclose(b - a, 0.1 / 97, rel_tol=1e-9) for a, b in zip(first, first[1:], strict=False))
     assert math.isclose(s.lr_at(1, 0), 0.1, rel_tol=1e-12)  # cosine starts where the ramp ends
     # two warm-up epochs of 10 steps: global iteration i -> lr * (i + 1) / 20, continuous across the epoch edge
     s2 = LRSchedule(TrainConfig(warmup_epochs=2, lr=0.4), steps_per_epoch=10)
@@ -54,7 +54,7 @@ def test_cosine_after_warmup():
     assert math.isclose(s.lr_at(0, 9), 0.2) and math.isclose(s.lr_at(1, 9), 0.4) and math.isclose(s.lr_at(2, 0), 0.4)
     assert math.isclose(s.lr_at(7, 0), 0.2)  # half-way through the 10 post-warm-up epochs
     values = [s.lr_at(e, i) for e in range(2, 12) for i in range(10)]
-    assert all(b < a for a, b in zip(values, values[1:])) and 0 < values[-1] < 1e-3
+    assert all(b < a for a, b in zip(values, values[1:], strict=False)) and 0 < values[-1] < 1e-3
 
 
 def test_constant_schedule_and_no_warmup():
