@@ -22,6 +22,8 @@ COMMANDS = {
     "report": ("pancls.commands.report", "regenerate the summary, report and model card of a cv run folder"),
     "predict": ("pancls.commands.predict", "predict the subtype of new CT studies with a cv run's fold ensemble"),
     "export": ("pancls.commands.export", "export a cv run folder as a MONAI bundle (TorchScript ensemble + configs)"),
+    "export-nnunet": ("pancls.commands.export_nnunet",
+                      "write a dataset as an nnU-Net v2 raw dataset (dataset.json, imagesTr, labelsTr, splits_final.json)"),
     "check": ("pancls.commands.check", "check a dataset manifest as `pancls cv` will (all problems at once) + class counts"),
 }
 

@@ -13,22 +13,30 @@ from typing import Dict, List, Sequence
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path, help="manifest CSV, e.g. the one `pancls ingest` wrote (DATASET/manifest.csv)")
-    p.add_argument("--config", type=Path,
-                   help="a `pancls cv` YAML recipe: take its data.classes, data.root and data.allowed_roots")
-    p.add_argument("--classes", metavar="A,B,...",
-                   help="allowed labels in class order (default: the recipe's, else PDAC,IPMN,NET,SCN,ASC,CP)")
-    p.add_argument("--root", type=Path, help="folder no image or mask may leave (default: the manifest's folder)")
-    p.add_argument("--allowed-root", dest="allowed_roots", type=Path, action="append", default=[], metavar="DIR",
-                   help="a folder the real files behind symbolic links may lie in (repeatable)")
+    add_manifest_arguments(p)
     p.add_argument("--no-images", action="store_true",
                    help="check the table and paths only, without opening the images (e.g. on a machine without them)")
 
 
-def run(args: argparse.Namespace) -> int:
+def add_manifest_arguments(p: argparse.ArgumentParser, classes_default: str = "the recipe's, else "
+                           "PDAC,IPMN,NET,SCN,ASC,CP") -> None:
+    """The options that say how to read a manifest (classes, root, allowed roots): `check`, `export-nnunet`."""
+    p.add_argument("--config", type=Path,
+                   help="a `pancls cv` YAML recipe: take its data.classes, data.root and data.allowed_roots")
+    p.add_argument("--classes", metavar="A,B,...", help=f"allowed labels in class order (default: {classes_default})")
+    p.add_argument("--root", type=Path, help="folder no image or mask may leave (default: the manifest's folder)")
+    p.add_argument("--allowed-root", dest="allowed_roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder the real files behind symbolic links may lie in (repeatable)")
+
+
+def load_manifest_from_args(args: argparse.Namespace, path: Path, check_images: bool = True,
+                            classes: Sequence[str] | None = None):
+    """The validated manifest at ``path`` read with the options of :func:`add_manifest_arguments`; ``classes``
+    is the default class list when neither --classes nor --config gives one."""
     from pancls.data.classes import DEFAULT_CLASSES
     from pancls.data.manifest import load_manifest
 
-    classes: Sequence[str] = DEFAULT_CLASSES
+    classes = DEFAULT_CLASSES if classes is None else classes
     root, allowed = args.root, list(args.allowed_roots)
     if args.config is not None:
         from pancls.config import load_yaml
@@ -40,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         allowed += [Path(p) for p in data.allowed_roots]
     if args.classes:
         classes = [c.strip() for c in args.classes.split(",")]
-    manifest = load_manifest(args.manifest, classes, root=root, check_images=not args.no_images,
-                             allowed_roots=allowed)
+    return load_manifest(path, classes, root=root, check_images=check_images, allowed_roots=allowed)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = load_manifest_from_args(args, args.manifest, check_images=not args.no_images)
     print(report(manifest, images_checked=not args.no_images))
     return 0
 
