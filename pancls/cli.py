@@ -40,10 +40,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0],
                            allow_abbrev=False)
         module.add_arguments(p)
+        for action in p._actions:  # every --set (lt, cv) gets the KEY=VALUE check, whoever defines it
+            if "--set" in action.option_strings and action.type is None:
+                action.type = override
         p.set_defaults(_module=module)
     return parser
 
 
+def override(text: str) -> str:
+    """The argument of ``--set``: ``KEY=VALUE`` as one word. ``--set train.lr 0.05`` (a space instead of
+    ``=``) would otherwise end as "unrecognized arguments: 0.05"; the error names the form to type instead."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE as one word, got {text!r}: write --set {text}=VALUE "
+                                         "(no space around '=')")
+    if not value:
+        raise argparse.ArgumentTypeError(f"nothing after '=' in {text!r}: write --set {key}=VALUE as one word (no "
+                                         f"space after '='; --set {key}=null sets it to null)")
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

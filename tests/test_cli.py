@@ -17,3 +17,23 @@ def test_an_option_prefix_is_not_taken_for_the_option(command, prefix, capsys, t
 
 def test_check_is_a_command():
     assert COMMANDS["check"][0] == "pancls.commands.check"
+
+
+@pytest.mark.parametrize("command", ["lt", "cv"])
+def test_set_with_a_space_names_the_form_to_type(command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--out", str(tmp_path / "r"), "--set", "train.lr", "0.05"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip().splitlines()[-1].startswith(f"pancls {command}: error: argument --set")
+    assert "argument --set: expected KEY=VALUE as one word, got 'train.lr': write --set train.lr=VALUE" in err
+    assert "unrecognized arguments" not in err
+    with pytest.raises(SystemExit):
+        main([command, "--out", str(tmp_path / "r"), "--set", "train.lr=", "0.05"])
+    assert "nothing after '=' in 'train.lr=': write --set train.lr=VALUE" in capsys.readouterr().err
+
+
+def test_set_key_value_still_parses():
+    from pancls.cli import build_parser
+
+    args = build_parser().parse_args(["lt", "--out", "r", "--set", "train.lr=0.05", "--set=model.head=cosine"])
+    assert args.overrides == ["train.lr=0.05", "model.head=cosine"]
