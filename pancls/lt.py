@@ -8,6 +8,7 @@ labelled extra because choosing it looks at the test set.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -159,6 +160,8 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
 
     started = time.time()
     run_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "note")}
+    if resume and (out_dir / "last.pt").exists():
+        _keep_stored_path_spelling(run_config, out_dir / "last.pt")
     result = fit(model, train_loader, eval_loader, loss_fn, cfg.train, out_dir, device=device,
                  evaluate=evaluate, resume=resume, log=log, run_config=run_config)
     dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
@@ -179,6 +182,25 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
     }
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> None:
+    """Resume a run whose checkpoint spells a path another way (a run started before the commands stored paths
+    absolute: ``cifar10.npz`` then, ``/data/cifar10.npz`` now): where both name the same file, keep the stored
+    spelling in ``run_config`` (in place), so that the resume compares files, not strings."""
+    from pancls.commands.common import PATH_KEYS
+    from pancls.train.checkpoint import load_checkpoint
+
+    stored = load_checkpoint(checkpoint).get("config") or {}
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        node: Any = run_config
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        then = stored.get(f"run.{key}")
+        if isinstance(node, dict) and isinstance(node.get(name), str) and isinstance(then, str) \
+                and node[name] != then and os.path.abspath(node[name]) == os.path.abspath(then):
+            node[name] = then
 
 
 def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str, Any]:

@@ -2,8 +2,10 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from pancls.cli import main
 
@@ -57,10 +59,26 @@ def test_console_script_entry_point_runs():
     assert proc.returncode == 0 and "lt" in proc.stdout and "ingest" in proc.stdout
 
 
-def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, capsys):
+def _top1_from_checkpoint(run: Path, npz: Path) -> float:
+    """Top-1 recomputed outside the engine: the saved weights, the official test split, argmax, compare."""
+    from pancls.data.augment import to_float_normalised
+    from pancls.data.cifar import load_cifar_split
+    from pancls.lt import load_run
+
+    _, _, model = load_run(run)
+    test = load_cifar_split(npz, "cifar10", "test")
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(to_float_normalised(test.images[i:i + 2000])).argmax(1)
+                          for i in range(0, len(test.images), 2000)])
+    return float((pred.numpy() == test.labels).mean())
+
+
+def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.chdir(cifar10_npz.parent)  # the data given relative to the working directory
     argv = ["lt", "--dataset", "cifar10", "--imbalance-ratio", "100", "--head", "tsp", "--loss", "logit_adjust",
-            "--data", str(cifar10_npz), "--out", str(out), "--epochs", "1", "--device", "cpu",
+            "--data", cifar10_npz.name, "--out", str(out), "--epochs", "1", "--device", "cpu",
             "--set", "model.backbone=resnet20_cifar", "--set", "model.backbone_kwargs.width=0.25",
             "--set", "train.warmup_epochs=0", "--set", "train.progress=false"]
     code, stdout, err = _run(argv, capsys)
@@ -68,7 +86,8 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     summary = json.loads(stdout.strip().splitlines()[-1])
     results = json.loads((out / "results.json").read_text())
     assert results["reported"] == "last epoch" and summary["top1"] == results["top1"]
-    assert 0.0 <= results["top1"] <= 1.0 and len(results["per_class_accuracy"]) == 10
+    assert results["top1"] == pytest.approx(_top1_from_checkpoint(out, cifar10_npz), abs=1e-9)
+    assert len(results["per_class_accuracy"]) == 10
     assert results["medium_shot_top1"] is not None and results["few_shot_top1"] is None  # no class < 20 images
     assert len(results["crowding_mean_angle_deg"]) == 10
     assert "evaluation set" in results["best_epoch_on_test_set__not_reported"]["selected_on"]
@@ -83,3 +102,24 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     assert "lr: 0.1" in (out / "config.yaml").read_text()  # the refused resume did not touch the run
     code, stdout, err = _run(argv + ["--resume"], capsys)  # finished: resuming is a no-op
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]
+    assert f"path: {cifar10_npz}\n" in (out / "config.yaml").read_text()  # stored absolute
+    absolute = [str(cifar10_npz) if a == cifar10_npz.name else a for a in argv]
+    code, stdout, err = _run(absolute + ["--resume"], capsys)  # the same file typed absolute: the same run
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]
+
+
+def test_resume_of_a_run_that_stored_a_relative_path(tmp_path, monkeypatch):
+    """Runs started before the commands stored paths absolute keep resuming when the file is the same."""
+    import torch
+
+    from pancls.lt import _keep_stored_path_spelling
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"config": {"run.data.path": "cifar10.npz", "run.model.backbone_kwargs.pretrained": "w.pt"}},
+               tmp_path / "last.pt")
+    run_config = {"data": {"path": str(tmp_path / "cifar10.npz")},
+                  "model": {"backbone_kwargs": {"pretrained": str(tmp_path / "other.pt")}}}
+    _keep_stored_path_spelling(run_config, tmp_path / "last.pt")
+    assert run_config["data"]["path"] == "cifar10.npz"  # same file: the stored spelling, the configs match
+    assert run_config["model"]["backbone_kwargs"]["pretrained"] == str(tmp_path / "other.pt")  # another file

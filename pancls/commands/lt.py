@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from pancls.commands.common import absolute_paths
 from pancls.config import apply_flags, apply_overrides, load_yaml
 
 
@@ -39,6 +40,7 @@ def build_config(args: argparse.Namespace):
     }
     apply_flags(data, flags)
     apply_overrides(data, args.overrides)
+    absolute_paths(data)  # the run's config.yaml and a resume's comparison name each file one way
     return load_config(data)
 
 
