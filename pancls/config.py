@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Type, TypeVar
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Sequence, Type, TypeVar
 import yaml
 
 from pancls.errors import UserError
+from pancls.validation import InvalidParameter, check_choice
 
 T = TypeVar("T")
 
@@ -72,7 +74,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise UserError(f"expected a mapping, got {value!r}", where)
         return from_dict(annotation, value, where)
-    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         errors = []
@@ -89,9 +91,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             # YAML 1.1 reads a bare off/on/no/yes as a boolean; map it back onto the word the key allows
             words = ("off", "no", "false") if value is False else ("on", "yes", "true")
             value = next((a for a in args if a in words), value)
-        if value not in args:
-            raise UserError(f"{value!r} is not one of {list(args)}", where)
-        return value
+        return check_choice(value, where, args)
     if origin in (list, tuple, Sequence) or annotation in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"expected a list, got {value!r}", where)
@@ -135,12 +135,23 @@ def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "config") -> T
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UserError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(fields))}", where)
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    kwargs = {name: _coerce(value, hints[name], key_path(where, name)) for name, value in data.items()}
     try:
         obj = cls(**kwargs)
+    except InvalidParameter as exc:  # a check of pancls.validation, named by its argument: add the section
+        raise InvalidParameter(exc.reason, key_path(where, str(exc.where))) from None
+    except UserError:
+        raise
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc), where) from None
     return obj
+
+
+def key_path(where: str, key: str) -> str:
+    """The name of ``key`` inside ``where``: ``train.epochs`` in a section, ``ingest.yaml: selection`` at the
+    root of a config file (a file name and a key joined by a dot would read as one file name)."""
+    is_file = where.endswith((".yaml", ".yml", ".json")) or os.sep in where
+    return f"{where}: {key}" if is_file and ": " not in where else f"{where}.{key}"
 
 
 def to_dict(obj: Any) -> Any:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pancls.errors import UserError
 from pancls.registry import Registry
+from pancls.validation import InvalidParameter, check_choice, check_scalar
 
 HEADS = Registry("head")
 
@@ -31,15 +31,11 @@ GAMMA_MIN = 1e-6
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"must be an integer >= {minimum}, got {value!r}", name)
-    return value
+    return check_scalar(value, name, int, min_val=minimum)
 
 
 def _check_number(value, name: str, above: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= above:
-        raise UserError(f"must be a finite number > {above:g}, got {value!r}", name)
-    return float(value)
+    return float(check_scalar(value, name, float, min_val=above, include_boundaries="neither"))
 
 
 def _inverse_softplus(y: float) -> float:
@@ -200,13 +196,13 @@ class TSPHead(nn.Module):
     ):
         super().__init__()
         if form not in self.FORMS:
-            raise UserError(f"unknown tSP form {form!r}; choose one of: {', '.join(self.FORMS)}", "form")
+            check_choice(form, "form", self.FORMS)
         given = {"kappa": kappa, "scale_init": scale_init, "learn_scale": learn_scale,
                  "gamma_init": gamma_init, "learn_gamma": learn_gamma, "nu": nu}
         for name, value in given.items():
             if value is not None and name not in self._FORM_OPTIONS[form]:
                 other = "paper" if form == "kernel" else "kernel"
-                raise UserError(f"is an option of tSP form {other!r}, not of form={form!r}", name)
+                raise InvalidParameter(f"is an option of tSP form {other!r}, not of form={form!r}", name)
         self.in_features = _check_int(in_features, "in_features", 1)
         self.num_classes = _check_int(num_classes, "num_classes", 2)
         self.dim = _check_int(dim, "dim", 2)

@@ -26,45 +26,32 @@ effective-number weights (``drw_beta``) from epoch ``E`` on. LDAM-DRW is
 from __future__ import annotations
 
 import math
-import operator
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pancls.errors import UserError
 from pancls.registry import Registry
+from pancls.validation import InvalidParameter, check_choice, check_class_counts, check_scalar
 
 LOSSES = Registry("loss")
 
 
 def _check_counts(class_counts: Sequence[int]) -> list[int]:
-    try:
-        # operator.index accepts Python, NumPy and 0-d integer tensor counts, and refuses 2.5 or "3"
-        counts = [operator.index(n) for n in class_counts if not isinstance(n, bool)]
-    except TypeError:
-        raise UserError(f"must be a sequence of integers, got {class_counts!r}", "class_counts") from None
-    if isinstance(class_counts, (str, bytes)) or len(counts) != len(class_counts):
-        raise UserError(f"must be a sequence of integers, got {class_counts!r}", "class_counts")
-    if len(counts) < 2:
-        raise UserError(f"needs at least 2 classes, got {len(counts)}", "class_counts")
-    empty = [k for k, n in enumerate(counts) if n <= 0]
-    if empty:
-        raise UserError(f"class(es) {empty} have no training samples; every class needs at least one", "class_counts")
-    return counts
+    return check_class_counts(class_counts, "class_counts")
 
 
 def _check_beta(beta, name: str) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise UserError(f"must be a number in [0, 1), got {beta!r}", name)
-    return float(beta)
+    return float(check_scalar(beta, name, float, min_val=0.0, max_val=1.0, include_boundaries="left"))
+
+
+def _check_positive(value, name: str) -> float:
+    return float(check_scalar(value, name, float, min_val=0.0, include_boundaries="neither"))
 
 
 def _check_nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise UserError(f"must be a finite number >= 0, got {value!r}", name)
-    return float(value)
+    return float(check_scalar(value, name, float, min_val=0.0))
 
 
 def effective_number_weights(class_counts: Sequence[int], beta: float) -> torch.Tensor:
@@ -107,8 +94,8 @@ class LongTailLoss(nn.Module):
         super().__init__()
         counts = _check_counts(class_counts)
         self.num_classes = len(counts)
-        if drw_epoch is not None and (isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int) or drw_epoch < 0):
-            raise UserError(f"must be an integer >= 0 or null, got {drw_epoch!r}", "drw_epoch")
+        if drw_epoch is not None:
+            check_scalar(drw_epoch, "drw_epoch", int, min_val=0)
         self.drw_epoch = drw_epoch
         self.drw_beta = _check_beta(drw_beta, "drw_beta")
         # Derived from the counts, never learned: kept out of the state dict so that a checkpoint
@@ -199,12 +186,11 @@ class ClassBalancedLoss(LongTailLoss):
                  gamma: float | None = None, drw_epoch: int | None = None,
                  drw_beta: float = 0.9999):
         if drw_epoch is not None:
-            raise UserError("'cb' weights classes from epoch 0 already; for deferred class-balanced "
+            raise InvalidParameter("'cb' weights classes from epoch 0 already; for deferred class-balanced "
                             "weights use loss 'ce' or 'focal' with drw_epoch", "drw_epoch")
-        if base not in ("ce", "focal"):
-            raise UserError(f"unknown base loss {base!r}; choose one of: ce, focal", "base")
+        check_choice(base, "base", ("ce", "focal"))
         if base == "ce" and gamma is not None:
-            raise UserError("is an option of base 'focal', not of base 'ce'", "gamma")
+            raise InvalidParameter("is an option of base 'focal', not of base 'ce'", "gamma")
         beta = _check_beta(beta, "beta")
         super().__init__(class_counts, drw_beta=drw_beta, static_weight=effective_number_weights(class_counts, beta))
         self.beta = beta
@@ -245,8 +231,7 @@ class LDAMLoss(LongTailLoss):
                  drw_beta: float = 0.9999):
         super().__init__(class_counts, drw_epoch=drw_epoch, drw_beta=drw_beta)
         for name, value in (("max_m", max_m), ("s", s)):
-            if _check_nonnegative(value, name) == 0:
-                raise UserError(f"must be > 0, got {value!r}", name)
+            _check_positive(value, name)
         self.max_m = float(max_m)
         self.s = float(s)
         quarter = self.class_counts.double() ** -0.25
@@ -292,11 +277,11 @@ def create_loss(name: str, class_counts: Sequence[int], num_classes: int | None 
 
     ``num_classes``, when given, must equal ``len(class_counts)``; the other keyword arguments are the
     loss's options plus ``drw_epoch`` / ``drw_beta`` (see :class:`LongTailLoss`). Unknown names,
-    unknown options and bad values raise :class:`~pancls.errors.UserError`.
+    unknown options and bad values raise :class:`~pancls.errors.UserError` (:class:`~pancls.validation.InvalidParameter`).
     """
     counts = _check_counts(class_counts)
     if num_classes is not None and len(counts) != num_classes:
-        raise UserError(f"has {len(counts)} entries but the model has {num_classes} classes", "class_counts")
+        raise InvalidParameter(f"has {len(counts)} entries but the model has {num_classes} classes", "class_counts")
     return LOSSES.create(name, class_counts=counts, **kwargs)
 
 

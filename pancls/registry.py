@@ -7,16 +7,11 @@
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable, Dict, List
 
 from pancls.errors import UserError
-
-
-def _suggest(name: str, choices: List[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+from pancls.validation import suggest as _suggest
 
 
 class Registry:

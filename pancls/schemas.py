@@ -31,7 +31,16 @@ def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Seq
     """``(Classifier, LongTailLoss)`` for a training set with ``class_counts[k]`` samples of class k."""
     from pancls.losses import create_loss
     from pancls.models import create_model
+    from pancls.validation import InvalidParameter
 
-    net = create_model(model.backbone, model.head, len(class_counts), backbone_kwargs=model.backbone_kwargs,
-                       head_kwargs=model.head_kwargs)
-    return net, create_loss(loss.name, list(class_counts), **loss.kwargs)
+    # A bad option is named by its config key (model.head_kwargs.scale_init, loss.kwargs.max_m).
+    try:
+        net = create_model(model.backbone, model.head, len(class_counts), backbone_kwargs=model.backbone_kwargs,
+                           head_kwargs=model.head_kwargs)
+    except InvalidParameter as exc:
+        raise exc.within("model", ("backbone_kwargs", "head_kwargs")) from None
+    try:
+        criterion = create_loss(loss.name, list(class_counts), **loss.kwargs)
+    except InvalidParameter as exc:
+        raise exc.within("loss.kwargs", loss.kwargs) from None
+    return net, criterion

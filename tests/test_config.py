@@ -66,5 +66,5 @@ def test_yaml_off_is_the_word_off_where_a_choice_expects_it():
         amp: Literal["auto", "off"] = "auto"
 
     assert from_dict(Amp, apply_overrides({}, ["amp=off"])).amp == "off"
-    with pytest.raises(UserError, match="not one of"):
+    with pytest.raises(UserError, match=r"^config\.amp: unknown amp True; choose one of: auto, off$"):
         from_dict(Amp, {"amp": True})

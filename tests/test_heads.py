@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pancls.errors import UserError
+from pancls.eval.diagnostics import centre_parameter
 from pancls.heads import GAMMA_MIN, HEADS, CosineHead, TSPHead
 
 TSP_FORMS = ("kernel", "paper")
@@ -115,30 +116,46 @@ def test_scale_parameters_stay_positive_under_large_lr(make, parameter, start):
     assert torch.isfinite(head(torch.randn(4, 12))).all()
 
 
-def _tail_centre_gradient(logits_of_cos, tail_cos: float, num_classes: int = 10, dim: int = 32) -> float:
+DIM = 32
+
+
+def _centre_gradient(head, centres: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dCE(head(x), class 0)/d centres, through the head's own forward in float64.
+
+    The head is given the raw ``centres`` (its ``mu`` or ``weight``) and, for tSP, an identity projection, so
+    that the cosine of ``x`` to centre k is exactly ``normalize(centres[k]) . x``; everything after the cosine
+    (scale, kappa, gamma, nu, the relaxation) is whatever ``forward`` computes.
+    """
+    head = head.double()
+    centre = centre_parameter(head)
+    with torch.no_grad():
+        if isinstance(head, TSPHead):
+            head.proj.weight.copy_(torch.eye(DIM, dtype=torch.float64))
+        centre.copy_(centres)
+    head.zero_grad()
+    F.cross_entropy(head(x[None]), torch.tensor([0])).backward()
+    return centre.grad
+
+
+def _tail_centre_gradient(head, tail_cos: float, num_classes: int = 10) -> float:
     """||dCE/d mu_tail|| for a feature sitting on the head-class centre (class 0, its target).
 
-    All heads see the same raw centres and the same feature; only the map cos -> logit differs.
+    All heads see the same raw centres and the same feature; only the head differs.
     The tail centre (last class) is placed at cosine ``tail_cos`` from the head centre.
     """
     generator = torch.Generator().manual_seed(1)
-    mu = F.normalize(torch.randn(num_classes, dim, generator=generator, dtype=torch.float64), dim=1)
+    mu = F.normalize(torch.randn(num_classes, DIM, generator=generator, dtype=torch.float64), dim=1)
     ortho = F.normalize(mu[-1] - (mu[-1] @ mu[0]) * mu[0], dim=0)
     mu[-1] = tail_cos * mu[0] + math.sqrt(1 - tail_cos ** 2) * ortho
-    mu.requires_grad_(True)
-    x = mu[0].detach()
-    cos = F.normalize(mu, dim=1) @ x
-    F.cross_entropy(logits_of_cos(cos)[None], torch.tensor([0])).backward()
-    return mu.grad[-1].norm().item()
+    return _centre_gradient(head, mu, mu[0].clone())[-1].norm().item()
 
 
-def _logits_of_cos(head):
-    """The head's own cos -> logit map (default parameters), applied to given cosines."""
-    if isinstance(head, CosineHead):
-        return lambda cos: head.scale.double() * cos
-    if head.form == "kernel":
-        return lambda cos: 2 * head.scale.double() / (1 + head.kappa * (1 - cos))
-    return lambda cos: -head.nu * torch.log(head.gamma.double() + (1 - cos) / 2)
+def _tsp(**options) -> TSPHead:
+    return TSPHead(DIM, 10, dim=DIM, **options)
+
+
+def _vmf(scale: float = 16.0) -> CosineHead:
+    return CosineHead(DIM, 10, scale=scale)
 
 
 @pytest.mark.parametrize("form", TSP_FORMS)
@@ -150,10 +167,8 @@ def test_tsp_gradient_on_tail_centres_decays_polynomially(form):
     tail centre it is orders of magnitude smaller than tSP's, whose kernel decays polynomially
     (heavy tail). The ratio tSP / cosine therefore grows steadily with the angle.
     """
-    tsp = _logits_of_cos(TSPHead(8, 10, form=form))
-    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
     angles = (0.9, 0.5, 0.0, -0.5)
-    ratios = [_tail_centre_gradient(tsp, c) / _tail_centre_gradient(vmf, c) for c in angles]
+    ratios = [_tail_centre_gradient(_tsp(form=form), c) / _tail_centre_gradient(_vmf(), c) for c in angles]
     assert ratios[0] < 1.0  # near tail centre: tSP pushes less than vMF
     assert ratios[2] > 100.0 and ratios[3] > ratios[2]  # far tail centres: tSP pushes far more
     assert all(a < b for a, b in zip(ratios, ratios[1:], strict=False))
@@ -164,19 +179,16 @@ def test_fig2_claim_holds_only_at_a_matched_scale():
     head-class sample barely pushes any other centre, near or far (its logit gap saturates at
     2 s * 2 kappa / (1 + 2 kappa) instead of growing like s (1 - cos)). The default initial scale
     (1.69) is what breaks the claim (previous test)."""
-    tsp = _logits_of_cos(TSPHead(8, 10, form="kernel", scale_init=16.0))
-    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
     for c in (0.9, 0.5, 0.0, -0.5):
-        assert _tail_centre_gradient(tsp, c) < 1e-2 * _tail_centre_gradient(vmf, c)
+        assert _tail_centre_gradient(_tsp(form="kernel", scale_init=16.0), c) < 1e-2 * _tail_centre_gradient(_vmf(), c)
 
 
-def _own_centre_gradient(logits_of_cos, own_cos: float, num_classes: int = 10, dim: int = 32) -> float:
+def _own_centre_gradient(head, own_cos: float, num_classes: int = 10) -> float:
     """||dCE/d mu_y|| for a feature at cosine ``own_cos`` from its own centre, orthogonal to the others."""
-    mu = torch.eye(num_classes, dim, dtype=torch.float64, requires_grad=True)
-    x = torch.zeros(dim, dtype=torch.float64)
+    mu = torch.eye(num_classes, DIM, dtype=torch.float64)
+    x = torch.zeros(DIM, dtype=torch.float64)
     x[0], x[-1] = own_cos, math.sqrt(1 - own_cos ** 2)
-    F.cross_entropy(logits_of_cos(F.normalize(mu, dim=1) @ x)[None], torch.tensor([0])).backward()
-    return mu.grad[0].norm().item()
+    return _centre_gradient(head, mu, x)[0].norm().item()
 
 
 def test_flat_far_field_also_mutes_the_pull_of_hard_samples():
@@ -184,12 +196,9 @@ def test_flat_far_field_also_mutes_the_pull_of_hard_samples():
     pulls that centre several times less under tSP than under vMF, at either scale; tail classes,
     whose samples are mostly hard, learn slowly. Near the centre the default scale keeps pulling on
     samples that are already right (bounded logits: the loss never gets small)."""
-    vmf = _logits_of_cos(CosineHead(8, 10, scale=16.0))
     for scale in (None, 16.0):
-        tsp = _logits_of_cos(TSPHead(8, 10, form="kernel", scale_init=scale))
-        assert _own_centre_gradient(tsp, 0.1) < 0.25 * _own_centre_gradient(vmf, 0.1)
-    default = _logits_of_cos(TSPHead(8, 10, form="kernel"))
-    assert _own_centre_gradient(default, 0.95) > 1e3 * _own_centre_gradient(vmf, 0.95)
+        assert _own_centre_gradient(_tsp(form="kernel", scale_init=scale), 0.1) < 0.25 * _own_centre_gradient(_vmf(), 0.1)
+    assert _own_centre_gradient(_tsp(form="kernel"), 0.95) > 1e3 * _own_centre_gradient(_vmf(), 0.95)
 
 
 @pytest.mark.parametrize("name", sorted(HEADS.names()))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 
@@ -27,25 +26,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+#: config keys that have a flag of their own: an error on one of them names the flag the user typed
+_FLAGS = {"seed": "--seed", "size": "--size", "spacing": "--spacing", "dicom_subset": "--dicom-subset",
+          "scale": "--scale", "workers": "--workers"}
+
+
 def run(args: argparse.Namespace) -> int:
-    from pancls.data.synth import generate_dataset, load_synth_config
+    from pancls.data.synth import generate_dataset, load_synth_config, scaled_counts
     from pancls.errors import UserError
     from pancls.io import writable_folder
+    from pancls.validation import InvalidParameter, check_scalar
 
-    if not (math.isfinite(args.scale) and args.scale > 0):
-        raise UserError(f"must be a finite number > 0, got {args.scale}", "--scale")
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"must be >= 1, got {args.workers}", "--workers")
-    checks = (("--seed", args.seed, lambda v: v >= 0, "must be >= 0"),
-              ("--dicom-subset", args.dicom_subset, lambda v: v >= 0, "must be >= 0"),
-              ("--size", args.size, lambda v: min(v) >= 32, "each size must be >= 32 voxels"),
-              ("--spacing", args.spacing, lambda v: all(math.isfinite(s) and s > 0 for s in v),
-               "each spacing must be a finite number > 0 mm"))
-    for flag, value, ok, rule in checks:
-        if value is not None and not ok(value):
-            raise UserError(f"{rule}, got {value}", flag)
-    config = load_synth_config(args.config, seed=args.seed, size=args.size, spacing=args.spacing,
-                               dicom_subset=args.dicom_subset)
+    try:  # every rule lives in SynthConfig / the library; this layer only renames the key to its flag
+        config = load_synth_config(args.config, seed=args.seed, size=args.size, spacing=args.spacing,
+                                   dicom_subset=args.dicom_subset)
+        scaled_counts(config, args.scale)
+        if args.workers is not None:
+            check_scalar(args.workers, "workers", int, min_val=1)
+    except InvalidParameter as exc:
+        key = str(exc.where).rsplit(": ", 1)[-1].rsplit(".", 1)[-1]
+        if key in _FLAGS and (args.config is None or getattr(args, key, None) is not None):
+            raise UserError(exc.reason, _FLAGS[key]) from None
+        raise
     writable_folder(args.out)  # before any work: not at the end of it
     summary = generate_dataset(args.out, config, scale=args.scale, force=args.force, workers=args.workers,
                                progress=args.progress)

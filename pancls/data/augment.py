@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pancls.errors import UserError
+from pancls.validation import check_scalar
 
 #: Per-channel RGB mean and std on [0, 1] pixels, as in LDAM-DRW's ``cifar_train.py`` (which uses the CIFAR-10
 #: values for CIFAR-100 too; the std is kuangliu/pytorch-cifar's, not the pixel std of the train set).
@@ -66,10 +67,8 @@ def random_crop_flip(
     """
     if x.ndim != 4 or not x.is_floating_point():
         raise UserError(f"expected a float (N, C, H, W) batch, got {tuple(x.shape)} {x.dtype}", "x")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise UserError(f"must be an integer >= 0, got {padding!r}", "padding")
-    if not 0.0 <= flip_prob <= 1.0:
-        raise UserError(f"must be in [0, 1], got {flip_prob!r}", "flip_prob")
+    check_scalar(padding, "padding", int, min_val=0)
+    check_scalar(flip_prob, "flip_prob", float, min_val=0, max_val=1)
     n, c, h, w = x.shape
     draw_on = generator.device if generator is not None else x.device
     offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=draw_on).to(x.device)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import io
 import math
-import numbers
 import os
 import pickle
 import tarfile
@@ -36,6 +35,7 @@ from PIL import Image
 
 from pancls.errors import UserError
 from pancls.io import atomic_path
+from pancls.validation import check_choice, check_scalar
 
 try:
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -61,10 +61,8 @@ def img_num_per_cls(n_max: int, num_classes: int, imbalance_ratio: float) -> Lis
     [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     """
     ir = _check_imbalance_ratio(imbalance_ratio)
-    if isinstance(n_max, bool) or not isinstance(n_max, numbers.Integral) or n_max < 1:
-        raise UserError(f"must be a positive integer, got {n_max!r}", "n_max")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise UserError(f"must be an integer >= 2, got {num_classes!r}", "num_classes")
+    check_scalar(n_max, "n_max", int, min_val=1)
+    check_scalar(num_classes, "num_classes", int, min_val=2)
     # Same float expression and evaluation order as LDAM-DRW, so the rounding matches bit for bit.
     imb_factor, img_max = 1.0 / ir, float(n_max)
     return [int(img_max * (imb_factor ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
@@ -110,12 +108,8 @@ def long_tailed_indices(
 
 
 def _check_imbalance_ratio(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise UserError(f"must be a number, got {value!r}", "imbalance_ratio")
-    if value < 1 or math.isinf(value):
-        raise UserError(f"must be a finite number > 1 (or exactly 1 for the balanced set), got {value!r}",
-                        "imbalance_ratio")
-    return float(value)
+    """IR = n_max / n_min: > 1, or exactly 1 for the balanced set."""
+    return float(check_scalar(value, "imbalance_ratio", float, min_val=1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,8 +151,7 @@ class LTData:
 
 def load_cifar_split(path: str | os.PathLike, dataset: Dataset, split: Literal["train", "test"]) -> CifarSplit:
     """Every image of ``split`` the source holds (for the packed npz's train split: its stored subset)."""
-    if split not in ("train", "test"):
-        raise UserError(f"unknown split {split!r}; choose train or test", "split")
+    check_choice(split, "split", ("train", "test"))
     store = _open(path, dataset)
     if split == "test":
         images, labels = store.read_test()
@@ -186,9 +179,7 @@ def load_cifar_lt(
 def _check_lt_args(imbalance_ratio: float, construction: str) -> None:
     """Refuse bad arguments before a (possibly 170 MB) source is read."""
     _check_imbalance_ratio(imbalance_ratio)
-    if construction not in CONSTRUCTIONS:
-        raise UserError(f"unknown construction {construction!r}; choose one of: {', '.join(CONSTRUCTIONS)}",
-                        "construction")
+    check_choice(construction, "construction", CONSTRUCTIONS)
 
 
 def _lt_from_store(store: "_Store", imbalance_ratio: float, construction: str, path: str | os.PathLike) -> LTData:
@@ -264,8 +255,7 @@ class _Store:
 
 
 def _open(path: str | os.PathLike, dataset: str) -> _Store:
-    if dataset not in NUM_CLASSES:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NUM_CLASSES)}", "dataset")
+    check_choice(dataset, "dataset", NUM_CLASSES)
     path = Path(path)
     if not path.exists():
         raise UserError("no such file or folder", path)

@@ -51,6 +51,7 @@ from pancls.config import from_dict, load_yaml
 from pancls.data.classes import DEFAULT_CLASSES
 from pancls.errors import UserError
 from pancls.io import atomic_save, atomic_write_json, atomic_write_text
+from pancls.validation import InvalidParameter, check_scalar
 
 #: Patients per class at the paper's scale (530). PDAC and CP from the paper's text; the others assumed.
 PAPER_COUNTS: Dict[str, int] = {"PDAC": 315, "IPMN": 82, "NET": 60, "SCN": 45, "ASC": 20, "CP": 8}
@@ -95,18 +96,18 @@ class SynthConfig:
         if missing:
             raise ValueError(f"counts: every class needs a count; missing {', '.join(missing)}")
         for name, n in self.counts.items():
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"counts.{name}: expected an integer >= 1, got {n!r}")
-        if self.min_per_class < 1:
-            raise ValueError(f"min_per_class: expected an integer >= 1, got {self.min_per_class}")
-        if len(self.size) != 3 or min(self.size) < 32:
-            raise ValueError(f"size: expected 3 voxel counts >= 32 (room for the anatomy), got {list(self.size)}")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"spacing: expected 3 positive mm values, got {list(self.spacing)}")
-        if self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed}")
-        if self.dicom_subset < 0:
-            raise ValueError(f"dicom_subset: expected an integer >= 0, got {self.dicom_subset}")
+            check_scalar(n, f"counts.{name}", int, min_val=1)
+        check_scalar(self.min_per_class, "min_per_class", int, min_val=1)
+        if len(self.size) != 3:
+            raise InvalidParameter(f"expected 3 voxel counts (x, y, z), got {list(self.size)}", "size")
+        for n in self.size:
+            check_scalar(n, "size", int, min_val=32)  # room for the anatomy
+        if len(self.spacing) != 3:
+            raise InvalidParameter(f"expected 3 mm values (x, y, z), got {list(self.spacing)}", "spacing")
+        for mm in self.spacing:
+            check_scalar(mm, "spacing", float, min_val=0, include_boundaries="neither")
+        check_scalar(self.seed, "seed", int, min_val=0)
+        check_scalar(self.dicom_subset, "dicom_subset", int, min_val=0)
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,7 @@ def load_synth_config(path: str | os.PathLike | None = None, **overrides) -> Syn
 
 def scaled_counts(config: SynthConfig, scale: float) -> Dict[str, int]:
     """Per-class counts at ``scale``, in class order: ``max(min_per_class, floor(count * scale + 0.5))``."""
-    if not scale > 0:
-        raise UserError(f"must be > 0, got {scale}", "--scale")
+    check_scalar(scale, "scale", float, min_val=0, include_boundaries="neither")
     return {c: max(config.min_per_class, int(np.floor(config.counts[c] * scale + 0.5))) for c in DEFAULT_CLASSES}
 
 

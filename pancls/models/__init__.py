@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from pancls.models import monai_resnet, resnet_cifar  # noqa: F401
 from pancls.models.backbones import BACKBONES
 from pancls.models.classifier import Classifier
+from pancls.validation import InvalidParameter, check_scalar
 
 
 def create_model(
@@ -33,13 +34,18 @@ def create_model(
     num_classes : int
         K, the number of classes.
     """
-    from pancls.errors import UserError
     from pancls.heads import HEADS
 
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}", "num_classes")
-    net = BACKBONES.create(backbone, **dict(backbone_kwargs or {}))
-    classifier_head = HEADS.create(head, in_features=net.out_features, num_classes=num_classes, **dict(head_kwargs or {}))
+    check_scalar(num_classes, "num_classes", int, min_val=2)
+    backbone_kwargs, head_kwargs = dict(backbone_kwargs or {}), dict(head_kwargs or {})
+    try:
+        net = BACKBONES.create(backbone, **backbone_kwargs)
+    except InvalidParameter as exc:  # a bad option the caller gave is named as the option of that mapping
+        raise exc.within("backbone_kwargs", backbone_kwargs) from None
+    try:
+        classifier_head = HEADS.create(head, in_features=net.out_features, num_classes=num_classes, **head_kwargs)
+    except InvalidParameter as exc:
+        raise exc.within("head_kwargs", head_kwargs) from None
     return Classifier(net, classifier_head)
 
 

@@ -55,6 +55,7 @@ from pancls.train.checkpoint import (
     save_checkpoint,
 )
 from pancls.train.optim import LRSchedule, build_optimizer
+from pancls.validation import InvalidParameter, check_choice, check_scalar
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"  # weights of the selected epoch, written only when fit() is given a selection metric
@@ -109,35 +110,32 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        def bad(key: str, reason: str) -> None:
-            raise UserError(f"{reason}, got {getattr(self, key)!r}", f"train.{key}")
-
         # Literal choices are checked by pancls.config.from_dict, but not when built in Python.
         for name, hint in typing.get_type_hints(TrainConfig).items():
-            if typing.get_origin(hint) is Literal and getattr(self, name) not in typing.get_args(hint):
-                bad(name, f"must be one of {list(typing.get_args(hint))}")
+            if typing.get_origin(hint) is Literal:
+                check_choice(getattr(self, name), name, typing.get_args(hint))
         for key in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, key) < 1:
-                bad(key, "must be >= 1")
-        for key in ("warmup_epochs", "sampler_start_epoch", "seed", "weight_decay"):
-            if getattr(self, key) < 0:
-                bad(key, "must be >= 0")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if not 0 <= self.momentum < 1:
-            bad("momentum", "must be in [0, 1)")
+            check_scalar(getattr(self, key), key, int, min_val=1)
+        for key in ("warmup_epochs", "sampler_start_epoch", "seed"):
+            check_scalar(getattr(self, key), key, int, min_val=0)
+        check_scalar(self.weight_decay, "weight_decay", float, min_val=0)
+        check_scalar(self.lr, "lr", float, min_val=0, include_boundaries="neither")
+        check_scalar(self.momentum, "momentum", float, min_val=0, max_val=1, include_boundaries="left")
+        check_scalar(self.gamma, "gamma", float, min_val=0, include_boundaries="neither")
+        if self.clip_grad_norm is not None:
+            check_scalar(self.clip_grad_norm, "clip_grad_norm", float, min_val=0, include_boundaries="neither")
+
+        def bad(key: str, reason: str) -> None:
+            raise InvalidParameter(f"{reason}, got {getattr(self, key)!r}", key)
+
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             bad("nesterov", "needs optimizer 'sgd' with momentum > 0")
-        if not self.gamma > 0:
-            bad("gamma", "must be > 0")
-        if any(m < 1 for m in self.milestones) or any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+        if any(m < 1 for m in self.milestones) or any(b <= a for a, b in itertools.pairwise(self.milestones)):
             bad("milestones", "must be strictly increasing epochs >= 1")
         if self.warmup_epochs > self.epochs:
             bad("warmup_epochs", f"must be <= epochs ({self.epochs}), or the run would end inside its warm-up")
         if self.schedule == "cosine" and self.warmup_epochs and self.warmup_epochs >= self.epochs:
             bad("warmup_epochs", f"must be < epochs ({self.epochs}) for the cosine schedule, which decays after it")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            bad("clip_grad_norm", "must be > 0 (or null to disable clipping)")
 
 
 @dataclass

@@ -13,12 +13,26 @@ def test_diagnostics_shapes_and_shares(name):
     feats = torch.randn(60, 16)
     labels = torch.tensor([0] * 40 + [1] * 15 + [2] * 5)
     report = head_diagnostics(head, feats, labels, train_counts=[500, 50, 5])
-    shares = [report[g]["loss_share"] for g in ("head", "middle", "tail")]
-    assert sum(shares) == pytest.approx(1.0)
-    assert all(0 <= report[g]["mean_p_true"] <= 1 for g in ("head", "middle", "tail"))
     assert centre_parameter(head).shape[0] == 3
     assert report["tail"]["push_on_tail_centres"] > 0
     assert ("mean_cos_to_own_centre" in report) == (name == "tsp")
+
+
+def test_known_answer_on_a_head_that_knows_nothing():
+    """All logits 0: p = 1/3 everywhere, CE = log 3 per sample, so each group's loss share is its sample share,
+    and dCE/dW_tail = sum_i (p_tail - [y_i = tail]) x_i is worked by hand per group."""
+    head = HEADS.create("linear", in_features=2, num_classes=3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    feats = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 2 + [[1.0, 1.0]])
+    labels = torch.tensor([0] * 4 + [1] * 2 + [2])
+    report = head_diagnostics(head, feats, labels, train_counts=[500, 50, 5])
+    assert report["train_ce"] == pytest.approx(np.log(3)) and report["mean_logit_range"] == 0
+    for group, n, push in (("head", 4, 4 / 3), ("middle", 2, 2 / 3), ("tail", 1, 2 / 3 * np.sqrt(2))):
+        assert report[group]["loss_share"] == pytest.approx(n / 7)
+        assert report[group]["mean_p_true"] == pytest.approx(1 / 3)
+        assert report[group]["push_on_tail_centres"] == pytest.approx(push)
 
 
 def test_push_is_zero_from_samples_that_are_certain():

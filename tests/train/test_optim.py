@@ -122,5 +122,8 @@ def test_bad_values_name_the_key(mapping, key):
 
 
 def test_literals_are_checked_when_built_in_python():
-    with pytest.raises(UserError, match="train.sampler"):
+    # Built in Python, the error names the argument; from_dict puts the config section in front of it.
+    with pytest.raises(UserError, match=r"^sampler: unknown sampler 'balanced' \(did you mean 'class_balanced'\?\)"):
         TrainConfig(sampler="balanced")
+    with pytest.raises(UserError, match=r"^config\.train\.sampler: unknown sampler"):
+        from_dict(TrainConfig, {"sampler": "balanced"}, "config.train")
