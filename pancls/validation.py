@@ -51,7 +51,7 @@ class InvalidParameter(UserError, ValueError):
 
 def suggest(name: str, choices: Sequence[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices`` (difflib, as MONAI's ``look_up_option``), or ""."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

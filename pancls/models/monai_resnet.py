@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from pancls.models.backbones import BACKBONES
+from pancls.validation import check_choice
 
 
 class MonaiResNetFeatures(nn.Module):
@@ -31,8 +32,8 @@ class MonaiResNetFeatures(nn.Module):
                  conv1_t_size: int = 7, conv1_t_stride: int = 1, no_max_pool: bool = False,
                  shortcut_type: str = "B", bias_downsample: bool = True, pretrained: str | None = None):
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        check_choice(spatial_dims, "spatial_dims", (2, 3))
+        self.spatial_dims, self.in_channels = spatial_dims, in_channels  # the input a caller must give
         # Imported here so that the 2D benchmarks run where MONAI is not installed (e.g. a bare GPU image).
         from monai.networks.nets import resnet as monai_resnet
 

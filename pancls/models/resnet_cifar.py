@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pancls.errors import UserError
 from pancls.models.backbones import BACKBONES
+from pancls.validation import check_scalar
 
 
 class ShortcutA(nn.Module):
@@ -63,8 +63,8 @@ class ResNetCifar(nn.Module):
 
     def __init__(self, blocks_per_stage: int, width: float = 1.0, in_channels: int = 3):
         super().__init__()
-        if not width > 0:
-            raise UserError(f"must be > 0, got {width!r}", "width")
+        check_scalar(width, "width", float, min_val=0, include_boundaries="neither")
+        self.spatial_dims, self.in_channels = 2, in_channels  # the input a caller must give
         planes = [max(1, int(round(base * width))) for base in (16, 32, 64)]
         self.conv1 = nn.Conv2d(in_channels, planes[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes[0])
