@@ -117,6 +117,22 @@ def slice_normal(row_cosine: np.ndarray, col_cosine: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n)
 
 
+def iop_normal(iop: Sequence[float] | None) -> np.ndarray | None:
+    """:func:`slice_normal` of six ImageOrientationPatient cosines as a header gives them; None when they
+    are missing, not 6 finite numbers, or (nearly) parallel (``|r x c| < 1e-6``): no plane to speak of."""
+    if iop is None or len(iop) != 6:
+        return None
+    iop = np.asarray(iop, dtype=np.float64)
+    if not np.all(np.isfinite(iop)):
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        n = np.cross(iop[:3], iop[3:])
+        norm = float(np.linalg.norm(n))
+    if not (math.isfinite(norm) and norm >= 1e-6):
+        return None
+    return n / norm
+
+
 def check_orientation(iop: Sequence[float], tolerance: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Split ImageOrientationPatient into unit row/column cosines; ValueError unless they are orthonormal."""
     iop = np.asarray(iop, dtype=np.float64)

@@ -36,12 +36,17 @@ Grouping rule
    0.01), so that a scout stored under the series' UID becomes its own (excluded) sub-series
    instead of breaking the volume.
    A file whose orientation is missing or unusable is not split off (it would silently shorten the
-   stack): it stays with the largest group of its series, where :func:`pancls.ct.volume.build_volume`
+   stack): it stays with the largest group of its series (without SeriesInstanceUID: of the series whose
+   fallback key agrees with it except for the orientation), where :func:`pancls.ct.volume.build_volume`
    refuses it by name. A non-localizer series split by orientation gets a note on each part.
 5. Files repeating a SOPInstanceUID *at the same position* inside one series are duplicates (e.g. the
    same slice stored compressed and uncompressed): the first by path is kept and the series gets a note.
    Files that share a SOPInstanceUID but lie at different positions are distinct slices (anonymisers
    that blank or reuse UIDs make them): all are kept, with a note.
+6. A series grouped by the fallback key (no SeriesInstanceUID) gets a note when files of its folder that
+   went to other series or studies lie inside its slice range or next to its ends (positions along its
+   normal): one changed header value can move a slice out of a UID-less series and leave a stack that
+   still looks regular (see :func:`_stray_neighbours`).
 
 Nothing here writes patient identifiers: studies and series are named by keyed hashes
 (:func:`pancls.privacy.keyed_id`) of their UIDs (or fallback keys) under the caller's secret; PatientID
@@ -72,6 +77,8 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from tqdm.auto import tqdm
 
 from pancls.ct.capture import collecting
+from pancls.ct.functional import functional_value
+from pancls.ct.geometry import check_orientation, iop_normal, median, slice_normal
 from pancls.errors import UserError
 from pancls.privacy import keyed_id, session_secret
 
@@ -199,8 +206,6 @@ class Instance:
     acquisition_key: Tuple[str, ...]  # KVP, kernel, AcquisitionNumber, FrameOfReferenceUID
     study_fallback: Tuple[str, ...]  # StudyDate, StudyTime, StudyID, AccessionNumber
     patient_hash: str  # sha256 of PatientID ('' when absent)
-    size: int
-    mtime_ns: int
     header: Header = field(compare=False, repr=False)
     warnings: Tuple[str, ...] = ()  # pydicom's warnings while reading this header, one line each
 
@@ -284,13 +289,10 @@ def orientation_label(iop: Optional[Sequence[float]], oblique_deg: float = 30.0)
     z: axial) with the largest |n| component, provided the normal is within ``oblique_deg`` of it
     (so an 18.5 deg gantry tilt is still axial).
     """
-    if iop is None or len(iop) != 6:
+    normal = iop_normal(iop)
+    if normal is None:
         return "unknown"
-    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    norm = np.linalg.norm(normal)
-    if norm < 1e-6:
-        return "unknown"
-    normal = np.abs(normal / norm)
+    normal = np.abs(normal)
     axis = int(np.argmax(normal))
     if np.degrees(np.arccos(min(1.0, normal[axis]))) > oblique_deg:
         return "oblique"
@@ -371,21 +373,6 @@ def _floats(value) -> Optional[Tuple[float, ...]]:
         return None
 
 
-def _functional(ds: pydicom.Dataset, sequence: str, keyword: str):
-    """``keyword`` from the top level, else from the shared, else the first per-frame functional
-    group (Enhanced CT keeps orientation and spacing only there)."""
-    if keyword in ds:
-        return ds.get(keyword)
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        try:
-            item = ds[groups][0][sequence][0]
-        except (KeyError, IndexError, TypeError):
-            continue
-        if keyword in item:
-            return item.get(keyword)
-    return None
-
-
 def _str(ds: pydicom.Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
@@ -433,7 +420,6 @@ def _read_header(path: Path) -> Instance | SkippedFile:
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-        stat = path.stat()
     except OSError as exc:
         return SkippedFile(path, f"cannot read file: {exc.strerror}", problem=True)
     if len(head) == 0:
@@ -445,7 +431,7 @@ def _read_header(path: Path) -> Instance | SkippedFile:
     except Exception as exc:  # pydicom raises many types on corrupt input; the batch must go on
         return SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", problem=True)
     try:
-        return _instance(path, header, stat)
+        return _instance(path, header)
     except _Skip as skip:
         return skip.file
     except Exception as exc:  # noqa: BLE001 - converting a damaged element raises anything
@@ -457,7 +443,7 @@ class _Skip(Exception):
         self.file = file
 
 
-def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
+def _instance(path: Path, header: Header) -> Instance:
     ds = header.dataset
     if "DirectoryRecordSequence" in ds:
         raise _Skip(SkippedFile(path, "DICOMDIR (Media Storage Directory Storage): not an image"))
@@ -480,7 +466,7 @@ def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
     if min(rows, columns, n_frames) < 1:
         raise _Skip(SkippedFile(path, f"Rows {rows}, Columns {columns}, NumberOfFrames {n_frames}: no image",
                                 problem=True))
-    spacing = _floats(_functional(ds, "PixelMeasuresSequence", "PixelSpacing"))
+    spacing = _floats(functional_value(ds, "PixelSpacing", "PixelMeasuresSequence"))
     patient_id = _str(ds, "PatientID")
     return Instance(
         path=path,
@@ -493,8 +479,8 @@ def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
         series_description=_str(ds, "SeriesDescription"),
         modality=_str(ds, "Modality"),
         image_type=tuple(v.upper() for v in _str(ds, "ImageType").split("\\") if v),
-        orientation=_floats(_functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")),
-        position=_floats(_functional(ds, "PlanePositionSequence", "ImagePositionPatient")),
+        orientation=_floats(functional_value(ds, "ImageOrientationPatient", "PlaneOrientationSequence")),
+        position=_floats(functional_value(ds, "ImagePositionPatient", "PlanePositionSequence")),
         pixel_spacing=spacing[:2] if spacing and len(spacing) >= 2 else None,
         rows=rows,
         columns=columns,
@@ -502,8 +488,6 @@ def _instance(path: Path, header: Header, stat: os.stat_result) -> Instance:
         acquisition_key=tuple(_str(ds, k) for k in ("KVP", "ConvolutionKernel", "AcquisitionNumber", "FrameOfReferenceUID")),
         study_fallback=tuple(_str(ds, k) for k in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber")),
         patient_hash=short_hash("patient:" + patient_id, 64) if patient_id else "",
-        size=stat.st_size,
-        mtime_ns=stat.st_mtime_ns,
         header=header,
     )
 
@@ -535,14 +519,37 @@ def _study_key(inst: Instance) -> str:
     return "fallback:" + repr((inst.patient_hash, inst.study_fallback, str(inst.folder.parent)))
 
 
-def _series_key(inst: Instance) -> str:
+def _series_key(inst: Instance, orientation: bool = True) -> str:
+    """Rule 3's key; ``orientation=False`` leaves the orientation out of the fallback key (see
+    :func:`_group_by_series_key`)."""
     if inst.series_uid:
         return "uid:" + inst.series_uid
     return "fallback:" + repr((
         inst.series_number, inst.series_description, inst.image_type,
-        _rounded(inst.orientation, 2), _rounded(inst.pixel_spacing, 3),
+        *((_rounded(inst.orientation, 2),) if orientation else ()), _rounded(inst.pixel_spacing, 3),
         inst.rows, inst.columns, inst.acquisition_key, str(inst.folder),
     ))
+
+
+def _group_by_series_key(files: Sequence[Instance]) -> Dict[str, List[Instance]]:
+    """Rule 3. A file without SeriesInstanceUID and without a usable orientation would get a fallback key of
+    its own (the orientation is part of it) and so leave a shorter stack behind: it joins the largest group
+    that agrees with it on every other field of the key (rule 4 then keeps it with that group, and the volume
+    builder refuses it by name)."""
+    by_key: Dict[str, List[Instance]] = defaultdict(list)
+    unplaced = []
+    for inst in files:
+        if inst.series_uid or inst.has_orientation:
+            by_key[_series_key(inst)].append(inst)
+        else:
+            unplaced.append(inst)
+    for inst in unplaced:
+        partial = _series_key(inst, orientation=False)
+        matches = [k for k, members in by_key.items()
+                   if not members[0].series_uid and _series_key(members[0], orientation=False) == partial]
+        key = max(matches, key=lambda k: (len(by_key[k]), k)) if matches else _series_key(inst)
+        by_key[key].append(inst)
+    return by_key
 
 
 def _position_key(inst: Instance) -> Tuple[float, ...]:
@@ -589,26 +596,58 @@ def _orientation_buckets(files: List[Instance]) -> Dict[Tuple, List[Instance]]:
     return buckets
 
 
-def _geometry_key(inst: Instance) -> Tuple:
-    return (str(inst.folder), inst.is_localizer, _rounded(inst.orientation, 2) if inst.has_orientation else (),
-            _rounded(inst.pixel_spacing, 3), inst.rows, inst.columns)
+def _stray_neighbours(series: Sequence[Series]) -> Dict[int, int]:
+    """Rule 6: for each series grouped without SeriesInstanceUID, how many files of its folder(s) that went to
+    *other* series (or another study) lie inside its slice range or within one slice interval of its ends.
+
+    Without UIDs a series is a guess from header values, and one changed value (a KVP, a PatientID, a damaged
+    PixelSpacing) puts a slice in a group of its own; the rest may still be a regular stack (two slices always
+    are), so no geometry check can see the hole. Positions are measured along this series' normal ``n``
+    (``d = IPP . n``, tolerance 0.01 mm); localizers and files lying in a plane more than 45 degrees off
+    ``n`` belong to other stacks and are not counted; a file whose orientation is no plane is counted.
+    Returns ``{id(series): count}`` for the series with a count > 0."""
+    with np.errstate(all="ignore"):  # positions up to 1e5 mm pass the volume's check, damaged ones need not
+        return _count_strays(series)
 
 
-def _fallback_neighbours(by_key: Dict[str, List[Instance]]) -> Dict[str, int]:
-    """For series grouped by the fallback key (no SeriesInstanceUID): how many files of the same folder and
-    geometry ended up in *other* series -- a header difference (KVP, ImageType, ...) may have split one stack."""
-    by_geometry: Dict[Tuple, Dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for key, files in by_key.items():
-        if key.startswith("fallback:"):
-            for inst in files:
-                by_geometry[_geometry_key(inst)][key] += 1
-    others: Dict[str, int] = defaultdict(int)
-    for counts in by_geometry.values():
-        total = sum(counts.values())
-        for key, n in counts.items():
-            if total > n:
-                others[key] += total - n
-    return others
+def _count_strays(series: Sequence[Series]) -> Dict[int, int]:
+    by_folder: Dict[Path, List[Tuple[int, Instance]]] = defaultdict(list)
+    for s in series:
+        for inst in s.instances:
+            by_folder[inst.folder].append((id(s), inst))
+    counts: Dict[int, int] = {}
+    for s in series:
+        n = iop_normal(s.first.orientation)
+        positions = [float(np.dot(inst.position, n)) for inst in s.instances
+                     if n is not None and inst.position is not None and len(inst.position) == 3
+                     and all(map(math.isfinite, inst.position))]
+        if s.first.series_uid or not positions:
+            continue
+        d = np.sort(positions)
+        step = median(np.diff(d)) if len(d) > 1 else 0.0
+        low, high = d[0] - step - 0.01, d[-1] + step + 0.01
+        count = 0
+        for folder in sorted({inst.folder for inst in s.instances}):
+            for owner, inst in by_folder[folder]:
+                if owner == id(s) or inst.is_localizer or inst.position is None or len(inst.position) != 3 \
+                        or not all(map(math.isfinite, inst.position)):
+                    continue
+                other = _plane_normal(inst.orientation)
+                if other is not None and abs(float(np.dot(other, n))) < math.cos(math.radians(45)):
+                    continue
+                count += low <= float(np.dot(inst.position, n)) <= high
+        if count:
+            counts[id(s)] = count
+    return counts
+
+
+def _plane_normal(iop: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+    """The slice normal of ``iop`` when it describes a plane (two orthogonal unit vectors), else None."""
+    try:
+        row, col = check_orientation(iop if iop is not None else ())
+    except ValueError:
+        return None
+    return slice_normal(row, col)
 
 
 def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) -> List[Series]:
@@ -627,10 +666,7 @@ def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) 
             tagged[tag].append(inst)
         for tag, copy_members in tagged.items():
             study_id = study_key + (f"|copy:{tag}" if tag else "")
-            by_key = defaultdict(list)
-            for inst in copy_members:
-                by_key[_series_key(inst)].append(inst)
-            fallback_groups = _fallback_neighbours(by_key)
+            by_key = _group_by_series_key(copy_members)
             for key, files in by_key.items():
                 buckets = _orientation_buckets(files)
                 orientations = sum(1 for loc, _ in buckets if not loc)
@@ -641,12 +677,14 @@ def group_series(instances: Sequence[Instance], secret: Optional[bytes] = None) 
                     if orientations > 1 and not sub[0]:
                         notes.append(f"the series holds {orientations} slice orientations; converted separately "
                                      f"(this part: {len(sub_files)} of {len(files)} files)")
-                    others = fallback_groups.get(key, 0)
-                    if others:
-                        notes.append(f"grouped without SeriesInstanceUID: {others} other file(s) of the same geometry in "
-                                     "this folder went to other series (they differ in SeriesNumber, description, "
-                                     "ImageType, KVP, kernel, acquisition number or frame of reference)")
                     series.append(_make_series(study_id, series_id, sub_files, secret, notes))
+    strays = _stray_neighbours(series)
+    for s in series:
+        if id(s) in strays:
+            s.notes.append(f"grouped without SeriesInstanceUID: {strays[id(s)]} file(s) of this folder that went to "
+                           "other series lie inside this stack's slice range or next to its ends, so slices may be "
+                           "missing (they differ in a header value that groups series: SeriesNumber, description, "
+                           "ImageType, geometry, KVP, kernel, acquisition number, frame of reference or study)")
     series.sort(key=lambda s: (s.study_hash, s.first.series_number or 0, s.series_hash))
     return series
 

@@ -29,6 +29,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pancls.ct.geometry import iop_normal
 from pancls.ct.scan import CT_SOP_CLASSES, SECONDARY_CAPTURE_PREFIX, Series, sop_class_name
 from pancls.errors import UserError
 
@@ -67,15 +68,6 @@ class Decision:
     reason: str
 
 
-def _normal(series: Series) -> Optional[np.ndarray]:
-    iop = series.first.orientation
-    if iop is None or len(iop) != 6:
-        return None
-    n = np.cross(iop[:3], iop[3:])
-    norm = np.linalg.norm(n)
-    return n / norm if norm > 1e-6 else None
-
-
 def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     # slice normals have no sign: a stack can run either way
     return float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(a, b)))))))
@@ -93,7 +85,7 @@ def exclusion_reason(series: Series, rules: SelectionRules, reference: Optional[
     if first.is_localizer:
         return "localizer/scout (ImageType LOCALIZER)"
     if series.n_slices == 1 and reference is not None and reference is not series:
-        n, ref = _normal(series), _normal(reference)
+        n, ref = iop_normal(series.first.orientation), iop_normal(reference.first.orientation)
         if n is not None and ref is not None and _angle_deg(n, ref) > rules.localizer_angle_deg:
             return f"localizer/scout (single {series.orientation_label} slice, {_angle_deg(n, ref):.0f} deg off the study's main series)"
     if series.n_slices < (rules.min_slices or 1):

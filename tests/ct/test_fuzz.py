@@ -16,8 +16,9 @@ runs :func:`pancls.ingest.ingest` on them and classifies the outcome:
 
 Value classes are chosen to be *invalid* for the element they hit (a RescaleSlope of 0, a position of
 1e308), so that accepting one must be explained. Valid values with another meaning -- an intercept of 0, a
-PixelRepresentation of 0, a slice moved to another valid position -- are not generated: the files would
-then legitimately describe another volume and no reader can tell.
+PixelRepresentation of 0, a slice moved to another valid position, an ImageOrientationPatient cosine of 1
+turned into -1 (a mirrored image) -- are not generated: the files would then legitimately describe another
+volume and no reader can tell.
 
 The default run does ``FUZZ_CASES`` cases (seed ``FUZZ_SEED``); ``-m slow`` runs ``FUZZ_CASES_SLOW``.
 Outcome counts are printed (``-s``) for the README.
@@ -134,7 +135,12 @@ def _bad_value(rng: random.Random, ds: Dataset, keyword: str, cls: str) -> Optio
         value = texts[cls]
         if cls in ("nan", "inf", "-inf", "huge", "hugeint", "zero", "negative") and n > 1:
             values = [str(v) for v in old]
-            values[rng.randrange(n)] = value  # one component of a multi-valued element
+            at = rng.randrange(n)  # one component of a multi-valued element
+            if keyword == "ImageOrientationPatient" and cls == "negative":
+                # -1 for a cosine of +-1 is a valid mirrored orientation (a valid value with another meaning,
+                # see the module docstring): put it where it makes the cosines no unit vector
+                at = rng.choice([i for i, v in enumerate(old) if abs(float(v)) < 0.5] or [at])
+            values[at] = value
             return encode(values, vr)
         return encode(value, vr) if value else b""
     strings = [str(v) for v in old] or ["1"]

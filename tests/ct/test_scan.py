@@ -180,3 +180,53 @@ def test_scan_with_threads_equals_scan_without(ct_data: Path):
     many = scan([ct_data / "series_ct"], workers=4, progress=False)
     assert [(s.series_hash, s.paths) for s in one.series] == [(s.series_hash, s.paths) for s in many.series]
     assert one.skipped == many.skipped
+
+
+def _abdomen_headers(ct_data: Path, n: int = 5):
+    """The first ``n`` slices of the UID-less Siemens series (2 mm apart), headers only."""
+    return [read_header(p) for p in sorted((ct_data / "abdomen" / "dicom_series").iterdir())[:n]]
+
+
+@pytest.mark.parametrize("moved, change, noted", [
+    (2, {"acquisition_key": ("1", "", "", "")}, 1),  # a middle slice's KVP differs: split off, a hole left
+    (2, {"patient_hash": "other"}, 1),  # ... or it went to another study (PatientID): same folder, same note
+    (2, {"pixel_spacing": (float("inf"), 0.98)}, 1),  # a damaged value in the grouping key
+    (2, {"orientation": (1.0, 0.0, -1.0, 0.0, 1.0, 0.0)}, 1),  # an orientation that is no plane: counted
+    (4, {"acquisition_key": ("1", "", "", "")}, 1),  # the end slice: the stack is shorter by one interval
+    (2, {"orientation": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)}, 0),  # a coronal plane belongs to another stack
+    (2, {"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, 0),  # a localizer is no lost slice
+])
+def test_uidless_series_notes_files_split_off_inside_its_range(ct_data: Path, moved, change, noted):
+    # Rule 6: without SeriesInstanceUID, one changed header value moves a slice into a group of its own; what is
+    # left can still look regular (2 slices always do), so the series that keeps the others says so.
+    headers = _abdomen_headers(ct_data)
+    headers[moved] = dataclasses.replace(headers[moved], **change)
+    series = group_series(headers)
+    main = max(series, key=lambda s: s.n_slices)
+    assert main.n_slices == 4
+    stray = [n for n in main.notes if "went to other series" in n]
+    if noted:
+        assert stray and stray[0].startswith(f"grouped without SeriesInstanceUID: {noted} file(s) of this folder")
+    else:
+        assert stray == []
+    untouched = group_series(_abdomen_headers(ct_data))
+    assert len(untouched) == 1 and untouched[0].notes == []
+
+
+def test_series_with_uids_get_no_stray_note(ct_data: Path):
+    # with a SeriesInstanceUID a series is what the scanner says; another series in the folder is no hole
+    axial = [read_header(p) for p in sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir())]
+    axial[3] = dataclasses.replace(axial[3], series_uid=axial[3].series_uid + ".9")
+    series = group_series(axial)
+    assert sorted(s.n_slices for s in series) == [1, 9]
+    assert all("went to other series" not in n for s in series for n in s.notes)
+
+
+@pytest.mark.parametrize("orientation", [None, (1.0, 0.0, 0.0, 0.0, float("nan"), 0.0), (1.0, 0.0, 0.0)])
+def test_uidless_slice_without_orientation_stays_in_its_series(ct_data: Path, orientation):
+    # the orientation is part of the fallback key: without this rule the slice would become a series of its own
+    # and leave a 4-slice stack with a hole; it stays, so that the volume builder refuses it by name
+    headers = _abdomen_headers(ct_data)
+    headers[2] = dataclasses.replace(headers[2], orientation=orientation)
+    (series,) = group_series(headers)
+    assert series.n_slices == 5 and headers[2] in series.instances
