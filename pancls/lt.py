@@ -23,6 +23,7 @@ from pancls.errors import UserError
 from pancls.io import atomic_write_json
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.engine import TrainConfig
+from pancls.validation import check_choice, check_scalar
 
 
 @dataclass
@@ -51,10 +52,8 @@ class LTConfig:
     note: str = ""  # free text carried into results.json (e.g. where the paper is vague)
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if isinstance(self.eval_batch_size, bool) or self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1)
 
 
 def load_config(mapping: Dict[str, Any]) -> LTConfig:

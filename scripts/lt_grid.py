@@ -20,27 +20,30 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> (head, loss, extra --set overrides). A variant is a head/loss recipe; everything else comes
-# from the --config recipe, identical across variants.
-VARIANTS = {
-    "softmax": ("softmax", "ce", []),
-    "cosine": ("cosine", "ce", ["model.head_kwargs.scale=16.0"]),
-    "tsp_kernel": ("tsp", "ce", ["model.head_kwargs.form=kernel"]),
-    "tsp_paper": ("tsp", "ce", ["model.head_kwargs.form=paper"]),
-    # the kernel form with a larger starting scale: its logits are bounded by 2s (see TSPHead)
-    "tsp_kernel_s16": ("tsp", "ce", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
-    "tsp_kernel_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0"]),
-    "tsp_paper_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=paper"]),
-    # a flatter kernel (kappa 4): far-away classes keep distinguishable logits
-    "tsp_kernel_k4_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0",
-                                                 "model.head_kwargs.kappa=4.0"]),
-    "softmax_la": ("softmax", "logit_adjust", []),
-    # deferred re-weighting from the recipe's first lr milestone ({drw_epoch}), as in LDAM-DRW
-    "softmax_drw": ("softmax", "ce", ["loss.kwargs.drw_epoch={drw_epoch}"]),
-    "tsp_kernel_drw": ("tsp", "ce", ["model.head_kwargs.form=kernel", "model.head_kwargs.scale_init=16.0",
-                                     "loss.kwargs.drw_epoch={drw_epoch}"]),
-    "cosine_ldam_drw": ("cosine", "ldam", ["model.head_kwargs.scale=1.0", "loss.kwargs.drw_epoch={drw_epoch}"]),
-}
+#: One YAML per variant (a head/loss recipe laid over --config; everything else comes from the recipe, identical
+#: across variants). ``'{first_milestone}'`` stands for the recipe's first lr milestone (where DRW switches on).
+VARIANTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "lt_variants"
+VARIANTS = sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def variant(name: str):
+    """``(head, loss, ["key=value", ...])`` of ``configs/lt_variants/<name>.yaml``."""
+    import yaml
+
+    data = yaml.safe_load((VARIANTS_DIR / f"{name}.yaml").read_text()) or {}
+    head = data.get("model", {}).pop("head")
+    loss = data.get("loss", {}).pop("name")
+    overrides = [f"{key}={json.dumps(value) if not isinstance(value, str) else value}" for key, value in _leaves(data)]
+    return head, loss, overrides
+
 
 # Published top-1 (%) for context only; never printed as our result.
 # tSP: Yang et al., AAAI 2023, Table 2 (ResNet-32). CE: Cao et al. (LDAM-DRW), NeurIPS 2019, Table 2 "ERM".
@@ -63,12 +66,12 @@ def first_milestone(config: Path, overrides) -> int:
     return int(milestones[0])
 
 
-def run_cell(args, dataset: str, ratio: float, variant: str, seed: int) -> dict | None:
-    head, loss, extra = VARIANTS[variant]
-    if any("{drw_epoch}" in item for item in extra):
+def run_cell(args, dataset: str, ratio: float, name: str, seed: int) -> dict | None:
+    head, loss, extra = variant(name)
+    if any("{first_milestone}" in item for item in extra):
         drw_epoch = first_milestone(args.config, args.set)
-        extra = [item.replace("{drw_epoch}", str(drw_epoch)) for item in extra]
-    out = args.out / f"{dataset}_ir{ratio:g}_{variant}_s{seed}"
+        extra = [item.replace("{first_milestone}", str(drw_epoch)) for item in extra]
+    out = args.out / f"{dataset}_ir{ratio:g}_{name}_s{seed}"
     results = out / "results.json"
     if not results.exists():
         cmd = [sys.executable, "-m", "pancls", "lt", "--config", str(args.config), "--dataset", dataset,
@@ -102,7 +105,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--datasets", nargs="+", default=["cifar10"])
     p.add_argument("--ratios", nargs="+", type=float, default=[100.0])
-    p.add_argument("--variants", nargs="+", default=["softmax", "tsp_kernel"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["softmax", "tsp_kernel"], choices=VARIANTS,
+                   help="recipes in configs/lt_variants/ (file names without .yaml)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int)
     p.add_argument("--device")
@@ -112,13 +116,13 @@ def main() -> int:
     rows = []
     for dataset in args.datasets:
         for ratio in args.ratios:
-            for variant in args.variants:
-                cells = [run_cell(args, dataset, ratio, variant, s) for s in args.seeds]
+            for name in args.variants:
+                cells = [run_cell(args, dataset, ratio, name, s) for s in args.seeds]
                 cells = [c for c in cells if c]
                 if not cells:
                     continue
                 prov = cells[0]["provenance"]
-                rows.append((f"{dataset}-LT", f"{ratio:g}", variant, fmt([c["top1"] for c in cells]),
+                rows.append((f"{dataset}-LT", f"{ratio:g}", name, fmt([c["top1"] for c in cells]),
                              fmt([c["many_shot_top1"] for c in cells]), fmt([c["medium_shot_top1"] for c in cells]),
                              fmt([c["few_shot_top1"] for c in cells]),
                              f"{prov['device']}, {prov['epochs']} ep, seeds {','.join(str(c['provenance']['seed']) for c in cells)}"))

@@ -45,14 +45,15 @@ def test_lt_out_is_a_regular_file(tmp_path, capsys):
 
 
 def test_lt_device_is_checked_even_in_a_dry_run(tmp_path, capsys):
-    _fails(capsys, ["lt", "--out", str(tmp_path / "r"), "--dry-run", "--device", "tpu"], "device must be auto, cpu or cuda")
+    _fails(capsys, ["lt", "--out", str(tmp_path / "r"), "--dry-run", "--device", "tpu"],
+           "config.device: unknown device 'tpu' (did you mean 'cpu'?); choose one of: auto, cpu, cuda")
     if not torch.cuda.is_available():
         _fails(capsys, ["lt", "--out", str(tmp_path / "r"), "--dry-run", "--device", "cuda"], "no CUDA device")
 
 
 def test_lt_eval_batch_size_zero(tmp_path, capsys):
     _fails(capsys, ["lt", "--out", str(tmp_path / "r"), "--dry-run", "--set", "eval_batch_size=0"],
-           "eval_batch_size must be >= 1")
+           "config.eval_batch_size: must be an integer >= 1, got 0")
 
 
 @pytest.mark.parametrize("flags, expected", [
