@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Explain a grid of long-tailed runs: how confident each head gets, which classes still carry the loss,
-and who pushes the tail centres (see :mod:`pancls.eval.diagnostics`). Prints a markdown table.
+"""Explain finished `pancls lt` runs: how confident each head gets, which classes still carry the loss, and
+how hard head-class samples push the tail-class centres (pancls.eval.diagnostics). Prints a markdown table.
 
-    python scripts/tsp_diagnostics.py runs/cpu_reduced/*/
+The numbers are measured on the training set with each run's last checkpoint (last.pt); the share of test
+predictions that fall in the tail third of the classes is measured on the test set.
+
+Typical use:
+  python scripts/tsp_diagnostics.py runs/cpu_reduced/*/ --json diagnostics.json
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ def _pct(value) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="`pancls lt` run folders (with results.json)")
     p.add_argument("--json", type=Path, help="also write every number to this file")
     args = p.parse_args()
     torch.set_grad_enabled(True)

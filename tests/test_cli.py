@@ -37,3 +37,38 @@ def test_set_key_value_still_parses():
 
     args = build_parser().parse_args(["lt", "--out", "r", "--set", "train.lr=0.05", "--set=model.head=cosine"])
     assert args.overrides == ["train.lr=0.05", "model.head=cosine"]
+
+
+def test_lt_help_shows_the_real_defaults(capsys):
+    """--help names LTConfig's defaults without importing torch; they must not drift apart."""
+    from pancls.commands.lt import DEFAULTS
+    from pancls.lt import LTConfig
+
+    cfg = LTConfig()
+    for key, value in DEFAULTS.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
+    with pytest.raises(SystemExit):
+        main(["lt", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs N training epochs (default: the recipe's train.epochs, else 200)" in text
+    assert "--seed N seed of initialisation, sampling and augmentation (default: the recipe's train.seed, else 0)" in text
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "cv"])  # commands/cv.py (another owner) has no example yet
+def test_every_help_has_a_typical_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "``" not in out  # written for a terminal, not reStructuredText
+    assert f"pancls {command} " in out.split("options:")[0].split("\n", 2)[-1]  # an example before the options
+
+
+def test_top_level_help_lists_the_workflow(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "pancreatic tumour subtypes" in out and "typical use:" in out
+    assert out.index("\n    ingest ") < out.index("\n    check ") < out.index("\n    predict ")

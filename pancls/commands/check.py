@@ -2,7 +2,12 @@
 
 Every problem is listed at once with its CSV line (missing or unreadable files, unknown labels, duplicates,
 a patient with two labels or folds, paths leaving the dataset root, image/mask grid mismatch, empty masks).
-Exit status 0 when the manifest is valid (class counts per fold when it has a ``fold`` column), 2 when not.
+
+Typical use:
+  pancls check dataset/manifest.csv
+  pancls check dataset/manifest.csv --config configs/cv_synth_full.yaml      the recipe's classes and roots
+
+Exit status: 0 the manifest is valid (class counts, per fold when it has a fold column), 2 it is not.
 """
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
 """Export a `pancls cv` run folder as a MONAI bundle (configs/metadata.json, configs/inference.json, models/model.ts).
 
-The bundle runs under `python -m monai.bundle run --config_file BUNDLE/configs/inference.json --bundle_root BUNDLE
---image CT.nii.gz [--mask MASK.nii.gz]` and gives the probabilities `pancls predict` gives.
+The bundle gives the probabilities `pancls predict` gives, under MONAI's own runner.
+
+Typical use:
+  pancls export runs/cv --out bundles/pancls_tsp
+  python -m monai.bundle run --config_file bundles/pancls_tsp/configs/inference.json \\
+      --bundle_root bundles/pancls_tsp --image ct.nii.gz --mask lesion.nii.gz
 """
 from __future__ import annotations
 

@@ -1,11 +1,18 @@
-"""Convert DICOM/NIfTI studies into checked NIfTI volumes, a manifest and an inventory.
+"""Convert DICOM/NIfTI studies into checked NIfTI volumes (RAS+), a manifest and an inventory.
 
-Walks every SRC (folders recursively, files, zip archives), skips non-image objects by SOP class,
-chooses one CT series per study, builds it with pancls' own geometry checks and writes
-OUT/images/*.nii.gz + sidecars, OUT/manifest.csv and OUT/inventory.csv. Re-running converts only
-what changed (``--force`` redoes everything). Exit status 0 when everything was converted, 1 when an
-input was refused (each listed on stderr and in inventory.csv), 3 when a series failed with an
-unexpected error (a bug; traceback in OUT/.private/errors.log), 2 when nothing could be done.
+Walks every SRC (folders recursively, files, zip archives), skips non-image objects, chooses one CT series
+per study, checks its geometry and writes OUT/images/*.nii.gz with JSON sidecars, OUT/manifest.csv (what
+`pancls check` and `pancls cv` read) and OUT/inventory.csv (every series and file, and why it was skipped).
+--labels joins the hospital's label sheet, --masks the lesion masks; the ids in the outputs are
+pseudonyms, and OUT/.private/keys.csv (never share it) maps them back for authorised staff.
+Re-running converts only what changed (--force redoes everything).
+
+Typical use:
+  pancls ingest /data/export --out dataset --labels labels.csv --label-key AccessionNumber --masks masks/
+  pancls ingest study.zip ct.nii.gz --out dataset --on-gap resample --on-uneven resample
+
+Exit status: 0 everything converted, 1 some input refused (listed on stderr and in inventory.csv), 3 a series
+failed with an unexpected error (a bug; traceback in OUT/.private/errors.log), 2 nothing could be done.
 """
 from __future__ import annotations
 

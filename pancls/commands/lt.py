@@ -1,4 +1,14 @@
-"""Train and evaluate a head/loss pair on a long-tailed CIFAR benchmark (CIFAR-10-LT / CIFAR-100-LT)."""
+"""Train and evaluate one head/loss pair on a long-tailed CIFAR benchmark (CIFAR-10-LT or CIFAR-100-LT).
+
+The run folder (--out) gets config.yaml (the resolved recipe), metrics.jsonl (one line per epoch),
+results.json (the LAST epoch's top-1, per class and many/medium/few-shot; the best epoch only as a labelled
+extra, since choosing it looks at the test set), last.pt and crowding.png. --resume continues it.
+
+Typical use:
+  pancls lt --config configs/lt_demo_cpu.yaml --data cifar10.npz --out runs/lt-demo
+  pancls lt --config configs/lt_ldam_drw.yaml --head tsp --loss logit_adjust --data cifar10.npz --out runs/c10_tsp_la
+  pancls lt ... --dry-run                              build data and model, print their sizes, do not train
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,19 +19,36 @@ from pathlib import Path
 from pancls.commands.common import absolute_paths
 from pancls.config import apply_flags, apply_overrides, load_yaml
 
+#: The config defaults the flags fall back to without --config (pancls.lt.LTConfig's; a test keeps them equal,
+#: so that --help need not import torch to show them).
+DEFAULTS = {"data.dataset": "cifar10", "data.imbalance_ratio": 100.0, "data.construction": "ldam", "model.head": "tsp",
+            "loss.name": "ce", "train.epochs": 200, "train.seed": 0, "device": "auto"}
+
+
+def _default(key: str) -> str:
+    value = DEFAULTS[key]
+    return f"default: the recipe's {key}, else {value:g}" if isinstance(value, float) else \
+        f"default: the recipe's {key}, else {value}"
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (configs/lt_ldam_drw.yaml, ...); flags below override it")
-    p.add_argument("--dataset", choices=None, help="cifar10 or cifar100")
-    p.add_argument("--imbalance-ratio", type=float, help="n_max / n_min, e.g. 100 or 50 (1 = balanced)")
-    p.add_argument("--construction", help="ldam (LDAM-DRW subset, default) or first")
-    p.add_argument("--head", help="tsp, softmax (linear), cosine")
-    p.add_argument("--loss", help="ce, focal, cb, ldam, logit_adjust, balanced_softmax")
-    p.add_argument("--data", help="cifar10.npz, cifar-10-python.tar.gz, cifar-100-python.tar.gz or their folders")
-    p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="recipe (configs/lt_demo_cpu.yaml, configs/lt_ldam_drw.yaml, ...); the flags below override it")
+    p.add_argument("--dataset", metavar="NAME", help=f"cifar10 or cifar100 ({_default('data.dataset')})")
+    p.add_argument("--imbalance-ratio", type=float, metavar="IR",
+                   help=f"n_max / n_min of the training set, e.g. 100 or 50; 1 = balanced ({_default('data.imbalance_ratio')})")
+    p.add_argument("--construction", metavar="NAME",
+                   help=f"ldam (the LDAM-DRW subset) or first ({_default('data.construction')})")
+    p.add_argument("--head", metavar="NAME", help=f"tsp, softmax (linear) or cosine ({_default('model.head')})")
+    p.add_argument("--loss", metavar="NAME",
+                   help=f"ce, focal, cb, ldam, logit_adjust or balanced_softmax ({_default('loss.name')})")
+    p.add_argument("--data", metavar="PATH",
+                   help="cifar10.npz, cifar-10-python.tar.gz, cifar-100-python.tar.gz or their extracted folders")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder (created)")
+    p.add_argument("--epochs", type=int, metavar="N", help=f"training epochs ({_default('train.epochs')})")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"seed of initialisation, sampling and augmentation ({_default('train.seed')})")
+    p.add_argument("--device", help=f"auto, cpu or cuda ({_default('device')}; auto: cuda when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.head_kwargs.form=paper (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="build data and model, print one JSON line, do not train")

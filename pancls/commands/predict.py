@@ -1,10 +1,16 @@
 """Predict the tumour subtype of new CT studies with a `pancls cv` run folder (the fold ensemble).
 
 INPUT: DICOM study folders or zips (one series per study, chosen by the rules of `pancls ingest`), NIfTI
-files, or a manifest CSV (column `image`, optional `mask` and `patient_id`). Preprocessing and the ROI policy
-come from the run folder. Outputs carry no patient identifiers unless --keep-ids. Exit status: 0 when every
-study was predicted, 1 when any failed (each failure is one line on stderr and a row in the output), 2 for
-a problem with the command itself (model folder, output path, arguments).
+files, or a manifest CSV (column image, optional mask and patient_id). Preprocessing and the ROI policy
+come from the run folder. Outputs carry no patient identifiers unless --keep-ids.
+
+Typical use:
+  pancls predict --model runs/cv study1/ study2.zip ct.nii.gz --out predictions.csv
+  pancls predict --model runs/cv ct.nii.gz --mask lesion.nii.gz          a mask-ROI model needs the mask
+  pancls predict --model runs/cv /pacs/export/ --sr sr_out/               + one DICOM SR per study
+
+Exit status: 0 every study predicted, 1 some failed (one line each on stderr, and a row in the output),
+2 a problem with the command itself (model folder, output path, arguments).
 """
 from __future__ import annotations
 

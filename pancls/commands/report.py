@@ -1,7 +1,10 @@
 """Regenerate the summary, figures, report and model card of a `pancls cv` run folder.
 
 Rewrites summary.json, oof_predictions.csv, figures/, report.md/html and MODEL_CARD.md, e.g. after the
-folds were trained on different machines with --fold k.
+folds were trained on different machines with `pancls cv --fold k`.
+
+Typical use:
+  pancls report runs/cv
 """
 from __future__ import annotations
 

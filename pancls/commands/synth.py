@@ -1,7 +1,11 @@
-"""Write the synthetic pancreatic-tumour CT demo dataset (NIfTI + lesion masks + manifest + a DICOM subset).
+"""Write the synthetic pancreatic-tumour CT cohort: NIfTI volumes, lesion masks, a manifest and a few DICOM series.
 
-Every pancls command can then run without hospital data, e.g.
-``pancls synth --out runs/synth --scale 0.1`` writes 59 patients in a few seconds.
+Every pancls command can then be tried without hospital data. The class counts follow the tSP paper's
+530-patient cohort (--scale shrinks them); the same seed gives identical volumes.
+
+Typical use:
+  pancls synth --out runs/synth --scale 0.1            59 patients in a few seconds
+  pancls check runs/synth/manifest.csv
 """
 from __future__ import annotations
 
