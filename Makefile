@@ -45,8 +45,9 @@ test-slow: venv
 carry: venv
 	$(PY) -c "from pancls.data.cifar import write_lt_subset; write_lt_subset('$(SHARED_DATA)/cifar10.npz', 'carry/cifar10_lt_ir100.npz', 'cifar10', 100)"
 
+# pancls vs SimpleITK vs dcm2niix reading the two DICOM fixtures of $(SHARED_DATA)/ct (the README's table)
 bench: venv
-	PANCLS_DATA=$(SHARED_DATA) $(PY) bench/ingest_speed.py
+	PANCLS_DATA=$(SHARED_DATA) $(PY) bench/ingest_speed.py --runs 7 --cli
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

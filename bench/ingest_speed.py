@@ -3,24 +3,29 @@
 Each measurement runs in a fresh process (no warm imports or caches inside the interpreter; the OS
 page cache is warm after the first run, the same for all three). Timed work:
 
-* ``pancls``   -- :func:`pancls.ct.scan.scan` (headers of every file in the folder) +
-  :func:`pancls.ct.select.select_series` + :func:`pancls.ct.volume.build_volume` of the chosen
-  series from the scanned headers, in memory (no NIfTI written). Timed inside the child, after imports.
-* ``SimpleITK`` -- ``ImageSeriesReader.GetGDCMSeriesFileNames`` + ``Execute``, in memory; timed
-  inside the child, after imports.
-* ``dcm2niix`` -- ``dcm2niix -z n`` on the folder, writing uncompressed NIfTI to a temp folder (it
-  cannot skip writing); timed around the subprocess, so its (small, native) start-up is included.
-* ``--cli`` adds ``pancls ingest`` end to end (``python -m pancls ingest FOLDER --out TMP``: interpreter
-  start-up, imports, scan, build, gzip-compressed NIfTI + sidecar + manifest), timed around the
-  subprocess like dcm2niix. For reference only: it is dominated by Python start-up and gzip.
+* pancls: scan (the headers of every file in the folder) + series selection + build_volume of the chosen
+  series from the scanned headers, in memory (no NIfTI written); timed inside the child, after imports.
+* SimpleITK: ImageSeriesReader.GetGDCMSeriesFileNames + Execute, in memory; timed inside the child, after
+  imports.
+* dcm2niix: dcm2niix -z n on the folder, writing uncompressed NIfTI to a temporary folder (it cannot skip
+  writing); timed around the subprocess, so its (small, native) start-up is included.
+* --cli adds pancls ingest end to end (python -m pancls ingest FOLDER --out TMP: interpreter start-up,
+  imports, scan, build, gzip-compressed NIfTI + sidecar + manifest), timed around the subprocess like
+  dcm2niix. For reference only: it is dominated by Python start-up and gzip.
 
 Both in-memory readers hash their voxels (outside the timed part) and the table says whether pancls and
 SimpleITK returned the same HU volume, so a fast wrong answer cannot pass for a win.
 
-The table gives the median of ``--runs`` runs and the ratios pancls/SimpleITK and pancls/dcm2niix
+The table gives the median of --runs runs and the ratios pancls/SimpleITK and pancls/dcm2niix
 (< 1: pancls is faster), as markdown. Goal: pancls no slower than SimpleITK, aiming for half its time.
 
-    python bench/ingest_speed.py [--series FOLDER ...] [--runs 5] [--workers N] [--cli]
+The default series are two real CT fixtures of the shared data folder ($PANCLS_DATA/ct, see its README.md):
+series_ct/S21570/S2010 (10 uncompressed slices) and abdomen/dicom_series (20 JPEG 2000 slices).
+
+Typical use:
+  make bench                                         = python bench/ingest_speed.py --runs 7 --cli
+  make bench SHARED_DATA=/path/to/shared/data        the fixtures elsewhere
+  python bench/ingest_speed.py --series /data/one_series --runs 3
 """
 from __future__ import annotations
 
@@ -127,16 +132,31 @@ def machine_line() -> str:
             + ", ".join(versions))
 
 
+def missing_message(missing: list[Path], given: bool) -> str:
+    """One line: which series folders are missing, and where the default CT fixtures come from."""
+    if given:
+        return f"not a folder: {', '.join(map(str, missing))} (--series takes a folder holding one DICOM series)"
+    return (f"the CT fixtures are not in {DATA} (missing: {', '.join(str(f.relative_to(DATA)) for f in missing)}); "
+            "point SHARED_DATA= (make bench) or PANCLS_DATA= (the script) at the shared data folder, whose ct/ "
+            "README.md lists the upstream sources, or pass --series FOLDER")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--series", type=Path, action="append", help="a folder holding one series (repeatable)")
-    parser.add_argument("--runs", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--series", type=Path, action="append", metavar="FOLDER",
+                        help="a folder holding one DICOM series (repeatable; default: the two CT fixtures)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per reader and series; the median is shown (default 5)")
     parser.add_argument("--workers", type=int, default=0, help="pancls threads (0: its default)")
     parser.add_argument("--cli", action="store_true", help="also time `pancls ingest` end to end, NIfTI written")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     folders = args.series or DEFAULT_SERIES
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        print(f"bench/ingest_speed.py: error: {missing_message(missing, given=bool(args.series))}", file=sys.stderr)
+        return 2
     has_dcm2niix = shutil.which("dcm2niix") is not None
     print(machine_line())
     print(f"median of {args.runs} runs, each in a fresh process; pancls = scan + select + build in memory, "
