@@ -67,15 +67,21 @@ from tqdm.auto import tqdm
 from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
 from pancls.ct.mask import onto_grid, read_mask
-from pancls.ct.nifti import load_nifti
+from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
 from pancls.ct.select import Decision, SelectionRules, select_series
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume
-from pancls.ct.write import label_image, write_volume
+from pancls.ct.write import write_volume
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
 from pancls.errors import UserError, one_line
-from pancls.io import atomic_save, atomic_write_json, atomic_write_text, remove_stale_temps, writable_folder
+from pancls.io import (
+    atomic_write_json,
+    atomic_write_text,
+    file_identity,
+    remove_stale_temps,
+    writable_folder,
+)
 from pancls.join import (
     KEY_COLUMNS,
     KEY_FILE,
@@ -192,11 +198,11 @@ def file_fingerprint(paths: Sequence[Path], origin: Dict[Path, Path], unpacked: 
         try:
             member = p.relative_to(unpacked)
         except ValueError:
-            source, member = p.resolve(), ""
+            source, member = p, ""
         else:
-            source = Path(origin.get(p, p)).resolve()  # member keeps the archive's folder (a hash of its path)
-        st = source.stat()
-        lines.append(f"{source}\0{member}\0{st.st_size}\0{st.st_mtime_ns}")
+            source = Path(origin.get(p, p))  # member keeps the archive's folder (a hash of its path)
+        resolved, size, mtime_ns = file_identity(source)
+        lines.append(f"{resolved}\0{member}\0{size}\0{mtime_ns}")
     return "\n".join(sorted(lines))
 
 
@@ -654,8 +660,7 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
             raise UserError("the mask marks nothing on the volume's grid" +
                             (" (it does not overlap the volume)" if flag else ""))
         writable_folder(out / "masks")
-        mask_img = label_image(labels, img.affine, target)
-        atomic_save(target, lambda tmp: nib.save(mask_img, tmp))
+        save_nifti(target, labels, img.affine)
         atomic_write_json(sidecar_path, {FINGERPRINT_KEY: fingerprint, "flag": flag, "format": kind,
                                          "labels": sorted(int(v) for v in np.unique(labels) if v)})
     except UserError as exc:

@@ -121,3 +121,12 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "the folder") -
         raise UserError(f"{what} does not exist", folder)
     if not os.access(folder, os.W_OK):
         raise UserError(f"{what} is not writable", folder)
+
+
+def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
+    """``(resolved path, size in bytes, mtime in ns)`` of ``path``: what tells a rerun that a file was replaced
+    or rewritten without reading it (ingest's source fingerprints, the preprocessing cache's item keys).
+    Raises OSError when the file cannot be stat'ed."""
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    return str(resolved), st.st_size, st.st_mtime_ns

@@ -29,12 +29,13 @@ slice normal ``n = r x c``; see :mod:`pancls.ct.geometry` for the affine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
 import struct
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
@@ -47,8 +48,10 @@ from pydicom.pixels import get_decoder
 from pydicom.pixels.utils import as_pixel_options
 
 from pancls.ct.capture import collecting
+from pancls.ct.functional import functional_value
 from pancls.ct.geometry import (
     GeometryPolicy,
+    StackGeometry,
     analyse_stack,
     check_orientation,
     grid_affine,
@@ -137,13 +140,13 @@ class _Frame:
     slice_thickness: float | None
 
 
-def _group_item(ds: Dataset, frame: int, sequence: str) -> Dataset | None:
-    """Item of functional-group ``sequence`` for ``frame``: per-frame first, then shared (PS3.3 C.7.6.16)."""
-    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        items = ds.get(groups)
-        if items and index < len(items) and items[index].get(sequence):
-            return items[index].get(sequence)[0]
-    return None
+def _frame_value(ds: Dataset, frame: int, sequence: str, keyword: str, where: Path) -> Any:
+    """``keyword`` of ``frame`` (:func:`pancls.ct.functional.functional_value`: per-frame, shared, top level);
+    a value pydicom cannot convert is a UserError naming it."""
+    try:
+        return functional_value(ds, keyword, sequence, frame)
+    except Exception as exc:  # noqa: BLE001 - pydicom converts lazily and raises anything on a bad element
+        raise UserError(f"{keyword}: unreadable value ({type(exc).__name__}: {exc})", where) from None
 
 
 def _number(value: Any, name: str, where: Path) -> float:
@@ -242,43 +245,42 @@ def _parse_frames(header: Header, path: Path) -> list[_Frame]:
             raise UserError(f"BitsAllocated {allocated}: a CT image has 8-, 16- or 32-bit integer pixels", path)
         _integer(ds, "BitsStored", path, 1, allocated)
         _integer(ds, "PixelRepresentation", path, 0, 1)
-    frames = []
-    for f in range(n_frames):
-        def attr(sequence: str, keyword: str, f: int = f) -> Any:
-            item = _group_item(ds, f, sequence) if has_groups else None
-            return _get(item if item is not None and keyword in item else ds, keyword, path)
+    return [_parse_frame(ds, f, shape, path) for f in range(n_frames)]
 
-        ipp = attr("PlanePositionSequence", "ImagePositionPatient")
-        iop = attr("PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = attr("PixelMeasuresSequence", "PixelSpacing")
-        if ipp in (None, "") or iop in (None, "") or spacing in (None, ""):
-            missing = [k for k, v in (("ImagePositionPatient", ipp), ("ImageOrientationPatient", iop),
-                                      ("PixelSpacing", spacing)) if v in (None, "")]
-            raise UserError(f"frame {f} has no {', '.join(missing)}: it cannot be placed in space", path)
-        slope = attr("PixelValueTransformationSequence", "RescaleSlope")
-        intercept = attr("PixelValueTransformationSequence", "RescaleIntercept")
-        if slope in (None, "") or intercept in (None, ""):
-            raise UserError(f"frame {f} has no RescaleSlope/RescaleIntercept: HU cannot be computed", path)
-        thickness = attr("PixelMeasuresSequence", "SliceThickness")
-        rescale_type = attr("PixelValueTransformationSequence", "RescaleType")
-        position = np.array(_numbers(ipp, "ImagePositionPatient", path, 3))
-        if np.max(np.abs(position)) > MAX_POSITION_MM:
-            raise UserError(f"ImagePositionPatient {position.tolist()} lies more than {MAX_POSITION_MM:g} mm "
-                            "from the origin: not a patient position", path)
-        pixel_spacing = _numbers(spacing, "PixelSpacing", path, 2)
-        if min(pixel_spacing) <= 0 or max(pixel_spacing) > MAX_SPACING_MM:
-            raise UserError(f"PixelSpacing {list(pixel_spacing)} must be > 0 and <= {MAX_SPACING_MM:g} mm", path)
-        slope = _numbers(slope, "RescaleSlope", path, 1)[0]
-        if slope <= 0:
-            raise UserError(f"RescaleSlope {slope:g}: must be > 0 (0 would make every voxel the intercept)", path)
-        frames.append(_Frame(
-            path=path, index=f, ipp=position,
-            iop=np.array(_numbers(iop, "ImageOrientationPatient", path, 6)),
-            pixel_spacing=pixel_spacing, shape=shape, slope=slope,
-            intercept=_numbers(intercept, "RescaleIntercept", path, 1)[0],
-            rescale_type=str(rescale_type).strip() or None if rescale_type else None,
-            slice_thickness=(None if thickness in (None, "") else _numbers(thickness, "SliceThickness", path, 1)[0])))
-    return frames
+
+def _parse_frame(ds: Dataset, f: int, shape: tuple[int, int], path: Path) -> _Frame:
+    """Plane ``f`` of ``ds``: its geometry and rescale, each from the functional groups of that frame when
+    present (:func:`_frame_value`), checked as :func:`_parse_frames` says."""
+    ipp = _frame_value(ds, f, "PlanePositionSequence", "ImagePositionPatient", path)
+    iop = _frame_value(ds, f, "PlaneOrientationSequence", "ImageOrientationPatient", path)
+    spacing = _frame_value(ds, f, "PixelMeasuresSequence", "PixelSpacing", path)
+    if ipp in (None, "") or iop in (None, "") or spacing in (None, ""):
+        missing = [k for k, v in (("ImagePositionPatient", ipp), ("ImageOrientationPatient", iop),
+                                  ("PixelSpacing", spacing)) if v in (None, "")]
+        raise UserError(f"frame {f} has no {', '.join(missing)}: it cannot be placed in space", path)
+    slope = _frame_value(ds, f, "PixelValueTransformationSequence", "RescaleSlope", path)
+    intercept = _frame_value(ds, f, "PixelValueTransformationSequence", "RescaleIntercept", path)
+    if slope in (None, "") or intercept in (None, ""):
+        raise UserError(f"frame {f} has no RescaleSlope/RescaleIntercept: HU cannot be computed", path)
+    thickness = _frame_value(ds, f, "PixelMeasuresSequence", "SliceThickness", path)
+    rescale_type = _frame_value(ds, f, "PixelValueTransformationSequence", "RescaleType", path)
+    position = np.array(_numbers(ipp, "ImagePositionPatient", path, 3))
+    if np.max(np.abs(position)) > MAX_POSITION_MM:
+        raise UserError(f"ImagePositionPatient {position.tolist()} lies more than {MAX_POSITION_MM:g} mm "
+                        "from the origin: not a patient position", path)
+    pixel_spacing = _numbers(spacing, "PixelSpacing", path, 2)
+    if min(pixel_spacing) <= 0 or max(pixel_spacing) > MAX_SPACING_MM:
+        raise UserError(f"PixelSpacing {list(pixel_spacing)} must be > 0 and <= {MAX_SPACING_MM:g} mm", path)
+    slope = _numbers(slope, "RescaleSlope", path, 1)[0]
+    if slope <= 0:
+        raise UserError(f"RescaleSlope {slope:g}: must be > 0 (0 would make every voxel the intercept)", path)
+    return _Frame(
+        path=path, index=f, ipp=position,
+        iop=np.array(_numbers(iop, "ImageOrientationPatient", path, 6)),
+        pixel_spacing=pixel_spacing, shape=shape, slope=slope,
+        intercept=_numbers(intercept, "RescaleIntercept", path, 1)[0],
+        rescale_type=str(rescale_type).strip() or None if rescale_type else None,
+        slice_thickness=None if thickness in (None, "") else _numbers(thickness, "SliceThickness", path, 1)[0])
 
 
 def _check_decoder(ds: Dataset, path: Path) -> None:
@@ -440,19 +442,6 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def _find(ds: Dataset, keyword: str) -> Any:
-    """Attribute at the top level, else inside the shared / first per-frame functional groups (Enhanced CT)."""
-    if ds.get(keyword) not in (None, ""):
-        return ds.get(keyword)
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for seq in (ds.get(groups) or [Dataset()])[0]:
-            if seq.VR == "SQ":
-                for item in seq.value:
-                    if item.get(keyword) not in (None, ""):
-                        return item.get(keyword)
-    return None
-
-
 # Acquisition descriptors worth keeping; free-text fields that may carry names (descriptions,
 # institution, operators, comments) are deliberately absent. The few kept free-text fields are listed in
 # FREE_TEXT_META: pancls ingest drops them unless --keep-descriptions.
@@ -481,8 +470,8 @@ def _acquisition_meta(ds: Dataset, frames: Iterable[_Frame]) -> dict[str, Any]:
     frames = list(frames)
     meta: dict[str, Any] = {"source": "dicom"}
     for key, keyword in _META_KEYWORDS.items():
-        value = _find(ds, keyword)
-        if value is not None:
+        value = functional_value(ds, keyword)
+        if value not in (None, ""):
             meta[key] = _json_value(value)
     sop = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
     sop = ds.get("SOPClassUID") or sop
@@ -547,90 +536,19 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy | No
     """
     policy = policy if policy is not None else GeometryPolicy()
     paths = [Path(p) for p in paths]
-    if not paths:
-        raise UserError("no DICOM files given", "build_volume")
-    if workers is not None and workers < 1:
-        raise UserError(f"workers must be >= 1, got {workers}", "workers")
-    if headers is not None and len(headers) != len(paths):
-        raise ValueError(f"build_volume got {len(headers)} headers for {len(paths)} paths")
+    headers = _headers_of(paths, workers, headers)
     where = _series_folder(paths)
-    n_workers = workers or default_workers(len(paths))
-    if headers is None:
-        headers = parallel_map(_read_header, paths, n_workers)
-    for path, header in zip(paths, headers, strict=True):
-        with _header_errors(path):
-            _check_decoder(header.dataset, path)
-    frames = [fr for path, header in zip(paths, headers, strict=True) for fr in _frames_of(header, path)]
-    with _header_errors(where):
-        _check_one_stack([h.dataset for h in headers], frames, policy, where)
-
-    try:
-        row_cos, col_cos = check_orientation(frames[0].iop)
-    except ValueError as exc:
-        raise UserError(str(exc), frames[0].path) from None
-    labels = [fr.path.name + (f" frame {fr.index}" if len(frames) > len(paths) else "") for fr in frames]
-    try:
-        geo = analyse_stack(np.stack([fr.ipp for fr in frames]), row_cos, col_cos, frames[0].pixel_spacing,
-                            policy, labels)
-        flags = resample_flags(geo, policy)
-    except ValueError as exc:
-        raise UserError(str(exc), where) from None
-
+    frames = _checked_frames(paths, headers, policy, where)
+    row_cos, col_cos, geo, flags = _stack_geometry(frames, len(paths), policy, where)
     sorted_frames = [frames[i] for i in geo.order]
-    rows, cols = frames[0].shape
-    if len(frames) * rows * cols > MAX_VOXELS:
-        raise UserError(f"{len(frames)} x {rows} x {cols} voxels is more than the {MAX_VOXELS:,} pancls converts "
-                        "(pancls.ct.volume.MAX_VOXELS)", where)
-    planes = np.empty((len(frames), rows, cols), dtype=np.int16)
-    by_file: dict[Path, list[tuple[int, _Frame]]] = {}
-    for k, fr in enumerate(sorted_frames):
-        by_file.setdefault(fr.path, []).append((k, fr))
     header_of = dict(zip(paths, headers, strict=True))
-    items = list(by_file.items())
-    n_processes = decode_processes([header_of[path] for path, _ in items], workers)
-    sinks: dict[Path, list[str]] = {path: [] for path, _ in items}
-    if n_processes > 1:
-        with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_stored_values_captured, path, header_of[path]) for path, _ in items]
-            for (path, targets), future in zip(items, futures, strict=True):
-                def result(future=future, sink=sinks[path]):
-                    array, caught = future.result()
-                    sink.extend(caught)
-                    return array
-                _decode_into(planes, path, header_of[path], targets, result)
-    else:
-        def decode(item):
-            with collecting(sinks[item[0]]):
-                _decode_into(planes, item[0], header_of[item[0]], item[1])
-        parallel_map(decode, items, n_workers)
-    decode_warnings = list(dict.fromkeys(f"{path.name}: {one_line(w)}" for path, sink in sinks.items() for w in sink))
-
+    planes, decode_warnings = _decode_planes(sorted_frames, header_of, workers, where)
     with _header_errors(sorted_frames[0].path):
         meta = _acquisition_meta(header_of[sorted_frames[0].path].dataset, sorted_frames)
     if sorted_frames[0].rescale_type not in (None, "HU"):
         flags.append(f"rescale_type:{sorted_frames[0].rescale_type}")
+    planes, spacing_k, origin = _slice_axis(planes, sorted_frames, geo, policy, flags, meta, where)
     dr, dc = geo.pixel_spacing
-    if len(frames) == 1:
-        # One plane has no neighbour to measure spacing from; SliceThickness is the only hint there is.
-        thickness = sorted_frames[0].slice_thickness
-        if thickness is not None and not 0 < thickness <= MAX_SPACING_MM:
-            raise UserError(f"single slice with SliceThickness {thickness:g}: its spacing is unknown", where)
-        spacing_k = thickness or 1.0
-        flags.append("single_slice")
-        if thickness is None:
-            flags.append("slice_spacing_assumed:1mm")  # no SliceThickness: the affine's k step is a guess
-        origin = geo.ipp[0]
-    elif geo.is_regular:
-        spacing_k = geo.uniform_spacing
-        origin = geo.ipp[0]
-    else:
-        spacing_k = geo.typical_spacing
-        fill = float(planes.min())  # scanners pad outside the reconstruction circle with the minimum
-        stack, origin = resample_stack(planes, geo, spacing_k, fill, policy)
-        planes = np.rint(stack).astype(np.int16)  # convex combinations of int16 values: no overflow
-        meta.update(original_slice_positions_mm=np.round(geo.positions, 4).tolist(),
-                    original_intervals_mm=np.round(geo.intervals, 4).tolist(),
-                    tilt_deg=round(geo.tilt_deg, 4), resample_interpolation="linear", resample_fill_hu=fill)
     spacing = np.array([dc, dr, spacing_k])
     affine = grid_affine(origin, row_cos, col_cos, spacing)
     if not np.all(np.isfinite(affine)):
@@ -638,3 +556,111 @@ def build_volume(paths: Sequence[str | os.PathLike], policy: GeometryPolicy | No
     array = planes.transpose(2, 1, 0)
     meta.update(shape=list(array.shape), spacing_mm=[round(float(s), 6) for s in spacing])
     return Volume(array=array, affine=affine, spacing=spacing, flags=flags, meta=meta, warnings=decode_warnings)
+
+
+def _headers_of(paths: list[Path], workers: int | None, headers: Sequence[Header] | None) -> list[Header]:
+    """Step 1: the arguments checked, and each file's header (read here when the caller has none)."""
+    if not paths:
+        raise UserError("no DICOM files given", "build_volume")
+    if workers is not None and workers < 1:
+        raise UserError(f"workers must be >= 1, got {workers}", "workers")
+    if headers is not None and len(headers) != len(paths):
+        raise ValueError(f"build_volume got {len(headers)} headers for {len(paths)} paths")
+    if headers is None:
+        headers = parallel_map(_read_header, paths, workers or default_workers(len(paths)))
+    return list(headers)
+
+
+def _checked_frames(paths: list[Path], headers: list[Header], policy: GeometryPolicy, where: Path) -> list[_Frame]:
+    """Step 2: a decoder for every file, every plane of every file (:func:`_parse_frames`), one stack."""
+    for path, header in zip(paths, headers, strict=True):
+        with _header_errors(path):
+            _check_decoder(header.dataset, path)
+    frames = [fr for path, header in zip(paths, headers, strict=True) for fr in _frames_of(header, path)]
+    with _header_errors(where):
+        _check_one_stack([h.dataset for h in headers], frames, policy, where)
+    return frames
+
+
+def _stack_geometry(frames: list[_Frame], n_files: int, policy: GeometryPolicy, where: Path
+                    ) -> tuple[np.ndarray, np.ndarray, StackGeometry, list[str]]:
+    """Step 3: unit row/column cosines, the planes sorted along the normal and checked
+    (:func:`pancls.ct.geometry.analyse_stack`), and the ``resampled:*`` flags the policy allows."""
+    try:
+        row_cos, col_cos = check_orientation(frames[0].iop)
+    except ValueError as exc:
+        raise UserError(str(exc), frames[0].path) from None
+    labels = [fr.path.name + (f" frame {fr.index}" if len(frames) > n_files else "") for fr in frames]
+    try:
+        geo = analyse_stack(np.stack([fr.ipp for fr in frames]), row_cos, col_cos, frames[0].pixel_spacing,
+                            policy, labels)
+        flags = resample_flags(geo, policy)
+    except ValueError as exc:
+        raise UserError(str(exc), where) from None
+    return row_cos, col_cos, geo, flags
+
+
+def _decode_planes(sorted_frames: list[_Frame], header_of: dict[Path, Header], workers: int | None,
+                   where: Path) -> tuple[np.ndarray, list[str]]:
+    """Step 4: ``planes[k]`` = plane k in HU (int16, ``(K, rows, columns)``) and the decoders' warnings.
+
+    The size is checked against :data:`MAX_VOXELS` before anything is allocated; each file is decoded once
+    (all its frames), in forked processes for compressed data (:func:`decode_processes`), else in threads."""
+    rows, cols = sorted_frames[0].shape
+    if len(sorted_frames) * rows * cols > MAX_VOXELS:
+        raise UserError(f"{len(sorted_frames)} x {rows} x {cols} voxels is more than the {MAX_VOXELS:,} pancls "
+                        "converts (pancls.ct.volume.MAX_VOXELS)", where)
+    planes = np.empty((len(sorted_frames), rows, cols), dtype=np.int16)
+    by_file: dict[Path, list[tuple[int, _Frame]]] = {}
+    for k, fr in enumerate(sorted_frames):
+        by_file.setdefault(fr.path, []).append((k, fr))
+    items = list(by_file.items())
+    n_processes = decode_processes([header_of[path] for path, _ in items], workers)
+    sinks: dict[Path, list[str]] = {path: [] for path, _ in items}
+    if n_processes > 1:
+        with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_stored_values_captured, path, header_of[path]) for path, _ in items]
+            for (path, targets), future in zip(items, futures, strict=True):
+                _decode_into(planes, path, header_of[path], targets, functools.partial(_worker_result, future,
+                                                                                       sinks[path]))
+    else:
+        def decode(item: tuple[Path, list[tuple[int, _Frame]]]) -> None:
+            path, targets = item
+            with collecting(sinks[path]):
+                _decode_into(planes, path, header_of[path], targets)
+        parallel_map(decode, items, workers or default_workers(len(header_of)))
+    warnings = list(dict.fromkeys(f"{path.name}: {one_line(w)}" for path, sink in sinks.items() for w in sink))
+    return planes, warnings
+
+
+def _worker_result(future: Future, sink: list[str]) -> np.ndarray:
+    """A worker's decoded stored values; its warnings go into ``sink``."""
+    array, caught = future.result()
+    sink.extend(caught)
+    return array
+
+
+def _slice_axis(planes: np.ndarray, sorted_frames: list[_Frame], geo: StackGeometry, policy: GeometryPolicy,
+                flags: list[str], meta: dict[str, Any], where: Path) -> tuple[np.ndarray, float, np.ndarray]:
+    """Step 5: ``(planes, spacing along the normal, LPS origin)``. A single plane takes its SliceThickness (1 mm
+    and a flag when it has none); a regular stack its first-to-last mean interval; an irregular one the
+    policy allowed is resampled onto its median interval (:func:`pancls.ct.geometry.resample_stack`).
+    ``flags`` and ``meta`` are updated in place."""
+    if len(sorted_frames) == 1:
+        # One plane has no neighbour to measure spacing from; SliceThickness is the only hint there is.
+        thickness = sorted_frames[0].slice_thickness
+        if thickness is not None and not 0 < thickness <= MAX_SPACING_MM:
+            raise UserError(f"single slice with SliceThickness {thickness:g}: its spacing is unknown", where)
+        flags.append("single_slice")
+        if thickness is None:
+            flags.append("slice_spacing_assumed:1mm")  # no SliceThickness: the affine's k step is a guess
+        return planes, thickness or 1.0, geo.ipp[0]
+    if geo.is_regular:
+        return planes, geo.uniform_spacing, geo.ipp[0]
+    spacing_k = geo.typical_spacing
+    fill = float(planes.min())  # scanners pad outside the reconstruction circle with the minimum
+    stack, origin = resample_stack(planes, geo, spacing_k, fill, policy)
+    meta.update(original_slice_positions_mm=np.round(geo.positions, 4).tolist(),
+                original_intervals_mm=np.round(geo.intervals, 4).tolist(),
+                tilt_deg=round(geo.tilt_deg, 4), resample_interpolation="linear", resample_fill_hu=fill)
+    return np.rint(stack).astype(np.int16), spacing_k, origin  # convex combinations of int16: no overflow

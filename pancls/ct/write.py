@@ -20,17 +20,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pancls.ct.nifti import nifti1_image, save_nifti
 from pancls.ct.volume import SIDECAR_KEYS, Volume
 from pancls.errors import UserError
-from pancls.io import atomic_save, atomic_write_json
-
-NIFTI_SCANNER_CODE = 1
-
-
-def _has_shear(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
-    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    return bool(np.max(np.abs(axes.T @ axes - np.eye(3))) > tolerance)
-
+from pancls.io import atomic_write_json
 
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -80,29 +73,10 @@ def _sidecar_value(key: str, value):
 
 
 def nifti_image(volume: Volume, where: str | os.PathLike = "volume") -> nib.Nifti1Image:
-    """The in-memory NIfTI-1 image :func:`write_volume` saves: RAS+ voxel order (:func:`as_ras`), int16,
-    qform = sform = the affine (scanner code), mm, no scaling, empty text fields. A sheared affine is refused
-    (a qform stores rotations and zooms only)."""
+    """The in-memory NIfTI-1 image :func:`write_volume` saves: RAS+ voxel order (:func:`as_ras`), int16, with
+    the header conventions of :func:`pancls.ct.nifti.nifti1_image`."""
     volume = as_ras(volume)
-    return _image(np.asarray(volume.array, dtype=np.int16), volume.affine, where)
-
-
-def label_image(labels: np.ndarray, affine: np.ndarray, where: str | os.PathLike = "mask") -> nib.Nifti1Image:
-    """A label map (mask) as NIfTI-1 with the same header conventions as :func:`nifti_image`, its own dtype."""
-    return _image(np.asarray(labels), affine, where)
-
-
-def _image(array: np.ndarray, affine: np.ndarray, where) -> nib.Nifti1Image:
-    if _has_shear(affine):
-        raise UserError("the volume's affine has shear, which a NIfTI qform cannot store; resample it first", where)
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=NIFTI_SCANNER_CODE)
-    img.set_sform(affine, code=NIFTI_SCANNER_CODE)
-    img.header.set_xyzt_units(xyz="mm")
-    img.header.set_slope_inter(1.0, 0.0)
-    for text_field in ("descrip", "aux_file", "intent_name", "db_name"):  # never carry text from anywhere
-        img.header[text_field] = b""
-    return img
+    return nifti1_image(np.asarray(volume.array, dtype=np.int16), volume.affine, where)
 
 
 def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: str | os.PathLike | None = None) -> None:
@@ -115,7 +89,6 @@ def write_volume(volume: Volume, nifti_path: str | os.PathLike, sidecar_path: st
     if not (nifti_path.name.endswith(".nii.gz") or nifti_path.name.endswith(".nii")):
         raise UserError("the output file name must end in .nii.gz or .nii", nifti_path)
     volume = as_ras(volume)
-    img = nifti_image(volume, nifti_path)
-    atomic_save(nifti_path, lambda tmp: nib.save(img, tmp))
+    save_nifti(nifti_path, np.asarray(volume.array, dtype=np.int16), volume.affine)
     if sidecar_path is not None:
         atomic_write_json(sidecar_path, sidecar_dict(volume))

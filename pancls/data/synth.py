@@ -41,16 +41,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pancls.config import from_dict, load_yaml
+from pancls.ct.nifti import save_nifti
 from pancls.data.classes import DEFAULT_CLASSES
 from pancls.errors import UserError
-from pancls.io import atomic_save, atomic_write_json, atomic_write_text
+from pancls.io import atomic_write_json, atomic_write_text, writable_folder
 from pancls.validation import InvalidParameter, check_scalar
 
 #: Patients per class at the paper's scale (530). PDAC and CP from the paper's text; the others assumed.
@@ -410,24 +410,79 @@ _HEAD_PROBABILITY = {
 
 def generate_phantom(label: str, k: int, seed: int = 0, size: Sequence[int] = (96, 96, 48),
                      spacing: Sequence[float] = (2.0, 2.0, 3.0)) -> Phantom:
-    """Patient ``k`` of class ``label``: a function of ``(seed, label, k, size, spacing)`` only."""
+    """Patient ``k`` of class ``label``: a function of ``(seed, label, k, size, spacing)`` only.
+
+    The anatomy is painted in this order, each step drawing from one random generator seeded by
+    ``(seed, class index, k)`` (so the order is part of the cohort's definition): contrast phase and body wall,
+    spine, vessels, solid organs, hollow organs, pancreas (with its duct and the splenic vein), the lesion, then
+    tissue heterogeneity and quantum noise.
+    """
     if label not in DEFAULT_CLASSES:
         raise UserError(f"unknown class {label!r}; classes: {', '.join(DEFAULT_CLASSES)}", "label")
     size = tuple(int(n) for n in size)
     spacing = tuple(float(s) for s in spacing)
     rng = np.random.default_rng([seed, DEFAULT_CLASSES.index(label), k])
-    grid = _grid(size, spacing)
+    body = _body_wall(rng, _grid(size, spacing), size)
+    _spine(body)
+    _vessels(body)
+    _solid_organs(body)
+    _hollow_organs(body)
+    gland = _pancreas(body, label)
+    lesion = _lesion(body, gland, label)
+    image = _noise(body)
+    lesion &= (body.body >= 0.5).astype(np.uint8)
+    return Phantom(image, lesion, gland.mask, ras_affine(size, spacing), label)
+
+
+@dataclass
+class _Body:
+    """The patient being painted: the volume (HU, float32), its contrast phase, the body's half-axes and the
+    body/abdominal-cavity membership maps that organs are clipped to."""
+
+    grid: _Grid
+    rng: np.random.Generator
+    vol: np.ndarray
+    arterial: float
+    venous: float
+    parenchyma: float
+    fluid: float
+    A: float  # body half-width (mm)
+    B: float  # body half-depth (mm)
+    C: float  # half the field of view along z (mm)
+    body: np.ndarray
+    cavity: np.ndarray
+
+    def u(self, low: float, high: float) -> float:
+        return self.rng.uniform(low, high)
+
+    def at(self, uu: float, vv: float, ww: float, jitter: float = 0.03) -> np.ndarray:
+        """A point in body units (fractions of A, B, C), jittered in x and y."""
+        return np.array([self.A * (uu + self.rng.normal(0, jitter)), self.B * (vv + self.rng.normal(0, jitter)),
+                         self.C * ww])
+
+    def organ(self, centre, radii, value, angle: float = 0.0, clip: Optional[np.ndarray] = None):
+        """Blend an ellipsoid of ``value`` HU into the volume, clipped to ``clip`` (default: the cavity)."""
+        clip = self.cavity if clip is None else clip
+        sl, sd = _ellipsoid(self.grid, centre, radii, angle)
+        _blend(self.vol, sl, _ramp(sd, self.grid.voxel) * clip[sl[0], sl[1]], value)
+        return sl, sd
+
+    def hollow(self, centre, radii, lumen):
+        """A hollow organ: a soft-tissue wall and a ``lumen`` 2.5 mm inside it."""
+        self.organ(centre, radii, self.u(35, 55))
+        return self.organ(centre, tuple(r - 2.5 for r in radii), lumen)
+
+
+def _body_wall(rng: np.random.Generator, grid: _Grid, size: Tuple[int, int, int]) -> _Body:
+    """The contrast phase (one factor moves arterial, venous and parenchymal enhancement together), then the body:
+    an elliptic cylinder, subcutaneous fat, the muscle wall and visceral fat in the cavity."""
     half = np.array([grid.axes[a][-1] for a in range(3)])  # half field of view (mm)
     vol = np.full(size, -1000.0, np.float32)
     u = rng.uniform
-
-    # contrast phase: one factor moves arterial, venous and parenchymal enhancement together
     phase = u(0.7, 1.3)
     arterial, venous = phase * u(170, 240), phase * u(120, 160)
     parenchyma = 40 + phase * u(30, 70)
     fluid = u(0, 15)
-
-    # body: elliptic cylinder, subcutaneous fat, muscle wall, visceral fat in the cavity
     A, B, C = half[0] * u(0.8, 0.93), half[1] * u(0.66, 0.8), half[2]
     x, y, _ = grid.coords((slice(None),) * 3)
     q = np.sqrt((x / A) ** 2 + (y / B) ** 2)
@@ -438,62 +493,81 @@ def generate_phantom(label: str, k: int, seed: int = 0, size: Sequence[int] = (9
     _blend(vol, full, _ramp((q - (1 - fat)) * B, grid.voxel), u(35, 60))
     cavity = _ramp((q - (1 - fat - 0.05)) * B, grid.voxel)
     _blend(vol, full, cavity, u(-105, -80))
+    return _Body(grid, rng, vol, arterial, venous, parenchyma, fluid, A, B, C, body, cavity)
 
-    def at(uu, vv, ww, jitter=0.03):
-        return np.array([A * (uu + rng.normal(0, jitter)), B * (vv + rng.normal(0, jitter)), C * ww])
 
-    def organ(centre, radii, value, angle=0.0, clip=cavity):
-        sl, sd = _ellipsoid(grid, centre, radii, angle)
-        _blend(vol, sl, _ramp(sd, grid.voxel) * clip[sl[0], sl[1]], value)
-        return sl, sd
-
-    # spine (extends the whole z range): paraspinal muscle, vertebral body with discs, canal, arch
+def _spine(b: _Body) -> None:
+    """Paraspinal muscle, the vertebral body with discs, the canal and the arch (the whole z range)."""
+    A, C, u = b.A, b.C, b.u
     for side in (-1, 1):
-        organ(at(0.22 * side, -0.78, 0), (0.15 * A, 0.12 * B, 2 * C), u(40, 60), clip=body)
-    vb_c, vb_r = at(0, -0.58, 0, 0.01), 0.15 * A
-    organ(vb_c, (vb_r, vb_r, 2 * C), u(650, 950), clip=body)
-    zz = grid.axes[2][None, None, :]
+        b.organ(b.at(0.22 * side, -0.78, 0), (0.15 * A, 0.12 * b.B, 2 * C), u(40, 60), clip=b.body)
+    vb_c, vb_r = b.at(0, -0.58, 0, 0.01), 0.15 * A
+    b.organ(vb_c, (vb_r, vb_r, 2 * C), u(650, 950), clip=b.body)
+    zz = b.grid.axes[2][None, None, :]
     disc = (np.mod(zz - u(0, 30), 30.0) < 6.0)
-    sl, sd = _ellipsoid(grid, vb_c, (vb_r - 2.5, vb_r - 2.5, 2 * C))
-    _blend(vol, sl, _ramp(sd, grid.voxel), np.where(disc[..., sl[2]], u(70, 100), u(180, 320)))
+    sl, sd = _ellipsoid(b.grid, vb_c, (vb_r - 2.5, vb_r - 2.5, 2 * C))
+    _blend(b.vol, sl, _ramp(sd, b.grid.voxel), np.where(disc[..., sl[2]], u(70, 100), u(180, 320)))
     canal = vb_c - np.array([0, vb_r + 0.08 * A, 0])
-    organ(canal, (0.1 * A, 0.1 * A, 2 * C), u(500, 800), clip=body)
-    organ(canal, (0.055 * A, 0.055 * A, 2 * C), u(5, 20), clip=body)
+    b.organ(canal, (0.1 * A, 0.1 * A, 2 * C), u(500, 800), clip=b.body)
+    b.organ(canal, (0.055 * A, 0.055 * A, 2 * C), u(5, 20), clip=b.body)
 
-    # vessels: aorta, IVC, SMA, SMV (the latter two below the pancreas neck)
-    organ(at(-0.07, -0.36, 0, 0.01), (0.065 * A, 0.065 * A, 2 * C), arterial)
-    organ(at(0.16, -0.33, 0, 0.01), (0.08 * A, 0.06 * B, 2 * C), venous - u(0, 30))
-    organ(at(-0.03, -0.2, -0.6, 0.01), (0.028 * A, 0.028 * A, 0.55 * C), arterial)
-    organ(at(0.06, -0.12, -0.6, 0.01), (0.035 * A, 0.035 * A, 0.55 * C), venous)
 
-    # solid organs
-    liver = parenchyma + u(-20, 20)
-    organ(at(0.5, 0.05, 0.65), (0.55 * A, 0.8 * B, 0.9 * C), liver, angle=u(0.1, 0.5))
-    organ(at(-0.62, -0.35, 0.55), (0.2 * A, 0.32 * B, 0.5 * C), liver + u(0, 30), angle=-u(0.3, 0.7))
+def _vessels(b: _Body) -> None:
+    """Aorta, IVC, SMA and SMV (the latter two below the pancreas neck)."""
+    A, B, C = b.A, b.B, b.C
+    b.organ(b.at(-0.07, -0.36, 0, 0.01), (0.065 * A, 0.065 * A, 2 * C), b.arterial)
+    b.organ(b.at(0.16, -0.33, 0, 0.01), (0.08 * A, 0.06 * B, 2 * C), b.venous - b.u(0, 30))
+    b.organ(b.at(-0.03, -0.2, -0.6, 0.01), (0.028 * A, 0.028 * A, 0.55 * C), b.arterial)
+    b.organ(b.at(0.06, -0.12, -0.6, 0.01), (0.035 * A, 0.035 * A, 0.55 * C), b.venous)
+
+
+def _solid_organs(b: _Body) -> None:
+    """Liver, spleen, both kidneys (cortex and medulla) and, in 70 % of patients, the gallbladder."""
+    A, B, C, u = b.A, b.B, b.C, b.u
+    liver = b.parenchyma + u(-20, 20)
+    b.organ(b.at(0.5, 0.05, 0.65), (0.55 * A, 0.8 * B, 0.9 * C), liver, angle=u(0.1, 0.5))
+    b.organ(b.at(-0.62, -0.35, 0.55), (0.2 * A, 0.32 * B, 0.5 * C), liver + u(0, 30), angle=-u(0.3, 0.7))
     for side, w in ((-1, u(-0.05, 0.1)), (1, u(-0.3, -0.1))):
-        centre, angle = at(0.4 * side, -0.45, w), 0.5 * side
-        organ(centre, (0.13 * A, 0.17 * B, 0.38 * C), 0.75 * arterial, angle)
-        organ(centre, (0.07 * A, 0.09 * B, 0.25 * C), 0.55 * venous, angle)
-    if rng.random() < 0.7:  # gallbladder: fluid away from the pancreas
-        organ(at(0.38, 0.4, 0.15), (0.08 * A, 0.1 * B, 0.2 * C), fluid)
+        centre, angle = b.at(0.4 * side, -0.45, w), 0.5 * side
+        b.organ(centre, (0.13 * A, 0.17 * B, 0.38 * C), 0.75 * b.arterial, angle)
+        b.organ(centre, (0.07 * A, 0.09 * B, 0.25 * C), 0.55 * b.venous, angle)
+    if b.rng.random() < 0.7:  # gallbladder: fluid away from the pancreas
+        b.organ(b.at(0.38, 0.4, 0.15), (0.08 * A, 0.1 * B, 0.2 * C), b.fluid)
 
-    # hollow organs: stomach with an air cap, duodenum beside the head, bowel loops below
-    def hollow(centre, radii, lumen):
-        organ(centre, radii, u(35, 55))
-        sl, sd = organ(centre, tuple(r - 2.5 for r in radii), lumen)
-        return sl, sd
 
-    stomach = at(-0.3, 0.32, 0.6)
-    sl, sd = hollow(stomach, (0.25 * A, 0.3 * B, 0.4 * C), fluid + u(0, 15))
-    _, yy, _ = grid.coords(sl)
-    _blend(vol, sl, _ramp(sd, grid.voxel) * (yy > stomach[1] + 0.1 * B), u(-900, -700))
-    hollow(at(0.36, -0.05, -0.35), (0.07 * A, 0.07 * B, 0.45 * C), u(-850, -600) if rng.random() < 0.4 else fluid)
+def _hollow_organs(b: _Body) -> None:
+    """The stomach with an air cap, the duodenum beside the head, 5-10 bowel loops below."""
+    A, B, C, u, rng, fluid = b.A, b.B, b.C, b.u, b.rng, b.fluid
+    stomach = b.at(-0.3, 0.32, 0.6)
+    sl, sd = b.hollow(stomach, (0.25 * A, 0.3 * B, 0.4 * C), fluid + u(0, 15))
+    _, yy, _ = b.grid.coords(sl)
+    _blend(b.vol, sl, _ramp(sd, b.grid.voxel) * (yy > stomach[1] + 0.1 * B), u(-900, -700))
+    b.hollow(b.at(0.36, -0.05, -0.35), (0.07 * A, 0.07 * B, 0.45 * C), u(-850, -600) if rng.random() < 0.4 else fluid)
     for _ in range(int(rng.integers(5, 11))):
         lumen = [fluid + u(0, 20), u(-850, -500), u(180, 350)][int(rng.choice(3, p=[0.5, 0.35, 0.15]))]
-        hollow(np.array([A * u(-0.65, 0.65), B * u(0.1, 0.7), C * u(-1.0, -0.2)]),
-               (A * u(0.07, 0.13), B * u(0.07, 0.13), C * u(0.1, 0.3)), lumen)
+        b.hollow(np.array([A * u(-0.65, 0.65), B * u(0.1, 0.7), C * u(-1.0, -0.2)]),
+                 (A * u(0.07, 0.13), B * u(0.07, 0.13), C * u(0.1, 0.3)), lumen)
 
-    # pancreas: a tube of varying radius along a jittered Bezier centre line from the head (t = 0) to the tail
+
+@dataclass
+class _Gland:
+    """The painted pancreas: its centre line, where the lesion sits along it, and its voxels."""
+
+    ctrl: np.ndarray  # Bezier control points (mm)
+    ts: np.ndarray  # centre-line parameter, 0 = head, 1 = tail
+    t_lesion: float
+    segment: Optional[Tuple[float, float]]  # chronic pancreatitis: the affected stretch of the gland
+    sl: Tuple[slice, slice, slice]  # the box the gland was painted in
+    idx: np.ndarray  # per voxel of the box: the nearest centre-line point
+    alpha: np.ndarray  # per voxel of the box: pancreas membership (0..1)
+    mask: np.ndarray  # uint8, the whole volume: alpha >= 0.5
+
+
+def _pancreas(b: _Body, label: str) -> _Gland:
+    """A tube of varying radius along a jittered Bezier centre line from the head (t = 0) to the tail, with its
+    main duct (dilated upstream of an obstructing PDAC/ASC, in main-duct IPMN, beaded in chronic pancreatitis),
+    atrophy where the class has it, and the splenic vein behind the body and tail."""
+    A, B, C, u, rng, grid = b.A, b.B, b.C, b.u, b.rng, b.grid
     ctrl = np.array([[0.22, -0.12, -0.2], [0.04, 0.02, -0.08], [-0.25, -0.02, 0.05], [-0.5, -0.25, 0.15]])
     ctrl = ctrl + rng.normal(0, [0.04, 0.03, 0.05], ctrl.shape)
     ctrl = ctrl * [A, B, C]
@@ -524,47 +598,55 @@ def generate_phantom(label: str, k: int, seed: int = 0, size: Sequence[int] = (9
     reach = 2 * radius.max() + 0.08 * A + 2 * grid.voxel  # gland, its lobulation and the splenic vein behind
     sl = grid.box(curve.min(0) - reach, curve.max(0) + reach)
     dist, idx = _nearest_on_curve(grid, sl, curve, 1.3 * radius.max() + 2 * grid.voxel)
-    # splenic vein: behind the body and tail
     vein = (curve + np.stack([np.zeros_like(ts), -(radius + 0.04 * A), np.zeros_like(ts)], 1))[ts > 0.3]
     vdist, _ = _nearest_on_curve(grid, sl, vein, 0.03 * A + 2 * grid.voxel)
-    _blend(vol, sl, _ramp(vdist - 0.03 * A, grid.voxel), venous)
+    _blend(b.vol, sl, _ramp(vdist - 0.03 * A, grid.voxel), b.venous)
     lobulation = 1 + u(0.05, 0.15) * _smooth_noise(rng, dist.shape, 2)
-    panc_alpha = _ramp(dist - radius[idx] * atrophy[idx] * lobulation, grid.voxel) * cavity[sl[0], sl[1]]
+    alpha = _ramp(dist - radius[idx] * atrophy[idx] * lobulation, grid.voxel) * b.cavity[sl[0], sl[1]]
     cp_fibrosis = u(0, 30) if label == "CP" else 0.0
-    _blend(vol, sl, panc_alpha, parenchyma - cp_fibrosis + 6 * _smooth_noise(rng, dist.shape, 2))
-    _blend(vol, sl, _ramp(dist - duct[idx], grid.voxel) * panc_alpha, fluid)
-    pancreas = np.zeros(size, np.uint8)
-    pancreas[sl] = panc_alpha >= 0.5
+    _blend(b.vol, sl, alpha, b.parenchyma - cp_fibrosis + 6 * _smooth_noise(rng, dist.shape, 2))
+    _blend(b.vol, sl, _ramp(dist - duct[idx], grid.voxel) * alpha, b.fluid)
+    mask = np.zeros(b.vol.shape, np.uint8)
+    mask[sl] = alpha >= 0.5
+    return _Gland(ctrl, ts, t_lesion, segment, sl, idx, alpha, mask)
 
-    # the lesion
-    lesion = np.zeros(size, np.uint8)
-    if label == "CP":
-        cp = (panc_alpha >= 0.5) & (ts[idx] >= segment[0]) & (ts[idx] <= segment[1])
-        lesion[sl] = cp
-        n_calc = 0 if rng.random() < 0.2 else int(rng.integers(3, 20))
-        spots = np.argwhere(cp)
-        for j in rng.choice(len(spots), min(n_calc, len(spots)), replace=False) if len(spots) else ():
-            c = np.array([grid.axes[a][sl[a].start + spots[j][a]] for a in range(3)])
-            organ(c, (u(0.8, 1.8),) * 3, u(350, 1000), clip=body)
-        if rng.random() < 0.2:  # pseudocyst next to the gland
-            t = u(*segment)
-            c = _bezier(ctrl, np.array([t]))[0] + rng.normal(0, 0.05 * A, 3)
-            r = A * u(0.05, 0.1)
-            organ(c, (r, r, r), fluid + u(0, 15))
-            sl_c, sd_c = _ellipsoid(grid, c, (r, r, r))
-            lesion[sl_c] |= (sd_c < 0).astype(np.uint8)
-    else:
-        centre = _bezier(ctrl, np.array([t_lesion]))[0] + rng.normal(0, 0.02 * A, 3)
-        ctx = _Context(grid, rng, vol, A, centre, parenchyma, fluid)
+
+def _lesion(b: _Body, gland: _Gland, label: str) -> np.ndarray:
+    """The lesion mask (uint8, the whole volume), painted into the volume as it is made: for chronic pancreatitis
+    the affected stretch of the gland with calcifications and, in 20 %, a pseudocyst beside it; for the other
+    classes the class's painter (:data:`_LESIONS`) at ``t_lesion`` along the gland."""
+    u, rng, grid = b.u, b.rng, b.grid
+    lesion = np.zeros(b.vol.shape, np.uint8)
+    if label != "CP":
+        centre = _bezier(gland.ctrl, np.array([gland.t_lesion]))[0] + rng.normal(0, 0.02 * b.A, 3)
+        ctx = _Context(grid, rng, b.vol, b.A, centre, b.parenchyma, b.fluid)
         sl_l, mask = _LESIONS[label](ctx)
         lesion[sl_l] = mask
+        return lesion
+    sl, segment, ts, idx = gland.sl, gland.segment, gland.ts, gland.idx
+    cp = (gland.alpha >= 0.5) & (ts[idx] >= segment[0]) & (ts[idx] <= segment[1])
+    lesion[sl] = cp
+    n_calc = 0 if rng.random() < 0.2 else int(rng.integers(3, 20))
+    spots = np.argwhere(cp)
+    for j in rng.choice(len(spots), min(n_calc, len(spots)), replace=False) if len(spots) else ():
+        c = np.array([grid.axes[a][sl[a].start + spots[j][a]] for a in range(3)])
+        b.organ(c, (u(0.8, 1.8),) * 3, u(350, 1000), clip=b.body)
+    if rng.random() < 0.2:  # pseudocyst next to the gland
+        t = u(*segment)
+        c = _bezier(gland.ctrl, np.array([t]))[0] + rng.normal(0, 0.05 * b.A, 3)
+        r = b.A * u(0.05, 0.1)
+        b.organ(c, (r, r, r), b.fluid + u(0, 15))
+        sl_c, sd_c = _ellipsoid(grid, c, (r, r, r))
+        lesion[sl_c] |= (sd_c < 0).astype(np.uint8)
+    return lesion
 
-    # tissue heterogeneity (smooth) inside the body and quantum noise (white) everywhere
-    vol += _smooth_noise(rng, size, 4) * u(3, 8) * body
-    vol += rng.standard_normal(size, dtype=np.float32) * np.float32(u(8, 22))
-    image = np.clip(np.rint(vol), HU_MIN, HU_MAX).astype(np.int16)
-    lesion &= (body >= 0.5).astype(np.uint8)
-    return Phantom(image, lesion, pancreas, ras_affine(size, spacing), label)
+
+def _noise(b: _Body) -> np.ndarray:
+    """Tissue heterogeneity (smooth, inside the body) and quantum noise (white, everywhere); the int16 image in
+    [HU_MIN, HU_MAX]."""
+    b.vol += _smooth_noise(b.rng, b.vol.shape, 4) * b.u(3, 8) * b.body
+    b.vol += b.rng.standard_normal(b.vol.shape, dtype=np.float32) * np.float32(b.u(8, 22))
+    return np.clip(np.rint(b.vol), HU_MIN, HU_MAX).astype(np.int16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -575,14 +657,6 @@ def _params(config: SynthConfig, scale: float) -> dict:
     """What determines the volumes; a folder generated with other values is never silently mixed in."""
     return {"generator_version": GENERATOR_VERSION, "seed": config.seed, "size": list(config.size),
             "spacing": list(config.spacing), "scale": scale, "counts": scaled_counts(config, scale)}
-
-
-def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)  # scanner coordinates
-    img.set_sform(affine, code=1)
-    atomic_save(path, lambda tmp: nib.save(img, tmp))
 
 
 def _write_patient(job: Tuple[PatientSpec, SynthConfig, str, bool, bool]) -> bool:
@@ -600,8 +674,8 @@ def _write_patient(job: Tuple[PatientSpec, SynthConfig, str, bool, bool]) -> boo
         return False
     phantom = generate_phantom(spec.label, spec.k, config.seed, config.size, config.spacing)
     if todo_nifti:
-        _save_nifti(mask_path, phantom.lesion, phantom.affine)
-        _save_nifti(image_path, phantom.image, phantom.affine)
+        save_nifti(mask_path, phantom.lesion, phantom.affine)
+        save_nifti(image_path, phantom.image, phantom.affine)
     if todo_dicom:
         write_ct_series(dicom_dir, phantom.image, phantom.affine, spec.patient_id, config.seed, overwrite=force)
     return True
@@ -627,9 +701,7 @@ def generate_dataset(out: str | os.PathLike, config: SynthConfig, scale: float =
     """
     from tqdm import tqdm
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", out)
+    out = writable_folder(out)
     params = _params(config, scale)
     params_path = out / "synth.json"
     if params_path.exists() and not force:
@@ -640,7 +712,6 @@ def generate_dataset(out: str | os.PathLike, config: SynthConfig, scale: float =
         if previous != params:
             raise UserError("holds a synthetic dataset made with other parameters (see synth.json); "
                             "use --force to regenerate it or choose another --out", out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(params_path, params)
 
     specs = plan_patients(config, scale)
