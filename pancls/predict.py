@@ -197,8 +197,11 @@ class Study:
 
 
 def _is_nifti(path: Path) -> bool:
+    """A volume file: NIfTI, or NRRD/MetaImage as 3D Slicer exports it (read by :func:`pancls.ct.nifti.load_image`)."""
+    from pancls.ct.itk import is_itk
+
     name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
+    return name.endswith(".nii") or name.endswith(".nii.gz") or is_itk(path)
 
 
 def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress: bool) -> List[Study]:
@@ -248,10 +251,10 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
 
 
 def _nifti_study(index: int, image: Path, mask: Optional[Path], kind: str = "nifti") -> Study:
-    from pancls.ct.nifti import load_nifti
+    from pancls.ct.nifti import load_image
 
     study = Study(input=index, study=1, kind=kind, files=[image], mask=mask,
-                  ids={"source": str(image)}, load=lambda: load_nifti(image))
+                  ids={"source": str(image)}, load=lambda: load_image(image))
     study.flags.append("contrast_phase_unknown")  # a NIfTI header has no acquisition description
     return study
 

@@ -21,13 +21,11 @@ from typing import Tuple
 import nibabel as nib
 import numpy as np
 
+from pancls.ct.itk import ITK_SUFFIXES, read_itk
+from pancls.ct.scan import NIFTI_SUFFIXES
 from pancls.errors import UserError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 MASK_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
-#: LPS (DICOM, ITK) <-> RAS (NIfTI, nibabel): flip x and y
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def mask_stem(path: Path) -> str:
@@ -51,7 +49,7 @@ def read_mask(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray, str]:
             img = nib.load(path)
             data, affine, kind = np.asanyarray(img.dataobj), np.asarray(img.affine, float), "nifti"
         elif lower.endswith(ITK_SUFFIXES):
-            data, affine, kind = (*_read_itk(path), "itk")
+            data, affine, kind = (*read_itk(path), "itk")
         else:
             data, affine, kind = (*_read_seg(path), "seg")
     except UserError:
@@ -74,21 +72,6 @@ def read_mask(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray, str]:
         raise UserError("a mask must hold labels >= 0", path)
     labels = data.astype(np.uint8 if data.size == 0 or data.max() <= 255 else np.int16)
     return labels, affine, kind
-
-
-def _read_itk(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
-    img = sitk.ReadImage(str(path))
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"a mask must be a 3D scalar image ({img.GetDimension()}D, "
-                        f"{img.GetNumberOfComponentsPerPixel()} components)", path)
-    data = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # [z, y, x] -> [i, j, k]
-    direction = np.asarray(img.GetDirection(), float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(img.GetSpacing(), float)
-    affine[:3, 3] = img.GetOrigin()
-    return data, LPS_TO_RAS @ affine
 
 
 def _read_seg(path: Path) -> Tuple[np.ndarray, np.ndarray]:

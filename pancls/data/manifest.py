@@ -16,8 +16,9 @@ root, and so must the file it really is (symbolic links followed: a link inside 
 
 Validation collects *every* problem with its CSV line (line 1 = header, line 2 = first data row) and raises
 one :class:`ManifestError` listing them all, so a 530-row manifest is fixed in one round trip. Images are
-checked with nibabel header reads only (no voxel data is loaded), which keeps validation fast; a volume
-whose voxel data is truncated is therefore only caught when it is preprocessed.
+checked from their headers only (nibabel for NIfTI, SimpleITK for NRRD/MetaImage; no voxel data is loaded),
+which keeps validation fast; a volume whose voxel data is truncated is therefore only caught when it is
+preprocessed.
 """
 from __future__ import annotations
 
@@ -317,18 +318,35 @@ def _grid_problem(image: Tuple[tuple, np.ndarray], mask: Tuple[tuple, np.ndarray
     return None
 
 
+def image_header(file) -> Tuple[tuple, np.ndarray]:
+    """``(shape, RAS affine)`` of a volume file from its header only: NIfTI through nibabel (also a nibabel image
+    in memory), NRRD/MetaImage (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) through SimpleITK
+    (:func:`pancls.ct.itk.itk_header`). A trailing singleton 4th dimension is dropped. Raises what the readers
+    raise for an unreadable file (:data:`_READ_ERRORS`, or :class:`UserError` from the ITK path)."""
+    from pancls.ct.itk import is_itk, itk_header
+
+    if not isinstance(file, nib.spatialimages.SpatialImage) and is_itk(file):
+        return itk_header(file)
+    img = file if isinstance(file, nib.spatialimages.SpatialImage) else nib.load(file)
+    shape = tuple(int(s) for s in img.shape)
+    return shape[:3] if len(shape) == 4 and shape[3] == 1 else shape, np.asarray(img.affine, dtype=float)
+
+
+def _unreadable(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+
+
 def grid_mismatch(image, mask) -> Optional[str]:
-    """Why the NIfTI ``mask`` is not on the voxel grid of the NIfTI ``image`` (paths or nibabel images) (same shape, affine within
-    :data:`AFFINE_ATOL_MM`), from their headers; None when it is. The check ``load_manifest`` applies to
-    every row, for callers that meet the pair outside a manifest (``pancls predict --mask``)."""
+    """Why ``mask`` is not on the voxel grid of ``image`` (paths of NIfTI/NRRD/MetaImage files, or nibabel images)
+    (same shape, affine within :data:`AFFINE_ATOL_MM`), from their headers; None when it is. The check
+    ``load_manifest`` applies to every row, for callers that meet the pair outside a manifest
+    (``pancls predict --mask``)."""
     headers = []
     for file in (image, mask):
         try:
-            img = file if isinstance(file, nib.spatialimages.SpatialImage) else nib.load(file)
-        except _READ_ERRORS as exc:
-            return f"{file} is not a readable image ({type(exc).__name__}: {exc})"
-        shape = tuple(int(s) for s in img.shape)
-        headers.append((shape[:3] if len(shape) == 4 and shape[3] == 1 else shape, np.asarray(img.affine, float)))
+            headers.append(image_header(file))
+        except (*_READ_ERRORS, UserError) as exc:
+            return f"{file} is not a readable image ({_unreadable(exc)})"
     return _grid_problem(*headers)
 
 
@@ -337,28 +355,27 @@ def _check_volumes(files: Dict[str, Path]) -> List[str]:
 
     Images are checked from their headers only; masks are small label maps and are read in full, since
     an empty mask would otherwise crop background silently (and a truncated one fail mid-training)."""
+    from pancls.ct.mask import read_mask
+
     problems, headers = [], {}
     for key, file in files.items():
         try:
-            img = nib.load(file)
-        except _READ_ERRORS as exc:
-            problems.append(f"{key} is not a readable image ({type(exc).__name__}: {exc})")
+            shape, affine = image_header(file)
+        except (*_READ_ERRORS, UserError) as exc:
+            problems.append(f"{key} is not a readable image ({_unreadable(exc)})")
             continue
-        shape = tuple(int(s) for s in img.shape)
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
         if len(shape) != 3:
             problems.append(f"{key} must be a 3D volume, its shape is {shape}")
             continue
-        headers[key] = (shape, np.asarray(img.affine, dtype=float))
+        headers[key] = (shape, affine)
     if "image" in headers and "mask" in headers:
         problem = _grid_problem(headers["image"], headers["mask"])
         if problem:
             problems.append(problem)
     if "mask" in headers:
         try:
-            if not np.any(np.asanyarray(nib.load(files["mask"]).dataobj)):
+            if not np.any(read_mask(files["mask"])[0]):
                 problems.append("mask is empty (no non-zero voxel)")
-        except _READ_ERRORS as exc:
-            problems.append(f"mask voxel data cannot be read ({type(exc).__name__}: {exc})")
+        except UserError as exc:
+            problems.append(f"mask voxel data cannot be used ({exc.reason})")
     return problems

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import monai
 import numpy as np
-from monai.data import PersistentDataset
+from monai.data import NibabelReader, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from pancls.config import to_dict
 from pancls.errors import UserError
-from pancls.io import atomic_write_json
+from pancls.io import atomic_write_json, file_identity
 
 #: Bump whenever the deterministic pipeline's code changes what it outputs: old caches then go unused.
 PREPROCESS_VERSION = 1
@@ -212,6 +212,39 @@ class RequireForegroundd(MapTransform):
         return d
 
 
+class ITKImageReader(NibabelReader):
+    """MONAI image reader for NRRD/MetaImage files (``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``: 3D Slicer's exports),
+    through SimpleITK (:func:`pancls.ct.itk.read_itk`: the LPS geometry turned exactly into the RAS affine).
+
+    Each file becomes the NIfTI image pancls would write for it (:func:`pancls.ct.nifti.nifti1_image`), in
+    memory, and from there on it is MONAI's :class:`~monai.data.NibabelReader`: the array and metadata
+    ``LoadImage`` returns are those of the same volume stored as NIfTI. A file the header checks refuse
+    (zero spacing, a singular direction, not 3D) raises :class:`~pancls.errors.UserError` naming it.
+    """
+
+    def verify_suffix(self, filename) -> bool:
+        from monai.utils import ensure_tuple
+
+        from pancls.ct.itk import is_itk
+
+        return all(is_itk(f) for f in ensure_tuple(filename))
+
+    def read(self, data, **kwargs):
+        from monai.utils import ensure_tuple
+
+        from pancls.ct.itk import read_itk
+        from pancls.ct.nifti import nifti1_image
+
+        self.filenames = ensure_tuple(data)
+        images = [nifti1_image(*read_itk(name), name) for name in self.filenames]
+        return images if len(images) > 1 else images[0]
+
+
+#: MONAI's LoadImage tries the readers it is given last-first: NIfTI through MONAI's own reader, NRRD/MetaImage
+#: through :class:`ITKImageReader`.
+READERS = ["pancls.data.transforms.ITKImageReader", "NibabelReader"]
+
+
 def deterministic_specs(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY, MASK_KEY)) -> List[Dict[str, Any]]:
     """The cacheable pipeline as MONAI bundle config items (``{"_target_": "Spacingd", ...}``), for a dict of
     file paths.
@@ -231,7 +264,7 @@ def deterministic_specs(cfg: PreprocessConfig, keys: Sequence[str] = (IMAGE_KEY,
         raise UserError(f"roi 'mask' needs a {MASK_KEY!r} volume for every image", "preprocess.roi")
     is_image = [k == IMAGE_KEY for k in keys]
     specs: List[Dict[str, Any]] = [
-        {"_target_": "LoadImaged", "keys": keys, "image_only": True, "reader": "NibabelReader"},
+        {"_target_": "LoadImaged", "keys": keys, "image_only": True, "reader": list(READERS)},
         {"_target_": "EnsureChannelFirstd", "keys": keys},
         # labels=None: take the axis convention from the image's own space (RAS for NIfTI).
         {"_target_": "Orientationd", "keys": keys, "axcodes": "RAS", "labels": None},
@@ -324,10 +357,7 @@ def preprocess_fingerprint(cfg: PreprocessConfig) -> str:
 
 def _volume_hash(item: Dict[str, str]) -> bytes:
     """Cache key of one item: its volume paths with size and mtime, so a rewritten file is recomputed."""
-    identity = {}
-    for key, path in sorted(item.items()):
-        stat = os.stat(path)
-        identity[key] = [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+    identity = {key: list(file_identity(path)) for key, path in sorted(item.items())}
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest().encode()
 
 

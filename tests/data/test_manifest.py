@@ -209,3 +209,31 @@ def test_links_out_of_the_root_need_an_allowed_root(dataset: Path, tmp_path: Pat
     with pytest.raises(ManifestError) as err:
         load_manifest(manifest, DEFAULT_CLASSES, check_images=False, allowed_roots=[ct_data])
     assert [line for line, _ in err.value.problems] == [2]  # the shared store is allowed, /etc is not
+
+
+def test_nrrd_and_metaimage_volumes_are_validated_like_nifti(dataset: Path, ct_data: Path):
+    # 3D Slicer exports: image and mask written with SimpleITK from the real fixture (so on the same grid)
+    from tests.ct.test_itk import write_itk
+
+    abdomen = ct_data / "abdomen"
+    write_itk(abdomen / "example_ct_sm.nii.gz", dataset / "images" / "slicer.nrrd")
+    write_itk(abdomen / "example_ct_sm.nii.gz", dataset / "images" / "slicer.mhd")
+    write_itk(abdomen / "pancreas_mask.nii.gz", dataset / "masks" / "slicer.seg.nrrd")
+    write_itk(abdomen / "example_seg_dicom.nii.gz", dataset / "masks" / "other_grid.mha")
+    bad = write_itk(abdomen / "example_ct_sm.nii.gz", dataset / "images" / "bad.mha")
+    bad.write_bytes(bad.read_bytes().replace(b"ElementSpacing = 3 3 3", b"ElementSpacing = 0 3 3", 1))
+    good = _write(dataset / "good.csv", ["patient_id,image,mask,label",
+                                         "p1,images/slicer.nrrd,masks/slicer.seg.nrrd,PDAC",
+                                         "p2,images/ct1.nii.gz,masks/slicer.seg.nrrd,IPMN",  # NIfTI image, NRRD mask
+                                         "p3,images/slicer.mhd,masks/pancreas.nii.gz,NET"])
+    assert len(_load(good, DEFAULT_CLASSES).table) == 3
+    wrong = _write(dataset / "wrong.csv", ["patient_id,image,mask,label",
+                                           "p1,images/slicer.nrrd,masks/other_grid.mha,PDAC",
+                                           "p2,images/bad.mha,,IPMN"])
+    with pytest.raises(ManifestError) as info:
+        _load(wrong, DEFAULT_CLASSES)
+    (line2, first), (line3, second) = info.value.problems
+    assert (line2, line3) == (2, 3)
+    assert first.startswith("mask shape (512, 512, 20) differs from image shape (122, 101, 30)")
+    assert second == ("image is not a readable image (voxel spacing [0.0, 3.0, 3.0] mm: every spacing must be a "
+                      "finite number > 0)")

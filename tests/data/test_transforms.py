@@ -14,6 +14,7 @@ from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import (
     AugmentConfig,
     PreprocessConfig,
+    deterministic_specs,
     deterministic_transforms,
     instantiate_specs,
     make_dataset,
@@ -188,3 +189,19 @@ def test_config_file_parses_and_rejects_bad_values():
         from_dict(PreprocessConfig, {"roi": "box"}, "preprocess")
     with pytest.raises(UserError, match="unknown key"):
         from_dict(AugmentConfig, {"flip": 0.5}, "augment")
+
+
+def test_nrrd_and_metaimage_inputs_give_the_nifti_tensors(abdomen, cropped, tmp_path):
+    # the loader's NRRD/MetaImage reader (pancls.data.transforms.ITKImageReader) on files SimpleITK wrote from the
+    # fixture: every output voxel equals the NIfTI pipeline's
+    from tests.ct.test_itk import write_itk
+
+    items = {"image": str(write_itk(Path(abdomen["image"]), tmp_path / "ct.nrrd")),
+             "mask": str(write_itk(Path(abdomen["mask"]), tmp_path / "mask.mha"))}
+    out = deterministic_transforms(CFG)(items)
+    assert torch.equal(out["image"], cropped["image"]) and torch.equal(out["mask"], cropped["mask"])
+    load = instantiate_specs(deterministic_specs(CFG)[:1])  # the loading step alone: same voxels, same affine
+    itk, nifti = load(items), load(dict(abdomen))
+    for key in ("image", "mask"):
+        assert torch.equal(itk[key], nifti[key])
+        assert torch.equal(itk[key].affine, nifti[key].affine)
