@@ -140,3 +140,153 @@ def test_a_wrong_image_root_prints_a_bounded_report(tmp_path):
 def test_shot_split_boundaries():
     # > 100 many, 20..100 medium, < 20 few (OLTR): 101 is many, 100 and 20 medium, 19 few
     assert shot_split([150, 101, 100, 20, 19, 1]) == {"many": 2, "medium": 2, "few": 2}
+
+
+# --------------------------------------------------------------------------------------------------
+# augmentation (pancls.data.images), against hand-worked examples
+
+def _pixels():
+    """A 1 x 2 RGB image: pixel A = (1, 0.5, 0), pixel B = black; gray(A) = 0.2989 + 0.587 * 0.5 = 0.5924."""
+    import torch
+
+    return torch.tensor([[[1.0, 0.0]], [[0.5, 0.0]], [[0.0, 0.0]]])
+
+
+def test_colour_adjustments_by_hand():
+    import torch
+
+    from pancls.data.images import adjust_brightness, adjust_contrast, adjust_saturation, gray
+
+    x = _pixels()
+    assert torch.allclose(gray(x), torch.tensor([[[0.5924, 0.0]]]))
+    # brightness 1.5: A -> (1.5 -> 1, 0.75, 0), B stays black
+    assert torch.allclose(adjust_brightness(x, 1.5), torch.tensor([[[1.0, 0.0]], [[0.75, 0.0]], [[0.0, 0.0]]]))
+    # contrast 0.5: blend with the mean grey (0.5924 + 0) / 2 = 0.2962: A -> 0.5 A + 0.1481, B -> 0.1481
+    m = 0.5 * 0.2962
+    expected = torch.tensor([[[0.5 + m, m]], [[0.25 + m, m]], [[m, m]]])
+    assert torch.allclose(adjust_contrast(x, 0.5), expected, atol=1e-6)
+    # saturation 0: the grey image; 2: 2 A - gray(A) = (1.4076 -> 1, 0.4076, -0.5924 -> 0)
+    assert torch.allclose(adjust_saturation(x, 0.0), gray(x).expand(3, 1, 2))
+    assert torch.allclose(adjust_saturation(x, 2.0), torch.tensor([[[1.0, 0.0]], [[0.4076, 0.0]], [[0.0, 0.0]]]))
+
+
+def test_colour_jitter_factors_stay_in_range_and_zero_strength_is_identity():
+    import torch
+
+    from pancls.data.images import color_jitter
+
+    x = torch.full((3, 4, 4), 0.5)
+    g = torch.Generator().manual_seed(0)
+    assert color_jitter(x, 0.0, g) is x
+    # on a uniform grey image contrast and saturation do nothing: only brightness acts, x' = 0.5 f, f in [0.6, 1.4]
+    values = torch.stack([color_jitter(x, 0.4, g)[0, 0, 0] for _ in range(400)])
+    assert values.min() >= 0.3 - 1e-6 and values.max() <= 0.7 + 1e-6
+    assert values.min() < 0.32 and values.max() > 0.68  # the whole range is used
+
+
+def test_crop_boxes_by_hand():
+    import torch
+
+    from pancls.data.images import centre_crop_offset, random_resized_crop_box, shorter_side_size
+
+    g = torch.Generator().manual_seed(0)
+    # no try can fit (area 2x the image): the fallback is the centre crop with the aspect ratio clamped to 4/3
+    assert random_resized_crop_box(100, 300, g, scale=(2.0, 2.0)) == (0, 83, 100, 133)   # w = round(100 * 4/3)
+    assert random_resized_crop_box(300, 100, g, scale=(2.0, 2.0)) == (83, 0, 133, 100)   # h = round(100 / (3/4))
+    assert random_resized_crop_box(90, 100, g, scale=(2.0, 2.0)) == (0, 0, 90, 100)      # 10/9 is within the range
+    # scale 1, ratio 1 on a square: the whole image
+    assert random_resized_crop_box(50, 50, g, scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (0, 0, 50, 50)
+    # Resize(256): the shorter side becomes 256, the longer int(256 * long / short); CenterCrop(224)
+    assert shorter_side_size(200, 300, 256) == (256, 384)
+    assert shorter_side_size(375, 500, 256) == (256, 341)   # 341.33 truncated
+    assert shorter_side_size(500, 375, 256) == (341, 256)
+    assert centre_crop_offset(256, 384, 224) == (16, 80)
+    assert centre_crop_offset(256, 341, 224) == (16, 58)   # round(58.5) = 58 (round half to even, as torchvision)
+
+
+def test_random_crops_respect_scale_and_ratio():
+    import torch
+
+    from pancls.data.images import random_resized_crop_box
+
+    g = torch.Generator().manual_seed(1)
+    boxes = [random_resized_crop_box(300, 400, g) for _ in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
+        assert 0.08 * 0.95 <= h * w / 120000 <= 1.0
+        assert 0.75 * 0.95 <= w / h <= 4 / 3 * 1.05
+    # On a square with scale <= 0.25 every draw fits (w <= sqrt(0.25 * 4/3) = 0.58 of the side), so the area
+    # fraction is U(0.08, 0.25) up to rounding: mean 0.165, and log(w / h) is U(log 3/4, log 4/3): mean 0.
+    boxes = [random_resized_crop_box(400, 400, g, scale=(0.08, 0.25)) for _ in range(4000)]
+    areas = np.array([h * w / 160000 for _, _, h, w in boxes])
+    assert abs(areas.mean() - 0.165) < 0.004 and areas.min() > 0.079 and areas.max() < 0.251
+    assert abs(np.mean([np.log(w / h) for _, _, h, w in boxes])) < 0.01
+
+
+def _png(path, h, w, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_eval_transform_is_resize_256_then_centre_crop_224(tmp_path):
+    from pancls.data.images import ImageAugmentConfig, ImageListDataset
+
+    pixels = _png(tmp_path / "a.png", 256, 300)  # the shorter side is already 256: the resize is the identity
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ds = ImageListDataset([str(tmp_path / "a.png")], [3], ImageAugmentConfig(), train=False, mean=mean, std=std)
+    x, y = ds[0]
+    assert y == 3 and x.shape == (3, 224, 224) and x.dtype.is_floating_point
+    # top = round(32 / 2) = 16, left = round(76 / 2) = 38
+    want = (pixels[16:240, 38:262].astype(np.float32) / 255 - np.array(mean, np.float32)) / np.array(std, np.float32)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_train_transform_flip_and_determinism(tmp_path):
+    import torch
+
+    from pancls.data.images import ImageAugmentConfig, ImageListDataset
+
+    pixels = _png(tmp_path / "a.png", 32, 32)
+    files = [str(tmp_path / "a.png")]
+    whole = ImageAugmentConfig(crop_size=32, resize=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0)
+    ds = ImageListDataset(files, [0], whole, train=True, mean=(0, 0, 0), std=(1, 1, 1), flip_prob=1.0)
+    x, _ = ds[0]  # the whole image, resized to its own size, mirrored
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), pixels[:, ::-1] / 255.0, atol=1e-6)
+
+    jitter = ImageAugmentConfig(crop_size=16, resize=16)
+    ds = ImageListDataset(files * 3, [0, 0, 0], jitter, train=True, mean=(0, 0, 0), std=(1, 1, 1), seed=5)
+    first = ds[1][0]
+    assert torch.equal(first, ds[1][0])            # (seed, epoch, index) fixes every draw
+    assert not torch.equal(first, ds[2][0])        # another index, another crop
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[1][0])        # another epoch, another crop
+    ds.set_epoch(0)
+    assert torch.equal(first, ds[1][0])
+
+
+def test_worker_count_does_not_change_the_batches_and_bad_jpegs_are_one_line(tiny, tmp_path):
+    import torch
+
+    from pancls.data.images import ImageAugmentConfig, ImageListDataset, UnreadableImage, make_loader
+
+    root, train, val = tiny
+    data = load_image_lists("imagenet_lt", root, train, val, num_classes=4)
+    cfg = ImageAugmentConfig(crop_size=24, resize=28)
+    ds = ImageListDataset(data.train.files, data.train.labels, cfg, train=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    batches = {}
+    for workers in (0, 2):
+        torch.manual_seed(0)  # the DataLoader's shuffle draws its order from the global RNG
+        batches[workers] = list(make_loader(ds, 8, shuffle=True, workers=workers))
+    assert len(batches[0]) == 3 and batches[0][0][0].shape == (8, 3, 24, 24)
+    for (xa, ya), (xb, yb) in zip(batches[0], batches[2], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+    bad = tmp_path / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    broken = ImageListDataset([str(bad)] * 2, [0, 1], cfg, train=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with pytest.raises(UnreadableImage, match="broken.JPEG: cannot decode the image") as caught:
+        broken[0]
+    with pytest.raises(UnreadableImage) as through_worker:
+        next(iter(make_loader(broken, 2, shuffle=False, workers=1)))
+    assert str(through_worker.value) == str(caught.value) and "\n" not in str(caught.value)
