@@ -51,7 +51,8 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
-from pancls.config import to_dict
+from pancls.config import from_dict, load_yaml, to_dict
+from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.errors import UserError
 from pancls.io import atomic_write_json, file_identity
 
@@ -155,6 +156,26 @@ class AugmentConfig:
         if any(a not in (0, 1, 2) for a in self.flip_axes):
             raise ValueError(f"flip_axes must be among 0, 1, 2, got {self.flip_axes}")
         self.rotate_deg = [float(v) for v in _triple(self.rotate_deg, "rotate_deg")]
+
+
+@dataclass
+class CTDataConfig:
+    """The root of ``configs/ct_preprocess.yaml``: the class order (``classes``, checked by
+    :func:`pancls.data.classes.check_classes`), ``preprocess`` (:class:`PreprocessConfig`) and ``augment``
+    (:class:`AugmentConfig`). Read it with :func:`load_ct_preprocess`: an unknown key at any level is refused,
+    as in every pancls config."""
+
+    classes: List[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        self.classes = list(check_classes(self.classes))
+
+
+def load_ct_preprocess(path: str | os.PathLike) -> CTDataConfig:
+    """``configs/ct_preprocess.yaml`` (or a file like it) through :class:`CTDataConfig`; UserError naming the key."""
+    return from_dict(CTDataConfig, load_yaml(path), str(path))
 
 
 def _triple(values: Sequence, name: str) -> Sequence:

@@ -13,10 +13,12 @@ from pancls.config import from_dict, load_yaml
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import (
     AugmentConfig,
+    CTDataConfig,
     PreprocessConfig,
     deterministic_specs,
     deterministic_transforms,
     instantiate_specs,
+    load_ct_preprocess,
     make_dataset,
     preprocess_fingerprint,
     random_transforms,
@@ -175,6 +177,24 @@ def test_training_dataset_applies_augmentation_after_the_cache(abdomen, tmp_path
     assert len(list(train.cache_dir.glob("*.pt"))) == 1  # same cache as evaluation
     assert item["label"] == 1 and item["image"].shape == evaluation["image"].shape
     assert not torch.equal(item["image"], evaluation["image"])
+
+
+def test_config_file_has_a_root_schema(tmp_path):
+    cfg = load_ct_preprocess(REPO / "configs" / "ct_preprocess.yaml")
+    assert cfg == CTDataConfig() and tuple(cfg.classes) == DEFAULT_CLASSES  # the file documents the defaults
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("classes: [PDAC, IPMN]\npreprocesss:\n  roi: centre\n", encoding="utf-8")  # one s too many
+    with pytest.raises(UserError) as info:
+        load_ct_preprocess(typo)
+    assert str(info.value) == (f"{typo}: unknown key(s) 'preprocesss'; known: augment, classes, preprocess")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("classes: [PDAC, PDAC]\n", encoding="utf-8")
+    with pytest.raises(UserError, match="classes"):
+        load_ct_preprocess(dup)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("augment: {flip: 0.5}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"augment: unknown key\(s\) 'flip'"):
+        load_ct_preprocess(nested)
 
 
 def test_config_file_parses_and_rejects_bad_values():
