@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 # Each backbone module registers its networks into BACKBONES when imported; importing them here makes
 # every registered name available as soon as pancls.models is.
-from pancls.models import monai_resnet, resnet_cifar  # noqa: F401
+from pancls.models import monai_resnet, resnet_2d, resnet_cifar  # noqa: F401
 from pancls.models.backbones import BACKBONES
 from pancls.models.classifier import Classifier
 from pancls.validation import InvalidParameter, check_scalar
