@@ -34,7 +34,8 @@ def _default(key: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="YAML",
                    help="recipe (configs/lt_demo_cpu.yaml, configs/lt_ldam_drw.yaml, ...); the flags below override it")
-    p.add_argument("--dataset", metavar="NAME", help=f"cifar10 or cifar100 ({_default('data.dataset')})")
+    p.add_argument("--dataset", metavar="NAME", help=f"cifar10, cifar100, imagenet_lt or inat2018 ({_default('data.dataset')}; the "
+                   "last two read --data as the image root and need data.train_list, data.eval_list)")
     p.add_argument("--imbalance-ratio", type=float, metavar="IR",
                    help=f"n_max / n_min of the training set, e.g. 100 or 50; 1 = balanced ({_default('data.imbalance_ratio')})")
     p.add_argument("--construction", metavar="NAME",

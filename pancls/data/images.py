@@ -265,11 +265,17 @@ def _one_thread_per_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # the per-image tensor work is small; N workers x N threads would oversubscribe
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, sampler=None, workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: Optional[int] = None, *, shuffle: bool = False, sampler=None,
+                batch_sampler=None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``dataset``: ``workers`` processes (forked again each epoch, so that
     ``set_epoch`` reaches them), pinned host memory for a CUDA device, 4 batches prefetched per worker.
-    ``sampler`` (a class-rebalancing sampler with ``set_epoch``) replaces ``shuffle``."""
+
+    Give ``batch_sampler`` (training: :func:`pancls.train.samplers.make_batch_sampler`, seeded per epoch and
+    sharded under DDP) or ``batch_size`` with ``sampler`` (evaluation: a ``ShardSampler``) or ``shuffle``."""
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                          persistent_workers=False, worker_init_fn=_one_thread_per_worker if workers else None,
+                          prefetch_factor=4 if workers else None)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
                       worker_init_fn=_one_thread_per_worker if workers else None,

@@ -237,3 +237,40 @@ def shot_split(counts: Sequence[int]) -> Dict[str, int]:
     from pancls.eval.metrics import shot_groups
 
     return {name: int(len(idx)) for name, idx in shot_groups(counts).items()}
+
+
+def make_loaders(cfg, data: ImageListData, device, ctx=None):
+    """``(train_loader, eval_loader)`` of a :class:`pancls.lt.LTConfig` run on a list benchmark.
+
+    Training: DataLoader workers decode and augment (``images:`` section, flip from ``augment.flip``), batches
+    from :func:`pancls.train.samplers.make_batch_sampler` (the epoch's order seeded from ``(seed, epoch)``,
+    ``train.sampler`` re-sampling, under DDP this rank's slice of every global batch). Evaluation: resize + centre
+    crop, this rank's contiguous share (``ShardSampler``). Host memory is pinned for a CUDA device.
+    """
+    import torch
+
+    from pancls.data.images import ImageListDataset, make_loader
+    from pancls.train.samplers import ShardSampler, make_batch_sampler
+
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    spec = DATASETS[cfg.data.dataset]
+    mean, std = cfg.images.mean or spec.mean, cfg.images.std or spec.std
+    workers, pin = cfg.images.workers, torch.device(device).type == "cuda"
+    train = ImageListDataset(data.train.files, data.train.labels, cfg.images, train=True, mean=mean, std=std,
+                             flip_prob=0.5 if cfg.augment.flip else 0.0, seed=cfg.train.seed)
+    evaluated = ImageListDataset(data.eval.files, data.eval.labels, cfg.images, train=False, mean=mean, std=std)
+    batches = make_batch_sampler(data.train.labels, cfg.train.sampler, cfg.train.batch_size, seed=cfg.train.seed,
+                                 start_epoch=cfg.train.sampler_start_epoch, rank=rank, world_size=world)
+    train_loader = make_loader(train, batch_sampler=batches, workers=workers, pin_memory=pin)
+    eval_loader = make_loader(evaluated, cfg.eval_batch_size, sampler=ShardSampler(len(evaluated), rank, world),
+                              workers=workers, pin_memory=pin)
+    return train_loader, eval_loader
+
+
+def facts(cfg, data: ImageListData) -> Dict[str, object]:
+    """What ``pancls lt --dry-run`` prints for a list benchmark (counts, not the K class counts themselves)."""
+    counts = data.class_counts
+    return {"dataset": cfg.data.dataset, "image_root": str(data.train.root), "train_list": str(data.train.path),
+            "eval_list": str(data.eval.path), "n_train": int(len(data.train)), "n_test": int(len(data.eval)),
+            "num_classes": int(len(counts)), "largest_class": int(counts.max()), "smallest_class": int(counts.min()),
+            "imbalance_ratio": round(float(counts.max() / counts.min()), 2), "shot_classes": shot_split(counts)}

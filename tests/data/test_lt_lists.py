@@ -290,3 +290,82 @@ def test_worker_count_does_not_change_the_batches_and_bad_jpegs_are_one_line(tin
     with pytest.raises(UnreadableImage) as through_worker:
         next(iter(make_loader(broken, 2, shuffle=False, workers=1)))
     assert str(through_worker.value) == str(caught.value) and "\n" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# `pancls lt` on a list benchmark, end to end
+
+CONFIGS = ("imagenet_lt_resnet10", "imagenet_lt_resnet50", "imagenet_lt_resnext50", "inat18_resnet50")
+
+
+def _lt_argv(config, tiny, out, *extra):
+    from pathlib import Path
+
+    root, train, val = tiny
+    repo = Path(__file__).resolve().parents[2]
+    dataset = "inat2018" if config.startswith("inat") else "imagenet_lt"
+    return ["lt", "--config", str(repo / "configs" / f"{config}.yaml"), "--dataset", dataset, "--data", str(root),
+            "--set", f"data.train_list={train}", "--set", f"data.eval_list={val}", "--set", "data.num_classes=4",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_table4_config_dry_runs_on_the_tiny_lists(config, tiny, tmp_path, capsys):
+    import json
+
+    from pancls.cli import main
+
+    code = main(_lt_argv(config, tiny, tmp_path / "r", "--dry-run"))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["n_train"] == 23 and info["n_test"] == 8 and info["num_classes"] == 4
+    assert info["imbalance_ratio"] == 6.0 and info["shot_classes"] == {"many": 0, "medium": 0, "few": 4}
+    assert info["backbone"] in ("resnet10_2d", "resnet50_2d", "resnext50_32x4d")
+
+
+def test_pancls_lt_trains_one_epoch_on_the_tiny_image_folder(tiny, tmp_path, capsys):
+    import json
+
+    from pancls.cli import main
+
+    out = tmp_path / "run"
+
+    def small(workers):
+        return ["--epochs", "1", "--device", "cpu", "--set", "model.backbone_kwargs.widen_factor=0.25",
+                "--set", "model.head_kwargs.dim=16", "--set", "images.crop_size=32", "--set", "images.resize=36",
+                "--set", f"images.workers={workers}", "--set", "train.batch_size=8", "--set", "eval_batch_size=4",
+                "--set", "train.progress=false", "--set", "train.tensorboard=false"]
+
+    code = main(_lt_argv("imagenet_lt_resnet10", tiny, out, *small(2)))
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert 0.0 <= line["top1"] <= 1.0 and line["many"] is None and line["few"] is not None
+    results = json.loads((out / "results.json").read_text())
+    assert results["class_counts"] == list(TRAIN_COUNTS) and results["epochs"] == 1
+    assert len(results["per_class_accuracy"]) == 4
+    assert (out / "last.pt").exists() and (out / "crowding.png").exists()
+    assert "images_per_s" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # the resolved config names the lists absolutely, and a resume with another worker count is the same run
+    from pancls.config import load_yaml
+
+    saved = load_yaml(out / "config.yaml")
+    assert saved["data"]["train_list"] == str(tiny[1]) and saved["images"]["workers"] == 2
+    code = main(_lt_argv("imagenet_lt_resnet10", tiny, out, *small(0), "--resume"))
+    _, err = capsys.readouterr()
+    assert code == 0, err
+
+
+def test_pancls_lt_lists_every_problem_and_exits_2(tiny, tmp_path, capsys):
+    from pancls.cli import main
+
+    root, train, _ = tiny
+    val = tmp_path / "val.txt"
+    val.write_text("val/n00000000/0.JPEG 9\nval/n00000000/gone.JPEG 0\nno-label-here\n")
+    argv = _lt_argv("imagenet_lt_resnet10", (root, train, val), tmp_path / "r", "--dry-run")
+    assert main(argv) == 2
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[0] == "pancls lt: error: 3 problems in the image list:" and "Traceback" not in err
+    assert [ln.split(": ", 1)[0] for ln in lines[1:]] == [f"{val}:1", f"{val}:2", f"{val}:3"]
