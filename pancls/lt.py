@@ -136,7 +136,7 @@ def _loaders(cfg: LTConfig, data, device: torch.device):
 
 def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[str, Any]:
     """Train and evaluate one configuration; write and return ``results.json``."""
-    from pancls.eval.crowding import mean_angle_to_other_centres, plot_crowding
+    from pancls.eval.crowding import mean_angle_to_other_centres, min_angle_to_other_centres, plot_crowding
     from pancls.eval.metrics import classification_report
     from pancls.train.engine import fit
 
@@ -165,15 +165,19 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
                  evaluate=evaluate, resume=resume, log=log, run_config=run_config)
     dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
     final = classification_report(result.eval_labels, result.eval_logits, data.class_counts)
-    angles = mean_angle_to_other_centres(model.head.centres().detach().cpu())
-    plot_crowding(angles, data.class_counts, data.classes, out_dir / "crowding.png",
-                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, loss {cfg.loss.name}, last epoch")
+    centres = model.head.centres().detach().cpu()
+    angles, nearest = mean_angle_to_other_centres(centres), min_angle_to_other_centres(centres)
+    plot_crowding(nearest, data.class_counts, data.classes, out_dir / "crowding.png",
+                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, loss {cfg.loss.name}, "
+                  f"{cfg.train.epochs} epochs, top-1 {final['top1']:.1%} (last epoch)", measure="min",
+                  dim=centres.shape[1])
 
     results = {
         "reported": "last epoch",
         "epochs": cfg.train.epochs,
         **final,
         "crowding_mean_angle_deg": [float(a) for a in angles],
+        "crowding_min_angle_deg": [float(a) for a in nearest],
         "class_counts": [int(c) for c in data.class_counts],
         "classes": list(data.classes),
         "best_epoch_on_test_set__not_reported": result.best_epoch_metrics,

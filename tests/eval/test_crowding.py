@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from pancls.eval.crowding import mean_angle_to_other_centres, plot_crowding
+from pancls.eval.crowding import (
+    crowding_figure,
+    mean_angle_to_other_centres,
+    min_angle_to_other_centres,
+    plot_crowding,
+    simplex_angle,
+)
 
 
 def test_orthogonal_centres_are_90_degrees_apart():
@@ -22,3 +28,44 @@ def test_plot_written(tmp_path):
     plot_crowding([80.0, 95.0], [500, 5], ["a", "b"], tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_min_angle_is_the_nearest_other_centre():
+    c = torch.tensor([[1.0, 0.0], [0.99, 0.14], [-1.0, 0.0]])
+    near = np.degrees(np.arccos(0.99 / np.hypot(0.99, 0.14)))  # 8.05 deg
+    np.testing.assert_allclose(min_angle_to_other_centres(c), [near, near, 180.0 - near])
+
+
+def test_the_regular_simplex_reaches_the_optimum():
+    k = 5
+    vertices = torch.eye(k) - 1.0 / k  # K points, pairwise cos = -1/(K-1) after normalising
+    assert simplex_angle(k) == pytest.approx(104.4775, abs=1e-4)
+    np.testing.assert_allclose(min_angle_to_other_centres(vertices), simplex_angle(k))
+    np.testing.assert_allclose(mean_angle_to_other_centres(vertices), simplex_angle(k))
+    assert simplex_angle(10) == pytest.approx(96.379, abs=1e-3) and simplex_angle(2) == 180.0
+    random = torch.randn(k, 16, generator=torch.Generator().manual_seed(0))
+    assert min_angle_to_other_centres(random).max() < simplex_angle(k)  # nothing beats the simplex
+
+
+def test_figure_axis_optimum_groups_and_range():
+    counts = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    names = [f"c{i}" for i in range(10)]
+    angles = [84.0, 79.4, 74.9, 76.3, 71.7, 71.7, 74.9, 80.2, 78.1, 79.4]
+    fig = crowding_figure(angles, counts, names, "cifar10, 12 epochs, top-1 45.6%", measure="min", dim=128)
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 110.0)  # from 0 to the optimum (96.4) + margin, not zoomed on 72..84
+    assert "smallest angle to another class centre" in ax.get_ylabel() and "higher = less crowded" in ax.get_ylabel()
+    assert ax.get_title() == "cifar10, 12 epochs, top-1 45.6%"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[:3] == ["head (most frequent third)", "medium (middle third)", "tail (least frequent third)"]
+    assert labels[3] == "optimum for K = 10: arccos(-1/(K-1)) = 96.4°"
+    (line,) = ax.get_lines()
+    assert line.get_ydata()[0] == pytest.approx(96.379, abs=1e-3)
+    tail = ax.collections[2].get_offsets()  # the tail third: the three smallest classes, in red
+    assert sorted(tail[:, 0].tolist()) == [50, 83, 139]
+    low = crowding_figure(angles, counts, names, "t", measure="min", dim=4)
+    assert "out of reach in d = 4 < K-1" in low.axes[0].get_legend().get_texts()[3].get_text()
+    assert crowding_figure([170.0, 175.0], [10, 5], ["a", "b"], "t").axes[0].get_ylim() == (0.0, 180.0)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
