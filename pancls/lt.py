@@ -172,7 +172,7 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
                   f"{cfg.train.epochs} epochs, top-1 {final['top1']:.1%} (last epoch)", measure="min",
                   dim=centres.shape[1])
 
-    results = {
+    results = by_class({
         "reported": "last epoch",
         "epochs": cfg.train.epochs,
         **final,
@@ -182,9 +182,38 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
         "classes": list(data.classes),
         "best_epoch_on_test_set__not_reported": result.best_epoch_metrics,
         "provenance": _provenance(device, cfg, time.time() - started),
-    }
+    }, data.classes)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+#: The per-class entries of results.json, written as {class name: value} (issue 18); :func:`per_class` reads
+#: both that and the lists of older runs. (``class_counts`` stays a list in class order, beside ``classes``.)
+PER_CLASS_KEYS = ("per_class_accuracy", "crowding_mean_angle_deg", "crowding_min_angle_deg")
+
+
+def by_class(results: Dict[str, Any], classes) -> Dict[str, Any]:
+    """``results`` with each list of :data:`PER_CLASS_KEYS` keyed by class name, also inside nested dicts (the
+    best epoch's metrics). Lists stay lists when two classes share a name (a dict would lose one)."""
+    classes = [str(c) for c in classes]
+    if len(set(classes)) != len(classes):
+        return results
+
+    def convert(node):
+        if not isinstance(node, dict):
+            return node
+        return {k: dict(zip(classes, v, strict=True)) if k in PER_CLASS_KEYS and isinstance(v, list)
+                and len(v) == len(classes) else convert(v) for k, v in node.items()}
+
+    return convert(results)
+
+
+def per_class(results: Dict[str, Any], key: str) -> list:
+    """The values of a per-class entry of results.json in class order, from the keyed form or an old run's list."""
+    value = results[key]
+    if isinstance(value, dict):
+        return [value[str(c)] for c in results["classes"]]
+    return list(value)
 
 
 def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from pancls.data import augment
 from pancls.eval.diagnostics import class_terciles, extract_features, group_prediction_share, head_diagnostics
-from pancls.lt import load_run
+from pancls.lt import load_run, per_class
 
 
 def _pct(value) -> str:
@@ -53,7 +53,8 @@ def main() -> int:
                  f"s={head.scale.item():.1f}" if hasattr(head, "scale") else "—")
         everything[run.name] = {"diagnostics": diag, "test_prediction_share": share, "head_parameter": param}
         tail = class_terciles(data.class_counts)["tail"]
-        tail_top1 = sum(results["per_class_accuracy"][k] for k in tail) / len(tail)
+        accuracy = per_class(results, "per_class_accuracy")  # keyed by class name, or an old run's list
+        tail_top1 = sum(accuracy[k] for k in tail) / len(tail)
         rows.append((run.name, _pct(results["top1"]), _pct(tail_top1), param,
                      f"{diag['mean_logit_range']:.1f}",
                      f"{diag['mean_cos_to_own_centre']:.2f}" if "mean_cos_to_own_centre" in diag else "—",

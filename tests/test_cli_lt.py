@@ -87,7 +87,9 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     results = json.loads((out / "results.json").read_text())
     assert results["reported"] == "last epoch" and summary["top1"] == results["top1"]
     assert results["top1"] == pytest.approx(_top1_from_checkpoint(out, cifar10_npz), abs=1e-9)
-    assert len(results["per_class_accuracy"]) == 10
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert list(results["per_class_accuracy"]) == names  # keyed by class name
+    assert list(results["crowding_min_angle_deg"]) == names == results["classes"]
     assert results["medium_shot_top1"] is not None and results["few_shot_top1"] is None  # no class < 20 images
     assert len(results["crowding_mean_angle_deg"]) == 10
     assert "evaluation set" in results["best_epoch_on_test_set__not_reported"]["selected_on"]
@@ -123,3 +125,17 @@ def test_resume_of_a_run_that_stored_a_relative_path(tmp_path, monkeypatch):
     _keep_stored_path_spelling(run_config, tmp_path / "last.pt")
     assert run_config["data"]["path"] == "cifar10.npz"  # same file: the stored spelling, the configs match
     assert run_config["model"]["backbone_kwargs"]["pretrained"] == str(tmp_path / "other.pt")  # another file
+
+
+def test_per_class_entries_are_keyed_by_class_and_old_lists_still_read():
+    from pancls.lt import by_class, per_class
+
+    classes = ["airplane", "automobile", "bird"]
+    written = by_class({"top1": 0.5, "per_class_accuracy": [0.93, 0.5, None], "class_counts": [50, 20, 5],
+                        "best": {"per_class_accuracy": [1.0, 0.0, 0.5]}, "classes": classes}, classes)
+    assert written["per_class_accuracy"] == {"airplane": 0.93, "automobile": 0.5, "bird": None}
+    assert written["best"]["per_class_accuracy"] == {"airplane": 1.0, "automobile": 0.0, "bird": 0.5}
+    assert written["class_counts"] == [50, 20, 5] and written["top1"] == 0.5
+    old = {"per_class_accuracy": [0.93, 0.5, None], "classes": classes}  # a results.json of an older run
+    assert per_class(written, "per_class_accuracy") == per_class(old, "per_class_accuracy") == [0.93, 0.5, None]
+    assert by_class({"per_class_accuracy": [1, 2]}, ["a", "a"]) == {"per_class_accuracy": [1, 2]}  # names clash
