@@ -39,7 +39,7 @@ from pancls.config import dump_yaml, from_dict, load_yaml, to_dict
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import AugmentConfig, PreprocessConfig
 from pancls.errors import UserError
-from pancls.io import atomic_write_json, atomic_write_text
+from pancls.io import atomic_write_json, atomic_write_text, remove_stale_temps
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.engine import TrainConfig
 
@@ -141,58 +141,103 @@ def resolve_model(cfg: CVConfig) -> ModelConfig:
     return dataclasses.replace(cfg.model, backbone_kwargs=kwargs)
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, num_workers: int, sampler=None):
+def _loader(dataset, batch_size: int, num_workers: int, sampler=None, batch_sampler=None):
+    """A MONAI DataLoader in ``sampler`` order (default: the data set's) or with ``batch_sampler``."""
     from monai.data import DataLoader
 
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, persistent_workers=False, drop_last=False)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, persistent_workers=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=False, drop_last=False)
 
 
 # ---------------------------------------------------------------------------------------------- folds
+#: train keys that may differ between a run and its resumption (the engine's resumable keys, less eval_every:
+#: here it decides which epochs the inner selection sees)
+_RESUMABLE_TRAIN_KEYS = ("epochs", "progress", "progress_steps", "progress_seconds", "tensorboard")
+
+
 def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] = None,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train every fold (or only ``fold``), then summarise when all folds are done; returns the summary
-    (or the fold's record when other folds are still missing)."""
-    from pancls.data.splits import check_fold, load_or_make_splits
+    (or the fold's record when other folds are still missing).
+
+    Started by ``torchrun`` (several processes), each fold trains with DDP (:mod:`pancls.distributed`):
+    ``train.batch_size`` is the global batch; rank 0 alone writes, and the run folder is the one a single
+    process writes. Ranks other than 0 return ``{}``."""
+    from pancls import distributed
     from pancls.lt import resolve_device
 
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+        distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)
+        log = log if ctx.is_main else _quiet
+        records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
+        out = Path(out)
+        todo = [fold] if fold is not None else list(range(cfg.cv.folds))
+        done = ctx.broadcast({k: (out / f"fold_{k}" / FOLD_DONE).exists() for k in todo})
+        progress = _Progress(cfg.train.epochs, [k for k in todo if not done[k]], log)
+        for k in todo:
+            if ctx.broadcast((out / f"fold_{k}" / FOLD_DONE).exists()):  # rank 0's view: the fold was finished
+                log(f"fold {k}: finished earlier, kept")
+                continue
+            train_fold(cfg, out, records, splits, k, classes, device, progress, ctx)
+        if not ctx.is_main:
+            return {}
+        missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
+        if missing:
+            log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
+            return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
+        return summarise(out, cfg=cfg, records=records, log=log)
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = None,
+            log: Callable[[str], None] = print, ctx=None):
+    """Everything before the folds train: refusals (another run in ``out`` without ``resume``, a changed config),
+    the manifest check, ``splits.json``, ``configs/`` and ``classes.json``; returns ``(records, classes, splits)``.
+
+    Under DDP (``ctx``) rank 0 decides and writes; the others read the manifest after it and get its splits."""
+    from pancls.data.splits import check_fold, load_or_make_splits
+    from pancls.distributed import Context
+
+    ctx = ctx or Context()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", out)
     check_fold(fold, cfg.cv.folds)
     config_path = out / "configs" / "config.yaml"
-    if config_path.exists() and not resume:
+    exists = ctx.broadcast(config_path.exists())
+    if exists and not resume:
         raise UserError("a cv run already exists here; pass --resume to continue it (finished folds are kept) "
                         "or choose another --out", out)
-    if config_path.exists():
+    if exists:
         stored = to_dict(load_config(load_yaml(config_path)))
         mine = to_dict(cfg)
-        for key in ("epochs", "progress", "tensorboard"):  # may differ on resume
+        for key in _RESUMABLE_TRAIN_KEYS:
             stored["train"].pop(key), mine["train"].pop(key)
         if stored != mine:
             raise UserError("the config differs from the run's configs/config.yaml; resume with the same config "
                             "or choose another --out", out)
-    device = resolve_device(cfg.device)
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 writes the demo cohort, when there is one to write, before the others read it
+        _, records = load_records(cfg, log)
+        return records, ctx.broadcast(None), ctx.broadcast(None)
     manifest, records = load_records(cfg, log)
+    ctx.barrier()
     classes = list(manifest.classes)
     out.mkdir(parents=True, exist_ok=True)
+    if fold is None:  # nobody else writes here now (a --fold k process may run beside other folds' processes)
+        for folder in (out, out / "configs"):
+            remove_stale_temps(folder)
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root)
     dump_yaml(cfg, config_path)
     atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.class_counts()})
     write_metadata(out, cfg, classes, records)
-
-    todo = [fold] if fold is not None else list(range(cfg.cv.folds))
-    progress = _Progress(cfg.train.epochs, [k for k in todo if not (out / f"fold_{k}" / FOLD_DONE).exists()], log)
-    for k in todo:
-        if (out / f"fold_{k}" / FOLD_DONE).exists():
-            log(f"fold {k}: finished earlier, kept")
-            continue
-        train_fold(cfg, out, records, splits, k, classes, device, progress)
-    missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
-    if missing:
-        log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
-        return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
-    return summarise(out, cfg=cfg, records=records, log=log)
+    ctx.broadcast(classes), ctx.broadcast(splits)
+    return records, classes, splits
 
 
 class _Progress:
@@ -223,19 +268,28 @@ def _hms(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Sequence[str], device, progress) -> Dict:
-    """Train fold ``k`` with the shared engine, select on the inner validation split, predict the test fold."""
+def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Sequence[str], device, progress,
+               ctx=None) -> Optional[Dict]:
+    """Train fold ``k`` with the shared engine, select on the inner validation split, predict the test fold.
+
+    Training batches come from one epoch-seeded order (:func:`~pancls.train.samplers.make_batch_sampler`), so a
+    DDP run (``ctx``) splits exactly the batches one process trains on; selection, temperature and the test
+    predictions run on rank 0 alone (the others return None)."""
     from pancls.data.splits import fold_records
     from pancls.data.transforms import make_dataset
+    from pancls.distributed import Context, rank_seed
     from pancls.eval.clinical import fit_temperature
     from pancls.eval.crowding import mean_angle_to_other_centres
     from pancls.schemas import build_model_and_loss
     from pancls.train.checkpoint import load_checkpoint
     from pancls.train.engine import BEST, CHECKPOINT, fit, predict_logits
-    from pancls.train.samplers import make_torch_sampler
+    from pancls.train.samplers import ShardSampler, make_batch_sampler
 
+    ctx = ctx or Context()
     fold_dir = out / f"fold_{k}"
     fold_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        remove_stale_temps(fold_dir)  # a killed run's half-written checkpoint (only this fold's process writes here)
     parts = fold_records(records, splits, k)
     counts = np.bincount([r["label"] for r in parts["train"]], minlength=len(classes))
     if (counts == 0).any():
@@ -243,14 +297,19 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
         raise UserError(f"fold {k}: no training patient of class {', '.join(absent)}; lower --folds", "--folds")
     cache = cache_root(cfg) / "preprocessed"
     seed = cfg.train.seed + 1000 * k
-    train_ds = make_dataset(parts["train"], cfg.preprocess, cache, train=True, aug_cfg=cfg.augment, seed=seed)
+    # each rank draws its own augmentations (rank 0 those of a single process)
+    train_ds = make_dataset(parts["train"], cfg.preprocess, cache, train=True, aug_cfg=cfg.augment,
+                            seed=rank_seed(seed, ctx.rank))
     val_ds = make_dataset(parts["val"], cfg.preprocess, cache, train=False)
     test_ds = make_dataset(parts["test"], cfg.preprocess, cache, train=False)
-    sampler = make_torch_sampler([r["label"] for r in parts["train"]], cfg.train.sampler, seed=seed,
-                                 start_epoch=cfg.train.sampler_start_epoch)
-    train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.num_workers, sampler)
-    val_loader = _loader(val_ds, cfg.eval_batch_size, False, cfg.num_workers)
-    test_loader = _loader(test_ds, cfg.eval_batch_size, False, cfg.num_workers)
+    batches = make_batch_sampler([r["label"] for r in parts["train"]], cfg.train.sampler, cfg.train.batch_size,
+                                 seed=seed, start_epoch=cfg.train.sampler_start_epoch, rank=ctx.rank,
+                                 world_size=ctx.world_size)
+    train_loader = _loader(train_ds, cfg.train.batch_size, cfg.num_workers, batch_sampler=batches)
+    val_shard = _loader(val_ds, cfg.eval_batch_size, cfg.num_workers,
+                        sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world_size))
+    val_loader = _loader(val_ds, cfg.eval_batch_size, cfg.num_workers)
+    test_loader = _loader(test_ds, cfg.eval_batch_size, cfg.num_workers)
 
     torch.manual_seed(seed)  # initialisation depends on the seed and the fold only
     model, loss_fn = build_model_and_loss(resolve_model(cfg), cfg.loss, counts.tolist())
@@ -270,7 +329,7 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
                   "splits": splits["manifest_sha256"]}
     started = time.time()
     try:
-        result = fit(model, train_loader, val_loader, loss_fn, train_cfg, fold_dir, device=device, evaluate=evaluate,
+        result = fit(model, train_loader, val_shard, loss_fn, train_cfg, fold_dir, device=device, evaluate=evaluate,
                      resume=True, log=progress.line(k, cfg.cv.folds), run_config=run_config,
                      select_metric=select_metric, selected_on=INNER_SELECTED_ON, save_best=True)
     except torch.cuda.OutOfMemoryError:
@@ -278,6 +337,8 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
                         f"preprocess.size ({cfg.preprocess.size})", "train.batch_size") from None
     except UserError as exc:
         raise UserError(f"fold {k}: {exc.reason} (the last good checkpoint is kept in {fold_dir})", exc.where) from None
+    if not ctx.is_main:
+        return None
 
     if cfg.cv.select == "best_inner" and (fold_dir / BEST).exists():
         chosen = load_checkpoint(fold_dir / BEST)

@@ -8,21 +8,10 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-
-def _umask() -> int:
-    """The process umask. Reading it means setting it, which is not thread-safe, so that is done once."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)
-        os.umask(_UMASK)
-    return _UMASK
-
-
-_UMASK: int | None = None
 
 
 @contextlib.contextmanager
@@ -36,12 +25,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) if suffix is None else suffix
     tmp_path = None
-    try:  # from the file's creation on: a signal (SIGTERM -> KeyboardInterrupt) right after it removes it too
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-        tmp_path = Path(tmp)
+    try:
+        # The name is chosen before the file exists, so that a signal (SIGTERM -> KeyboardInterrupt) at any
+        # moment after the creation finds it in tmp_path and removes it (mkstemp returns the name only after
+        # creating the file: a signal in between left it behind).
+        while True:
+            tmp_path = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp{suffix}"
+            try:
+                fd = os.open(tmp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+                break
+            except FileExistsError:
+                continue
         os.close(fd)
-        # mkstemp creates 0600; give the result the permissions an ordinary open() would (shared results folders)
-        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -1,4 +1,5 @@
-"""Long-tailed benchmark runs (CIFAR-10/100-LT): data -> model -> the shared engine -> results.
+"""Long-tailed benchmark runs (CIFAR-10/100-LT; ImageNet-LT and iNaturalist 2018 from list files, see
+:mod:`pancls.data.lt_lists`): data -> model -> the shared engine -> results.
 
 A run is a folder (after nnU-Net): ``config.yaml`` (resolved), ``classes.json``, ``last.pt``,
 ``metrics.jsonl``, ``results.json`` and ``crowding.png``. It can be resumed with ``--resume`` and
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from pancls.config import dump_yaml, from_dict
+from pancls.data.images import ImageAugmentConfig
 from pancls.errors import UserError
 from pancls.io import atomic_write_json
 from pancls.schemas import LossConfig, ModelConfig
@@ -28,8 +30,11 @@ from pancls.validation import check_choice, check_scalar
 
 @dataclass
 class LTDataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100
-    path: Optional[str] = None  # npz, official archive or extracted folder
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet_lt | inat2018 (pancls.data.lt_lists)
+    path: Optional[str] = None  # npz, official archive or extracted folder; for the list datasets the image root
+    train_list: Optional[str] = None  # list datasets: ImageNet_LT_train.txt, iNaturalist18_train.txt
+    eval_list: Optional[str] = None  # list datasets: the list evaluated each epoch (ImageNet_LT_test.txt, ...)
+    num_classes: Optional[int] = None  # list datasets: None = the standard count (1000, 8142)
     imbalance_ratio: float = 100.0
     construction: str = "ldam"  # ldam | first
 
@@ -47,6 +52,7 @@ class LTConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: Augment2DConfig = field(default_factory=Augment2DConfig)
+    images: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)  # list datasets only
     device: str = "auto"  # auto | cpu | cuda
     eval_batch_size: int = 1000
     note: str = ""  # free text carried into results.json (e.g. where the paper is vague)
@@ -72,8 +78,14 @@ def resolve_device(name: str) -> torch.device:
 
 def _build(cfg: LTConfig):
     from pancls.data.cifar import load_cifar_lt
+    from pancls.data.lt_lists import DATASETS, load_image_lists
     from pancls.schemas import build_model_and_loss
 
+    if cfg.data.dataset in DATASETS:  # ImageNet-LT, iNaturalist 2018: list files + an image folder
+        data = load_image_lists(cfg.data.dataset, cfg.data.path, cfg.data.train_list, cfg.data.eval_list,
+                                cfg.data.num_classes)
+        model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts)
+        return data, model, loss_fn
     if cfg.data.path is None:
         raise UserError("no data path given; pass --data PATH (an npz, an official archive or its folder)", "--data")
     data = load_cifar_lt(cfg.data.path, cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.construction)
@@ -83,7 +95,12 @@ def _build(cfg: LTConfig):
 
 def dry_run(cfg: LTConfig) -> Dict[str, Any]:
     """Build data and model only; return the facts a user checks before a long run."""
+    from pancls.data import lt_lists
+
     data, model, _ = _build(cfg)
+    if cfg.data.dataset in lt_lists.DATASETS:
+        return {**lt_lists.facts(cfg, data), "parameters": int(sum(p.numel() for p in model.parameters())),
+                "backbone": cfg.model.backbone, "head": cfg.model.head, "loss": cfg.loss.name}
     return {
         "dataset": cfg.data.dataset,
         "imbalance_ratio": cfg.data.imbalance_ratio,
@@ -98,11 +115,16 @@ def dry_run(cfg: LTConfig) -> Dict[str, Any]:
     }
 
 
-def _loaders(cfg: LTConfig, data, device: torch.device):
-    from pancls.data import augment
+def _loaders(cfg: LTConfig, data, device: torch.device, ctx=None):
+    """Training and test loaders; under DDP (``ctx``) rank ``r`` gets its slice of every global training batch
+    and its contiguous share of the test set (:mod:`pancls.distributed`)."""
+    from pancls.data import augment, lt_lists
+    from pancls.distributed import Context
     from pancls.train.loaders import TensorBatchLoader
     from pancls.train.samplers import sample_weights
 
+    if cfg.data.dataset in lt_lists.DATASETS:  # images decoded from files by DataLoader workers
+        return lt_lists.make_loaders(cfg, data, device, ctx)
     if cfg.data.dataset == "cifar100":
         mean, std = augment.CIFAR100_MEAN, augment.CIFAR100_STD
     else:
@@ -121,54 +143,70 @@ def _loaders(cfg: LTConfig, data, device: torch.device):
     def eval_transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return augment.to_float_normalised(x, mean, std, device)
 
+    ctx = ctx or Context()
     weights = sample_weights(data.train_labels, cfg.train.sampler)
     train_loader = TensorBatchLoader(
         train_x, torch.from_numpy(data.train_labels).to(device), batch_size=cfg.train.batch_size, shuffle=True,
         sample_weights=weights, transform=train_transform, seed=cfg.train.seed,
-        weights_from_epoch=cfg.train.sampler_start_epoch,
+        weights_from_epoch=cfg.train.sampler_start_epoch, rank=ctx.rank, world_size=ctx.world_size,
     )
     eval_loader = TensorBatchLoader(
         test_x, torch.from_numpy(data.test_labels).to(device), batch_size=cfg.eval_batch_size, shuffle=False,
-        transform=eval_transform, seed=cfg.train.seed,
+        transform=eval_transform, seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size, shard="data",
     )
     return train_loader, eval_loader
 
 
 def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[str, Any]:
-    """Train and evaluate one configuration; write and return ``results.json``."""
+    """Train and evaluate one configuration; write and return ``results.json``.
+
+    Started by ``torchrun`` (several processes), it trains with DDP (:mod:`pancls.distributed`):
+    ``train.batch_size`` is the global batch, rank 0 writes the same run folder one process would."""
+    from pancls import distributed
+
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+        distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)  # before the data is read
+        return _run(cfg, out_dir, resume, log, ctx, device)
+
+
+def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.device) -> Dict[str, Any]:
     from pancls.eval.crowding import mean_angle_to_other_centres, min_angle_to_other_centres, plot_crowding
     from pancls.eval.metrics import classification_report
     from pancls.train.engine import fit
 
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.train.seed)  # model initialisation depends only on the seed
     data, model, loss_fn = _build(cfg)
     model.to(device)
     loss_fn.to(device)
-    train_loader, eval_loader = _loaders(cfg, data, device)
+    train_loader, eval_loader = _loaders(cfg, data, device, ctx)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and (out_dir / "last.pt").exists():
         raise UserError("a run already exists here; pass --resume to continue it or choose another --out", out_dir)
-    if not (out_dir / "last.pt").exists():  # a resumed run keeps its config until fit() has checked it matches
+    if ctx.is_main and not (out_dir / "last.pt").exists():  # a resumed run keeps its config until fit() checked it
         dump_yaml(cfg, out_dir / "config.yaml")
-    atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes), "train_counts": list(map(int, data.class_counts))})
+    if ctx.is_main:
+        atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes),
+                                                     "train_counts": list(map(int, data.class_counts))})
 
     def evaluate(y_true: np.ndarray, logits: np.ndarray) -> Dict[str, Any]:
         return classification_report(y_true, logits, data.class_counts)
 
     started = time.time()
     run_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "note")}
+    run_config["images"].pop("workers")  # the batches do not depend on it (pancls.data.images): a resume may change it
     if resume and (out_dir / "last.pt").exists():
         _keep_stored_path_spelling(run_config, out_dir / "last.pt")
     result = fit(model, train_loader, eval_loader, loss_fn, cfg.train, out_dir, device=device,
                  evaluate=evaluate, resume=resume, log=log, run_config=run_config)
-    dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
     final = classification_report(result.eval_labels, result.eval_logits, data.class_counts)
     centres = model.head.centres().detach().cpu()
     angles, nearest = mean_angle_to_other_centres(centres), min_angle_to_other_centres(centres)
+    if not ctx.is_main:  # the same results on every rank; rank 0 writes them
+        return {"reported": "last epoch", **final}
+    dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
     plot_crowding(nearest, data.class_counts, data.classes, out_dir / "crowding.png",
-                  f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}, head {cfg.model.head}, loss {cfg.loss.name}, "
+                  f"{_benchmark_name(cfg)}, head {cfg.model.head}, loss {cfg.loss.name}, "
                   f"{cfg.train.epochs} epochs, top-1 {final['top1']:.1%} (last epoch)", measure="min",
                   dim=centres.shape[1])
 
@@ -181,10 +219,16 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
         "class_counts": [int(c) for c in data.class_counts],
         "classes": list(data.classes),
         "best_epoch_on_test_set__not_reported": result.best_epoch_metrics,
-        "provenance": _provenance(device, cfg, time.time() - started),
+        "provenance": {**_provenance(device, cfg, time.time() - started), "processes": ctx.world_size},
     }, data.classes)
     atomic_write_json(out_dir / "results.json", results)
     return results
+
+
+def _benchmark_name(cfg: LTConfig) -> str:
+    from pancls.data.lt_lists import DATASETS
+
+    return cfg.data.dataset if cfg.data.dataset in DATASETS else f"{cfg.data.dataset}-LT IR {cfg.data.imbalance_ratio:g}"
 
 
 #: The per-class entries of results.json, written as {class name: value} (issue 18); :func:`per_class` reads

@@ -46,9 +46,12 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pancls import cv
+    from pancls.distributed import is_main_process
 
     cfg = build_config(args)
     result = cv.run(cfg, args.out, resume=args.resume, fold=args.fold, log=lambda m: print(m, file=sys.stderr))
+    if not is_main_process():  # torchrun: rank 0 prints the result
+        return 0
     if "pooled" not in result:  # one fold of several
         print(json.dumps({"out": str(args.out), "fold": result["fold"], "selected_epoch": result["selected_epoch"]}))
         return 0

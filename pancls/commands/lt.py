@@ -74,6 +74,7 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from pancls import lt
+    from pancls.distributed import is_main_process
     from pancls.io import writable_folder
 
     cfg = build_config(args)
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     writable_folder(args.out, "run folder")
     results = lt.run(cfg, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr))
+    if not is_main_process():  # torchrun: rank 0 prints the result
+        return 0
     print(json.dumps({"out": str(args.out), "reported": "last epoch", "top1": results["top1"],
                       "many": results["many_shot_top1"], "medium": results["medium_shot_top1"],
                       "few": results["few_shot_top1"]}))

@@ -21,6 +21,20 @@ have one, and on the loss where it has one (deferred re-weighting).
 Bit-exact resume needs every random draw to be either seeded per epoch (``TensorBatchLoader``,
 :class:`~pancls.train.samplers.EpochWeightedRandomSampler`) or drawn from the global RNGs, which are
 checkpointed (dropout, a ``DataLoader``'s shuffling and worker seeds when ``persistent_workers`` is off).
+
+Distributed data parallel (``torchrun``, :mod:`pancls.distributed`): when a process group is initialised,
+:func:`fit` wraps the model in PyTorch's ``DistributedDataParallel`` (optionally with ``SyncBatchNorm``,
+``train.sync_bn``). ``train.batch_size`` stays the GLOBAL batch: the training loader must give each rank its
+slice of every global batch (``TensorBatchLoader(rank=, world_size=)`` or a ``DataLoader`` with a
+:class:`~pancls.train.samplers.ShardedBatchSampler`), the evaluation loader its contiguous share of the set
+(``shard="data"`` or :class:`~pancls.train.samplers.ShardSampler`); a loader that is not sharded is refused.
+Epoch loss, accuracy and image counts are summed over the ranks and evaluation logits gathered in order, so
+``metrics.jsonl`` holds the same numbers as one process would write; only rank 0 writes files or logs; every
+rank's RNG states are checkpointed, so a DDP run resumes bit-identically on the same number of processes.
+A DDP run matches a single-process run with the same global batch up to float summation order (the
+gradient all-reduce adds the ranks' partial sums in another order than one process's batch reduction), and
+only without BatchNorm or with SyncBatchNorm: plain BatchNorm normalises each rank's share by its own
+statistics.
 """
 from __future__ import annotations
 
@@ -42,6 +56,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pancls import distributed
 from pancls.config import to_dict
 from pancls.errors import UserError
 from pancls.io import atomic_write_text
@@ -63,7 +78,10 @@ METRICS = "metrics.jsonl"
 #: how the best epoch is labelled wherever it is written: it was chosen by looking at the evaluation set
 BEST_SELECTED_ON = "evaluation set (max eval_top1; optimistic, not a held-out estimate)"
 #: keys that may change between a run and its resumption without changing what it computes
-_RESUMABLE_KEYS = frozenset({"epochs", "progress", "tensorboard", "eval_every"})
+_RESUMABLE_KEYS = frozenset({"epochs", "progress", "progress_steps", "progress_seconds", "tensorboard", "eval_every"})
+#: keys added after runs were checkpointed without them: in the fingerprint only when not at this default, so
+#: that those runs still resume
+_LATER_KEYS = {"sync_bn": False}
 _POSTFIX_EVERY = 10  # progress-bar refreshes cost a device sync; do it every few iterations only
 
 
@@ -107,7 +125,12 @@ class TrainConfig:
     #: None: log to ``run_dir/tensorboard`` when the tensorboard package is installed (a dependency of pancls);
     #: True: require it; False: never.
     tensorboard: Optional[bool] = None
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal; plain lines on a file or pipe (nohup, Slurm, tee)
+    progress_steps: int = 0  # plain lines: one every this many steps (0: by time only) ...
+    progress_seconds: float = 30.0  # ... or every this many seconds, whichever comes first
+    #: DDP only (ignored in one process): BatchNorm statistics over the global batch, not each rank's share;
+    #: PyTorch's SyncBatchNorm runs on CUDA only
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         # Literal choices are checked by pancls.config.from_dict, but not when built in Python.
@@ -116,9 +139,10 @@ class TrainConfig:
                 check_choice(getattr(self, name), name, typing.get_args(hint))
         for key in ("epochs", "batch_size", "eval_every"):
             check_scalar(getattr(self, key), key, int, min_val=1)
-        for key in ("warmup_epochs", "sampler_start_epoch", "seed"):
+        for key in ("warmup_epochs", "sampler_start_epoch", "seed", "progress_steps"):
             check_scalar(getattr(self, key), key, int, min_val=0)
         check_scalar(self.weight_decay, "weight_decay", float, min_val=0)
+        check_scalar(self.progress_seconds, "progress_seconds", float, min_val=0, include_boundaries="neither")
         check_scalar(self.lr, "lr", float, min_val=0, include_boundaries="neither")
         check_scalar(self.momentum, "momentum", float, min_val=0, max_val=1, include_boundaries="left")
         check_scalar(self.gamma, "gamma", float, min_val=0, include_boundaries="neither")
@@ -174,7 +198,8 @@ def fit(
     model : nn.Module
         Maps an image batch to logits ``(N, num_classes)``.
     train_loader, eval_loader : iterables of batches (see the module docstring for the contract)
-        ``len(train_loader)`` must be the number of batches per epoch. ``eval_loader`` may be None.
+        ``len(train_loader)`` must be the number of batches per epoch. ``eval_loader`` may be None. Under
+        DDP both must be sharded for this rank (see the module docstring).
     loss_fn : nn.Module
         ``loss_fn(logits, target)`` -> scalar, computed in float32 outside autocast; ``set_epoch`` is
         called when present. Trainable parameters belong in the model, not the loss.
@@ -188,7 +213,7 @@ def fit(
         Continue from ``run_dir/last.pt`` when there is one (a finished run returns its stored result);
         start afresh when there is none.
     log : callable
-        Receives one summary line per epoch.
+        Receives one summary line per epoch (on rank 0 only).
     run_config : mapping, optional
         The rest of the experiment config (model, loss, data); it joins ``cfg`` in the fingerprint that
         a resumed run must match.
@@ -201,119 +226,251 @@ def fit(
     save_best : bool
         Also write the best epoch's weights to ``run_dir/best.pt`` (atomically, when it improves).
     """
-    run_dir = Path(run_dir)
-    device = torch.device(device)
-    ckpt_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
-    if ckpt_path.exists() and not resume:
-        raise UserError("a run already exists here; pass --resume to continue it or choose another --out", run_dir)
-    if any(p.requires_grad for p in loss_fn.parameters()):
-        raise ValueError("the loss has trainable parameters; put them in the model so that the optimiser sees them")
-    amp_dtype = _amp_dtype(cfg.amp, device)
-    summary_writer = _summary_writer_class(required=cfg.tensorboard is True) if cfg.tensorboard is not False else None
-    fingerprint = _fingerprint(cfg, run_config)
+    run = _Run(model, train_loader, eval_loader, loss_fn, cfg, Path(run_dir), torch.device(device), evaluate, log,
+               run_config, select_metric, selected_on, save_best)
+    run.start(resume)
+    try:
+        with _determinism(cfg.deterministic, run.device):
+            for epoch in range(run.start_epoch, cfg.epochs):
+                record = run.train_one_epoch(epoch)
+                if run.evaluates(epoch):
+                    run.evaluate(epoch, record)
+                run.checkpoint_and_log(epoch, record)
+    finally:
+        run.close()
+    return run.result()
 
-    model.to(device)
-    loss_fn.to(device)
-    if cfg.channels_last:
-        _to_channels_last(model)
-    optimizer = build_optimizer(model, cfg)
-    schedule = LRSchedule(cfg, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        check_same_config(ckpt["config"], fingerprint, ckpt_path)
+class _Run:
+    """The state of one :func:`fit` call, in the order it is used: set up (or resumed), one epoch of training,
+    evaluation, checkpoint and logs. Under DDP every rank holds one; only rank 0 writes."""
+
+    def __init__(self, model, train_loader, eval_loader, loss_fn, cfg: TrainConfig, run_dir: Path,
+                 device: torch.device, evaluate, log, run_config, select_metric, selected_on, save_best):
+        self.ctx = distributed.context()
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.train_loader, self.eval_loader, self.loss_fn, self.evaluate_fn = train_loader, eval_loader, loss_fn, evaluate
+        self.log = log if self.ctx.is_main else _quiet
+        self.select_metric, self.selected_on, self.save_best = select_metric, selected_on, save_best
+        self.ckpt_path, self.metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
+        self.fingerprint = _fingerprint(cfg, run_config)
+        self._check_arguments(model)
+        self.amp_dtype = _amp_dtype(cfg.amp, device)
+        want_tb = cfg.tensorboard is not False and self.ctx.is_main
+        self.summary_writer = _summary_writer_class(required=cfg.tensorboard is True) if want_tb else None
+        self.model = self._prepare_model(model)
+        loss_fn.to(device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule(cfg, len(train_loader))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
+        self.writer = None
+        self.start_epoch, self.global_step, self.history, self.best, self.last_eval = 0, 0, [], None, None
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _check_arguments(self, model: nn.Module) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if any(p.requires_grad for p in self.loss_fn.parameters()):
+            raise ValueError("the loss has trainable parameters; put them in the model so that the optimiser sees them")
+        if ctx.active:
+            distributed.per_rank_batch(cfg.batch_size, ctx.world_size)
+            _check_sharded(self.train_loader, ctx, "batch", "train_loader")
+            if self.eval_loader is not None:
+                _check_sharded(self.eval_loader, ctx, "data", "eval_loader")
+            if cfg.sync_bn and self.device.type != "cuda":
+                raise InvalidParameter("needs CUDA processes (PyTorch's SyncBatchNorm synchronises on GPUs only); "
+                                       "set it false for CPU processes", "train.sync_bn")
+
+    def _prepare_model(self, model: nn.Module) -> nn.Module:
+        model.to(self.device)
+        if self.cfg.channels_last:
+            _to_channels_last(model)
+        if self.cfg.sync_bn and self.ctx.active:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # converts the BatchNorm layers in place
+        return model
+
+    def start(self, resume: bool) -> None:
+        """Resume from ``last.pt`` or start afresh; then wrap the model (DDP, compile) and open TensorBoard.
+        Whether a checkpoint exists is rank 0's answer, the same on every rank."""
+        exists = self.ctx.broadcast(self.ckpt_path.exists())
+        if exists and not resume:
+            raise UserError("a run already exists here; pass --resume to continue it or choose another --out",
+                            self.run_dir)
+        if exists:
+            self._resume()
+        else:
+            _seed_everything(distributed.rank_seed(self.cfg.seed, self.ctx.rank))
+            if self.ctx.is_main:  # a stale log from a run that never reached its first checkpoint
+                atomic_write_text(self.metrics_path, "")
+        if self.summary_writer is not None and self.start_epoch < self.cfg.epochs:
+            self.writer = self.summary_writer(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.global_step)
+        train_net = self.model
+        if self.ctx.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
+            train_net = DistributedDataParallel(self.model, device_ids=ids)
+        compiled = self.cfg.compile != "off"
+        net = torch.compile(train_net, mode=self.cfg.compile) if compiled else train_net
+        # evaluation shards differ in length between ranks: it runs on the bare model, which communicates nothing
+        eval_net = net if not self.ctx.active else torch.compile(self.model, mode=self.cfg.compile) if compiled \
+            else self.model
+        self.step = _Step(net, eval_net, self.loss_fn, self.optimizer, self.scaler, self.schedule, self.device,
+                          self.amp_dtype, self.cfg, self.ctx)
+
+    def _resume(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        try:
+            ckpt = load_checkpoint(self.ckpt_path)
+        except UserError as exc:
+            if ctx.active and not self.ckpt_path.exists():
+                raise UserError(f"rank {ctx.rank} cannot read the checkpoint rank 0 sees; a distributed run's "
+                                "folder must be on a file system every node shares", self.ckpt_path) from None
+            raise exc
+        check_same_config(ckpt["config"], self.fingerprint, self.ckpt_path)
         if ckpt["epoch"] > cfg.epochs:
             raise UserError(f"the run being resumed has already trained {ckpt['epoch']} epochs, more than "
                             f"epochs={cfg.epochs}", "train.epochs")
         try:
-            model.load_state_dict(ckpt["model"])
-            loss_fn.load_state_dict(ckpt["loss"])
+            self.model.load_state_dict(ckpt["model"])
+            self.loss_fn.load_state_dict(ckpt["loss"])
         except RuntimeError as exc:
             raise UserError(f"the checkpoint does not fit this model or loss ({str(exc).splitlines()[0]})",
-                            ckpt_path) from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        schedule.load_state_dict(ckpt["schedule"])
+                            self.ckpt_path) from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        self.start_epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        self.history, self.best, self.last_eval = ckpt["history"], ckpt["best"], ckpt["last_eval"]
+        self._restore_rng(ckpt)
+        if ctx.is_main:
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+        self.log(f"resumed {self.run_dir} after epoch {self.start_epoch}/{cfg.epochs}")
+
+    def _restore_rng(self, ckpt: Mapping[str, Any]) -> None:
+        """Each rank's RNG states as they were (``rng_ranks``); on another number of processes the data order
+        is still the same (it depends on the seed and the global batch only), per-process draws are not."""
+        ctx = self.ctx
+        per_rank = ckpt.get("rng_ranks") or [ckpt["rng"]]
+        if len(per_rank) == ctx.world_size:
+            restore_rng_state(per_rank[ctx.rank])
+            return
         restore_rng_state(ckpt["rng"])
-        start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
-        history, best, last_eval = ckpt["history"], ckpt["best"], ckpt["last_eval"]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-        log(f"resumed {run_dir} after epoch {start_epoch}/{cfg.epochs}")
-    else:
-        _seed_everything(cfg.seed)
-        start_epoch, global_step, history, best, last_eval = 0, 0, [], None, None
-        atomic_write_text(metrics_path, "")  # a stale log from a run that never reached its first checkpoint
+        if ctx.rank > 0:
+            _seed_everything(distributed.rank_seed(self.cfg.seed + self.start_epoch, ctx.rank))
+        self.log(f"note: the checkpoint was written by {len(per_rank)} processes, this run has {ctx.world_size}: "
+                 "the batches are the same, per-process random draws (dropout) are not, so the resumed run is "
+                 "not bit-identical to an uninterrupted one")
 
-    writer = None
-    if summary_writer is not None and start_epoch < cfg.epochs:
-        writer = summary_writer(log_dir=str(run_dir / "tensorboard"), purge_step=global_step)
-    net = torch.compile(model, mode=cfg.compile) if cfg.compile != "off" else model
-    step = _Step(net, loss_fn, optimizer, scaler, schedule, device, amp_dtype, cfg)
-    try:
-        with _determinism(cfg.deterministic, device):
-            for epoch in range(start_epoch, cfg.epochs):
-                started = time.perf_counter()
-                for loader in (train_loader, eval_loader):
-                    _set_epoch(loader, epoch)  # loader, its sampler and its dataset (random transforms)
-                if hasattr(loss_fn, "set_epoch"):
-                    loss_fn.set_epoch(epoch)
-                mean_epoch_s = float(np.mean([r["seconds"] for r in history])) if history else None
-                train = step.train_epoch(train_loader, epoch, epochs_after=cfg.epochs - epoch - 1,
-                                         mean_epoch_s=mean_epoch_s)
-                global_step += train["steps"]
-                record = {"epoch": epoch, "lr": schedule.lr_at(epoch, 0), "train_loss": train["loss"],
-                          "train_top1": train["top1"]}
-                if eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-                    logits, labels = step.predict(eval_loader)
-                    record["eval_top1"] = float((logits.argmax(1) == labels).mean())
-                    if evaluate is not None:
-                        record.update({f"eval_{k}": v for k, v in _jsonable(evaluate(labels, logits)).items()})
-                    last_eval = {"logits": torch.from_numpy(logits), "labels": torch.from_numpy(labels)}
-                    if select_metric not in record:
-                        raise ValueError(f"select_metric {select_metric!r} is not among the evaluation keys "
-                                         f"{sorted(k for k in record if k.startswith('eval_'))}")
-                    if best is None or record[select_metric] > best[select_metric]:
-                        best = {"selected_on": selected_on, "select_metric": select_metric, **record}
-                        if save_best:
-                            save_checkpoint(run_dir / BEST, {"epoch": epoch + 1, "model": model.state_dict(),
-                                                             "record": record})
-                record["seconds"] = round(time.perf_counter() - started, 3)
-                record["images_per_s"] = round(train["images"] / train["seconds"], 1)
-                history.append(record)
+    # ------------------------------------------------------------------------------------------ one epoch
+    def train_one_epoch(self, epoch: int) -> Dict[str, Any]:
+        self.started = time.perf_counter()
+        for loader in (self.train_loader, self.eval_loader):
+            _set_epoch(loader, epoch)  # loader, its sampler and its dataset (random transforms)
+        if hasattr(self.loss_fn, "set_epoch"):
+            self.loss_fn.set_epoch(epoch)
+        mean_epoch_s = float(np.mean([r["seconds"] for r in self.history])) if self.history else None
+        train = self.step.train_epoch(self.train_loader, epoch, epochs_after=self.cfg.epochs - epoch - 1,
+                                      mean_epoch_s=mean_epoch_s)
+        self.global_step += train["steps"]
+        distributed.broadcast_buffers(self.model, self.ctx)  # rank 0's BatchNorm statistics everywhere
+        self.train_stats = train
+        return {"epoch": epoch, "lr": self.schedule.lr_at(epoch, 0), "train_loss": train["loss"],
+                "train_top1": train["top1"]}
 
-                save_checkpoint(ckpt_path, {
-                    "epoch": epoch + 1, "global_step": global_step, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "schedule": schedule.state_dict(), "loss": loss_fn.state_dict(), "history": history,
-                    "best": best, "last_eval": last_eval, "rng": capture_rng_state(),
-                    "config": fingerprint, "config_hash": config_hash(fingerprint),
-                })
-                _append_line(metrics_path, json.dumps(record))
-                if writer is not None:
-                    for key, value in record.items():
-                        if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                            writer.add_scalar(key, value, global_step)
-                log(_summary(record, cfg.epochs))
-    finally:
-        if writer is not None:
-            writer.close()
+    # ----------------------------------------------------------------------------------------- evaluation
+    def evaluates(self, epoch: int) -> bool:
+        cfg = self.cfg
+        return self.eval_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
 
-    return FitResult(
-        last_metrics=history[-1],
-        eval_logits=None if last_eval is None else last_eval["logits"].numpy(),
-        eval_labels=None if last_eval is None else last_eval["labels"].numpy(),
-        best_epoch_metrics=best,
-        history=history,
-    )
+    def evaluate(self, epoch: int, record: Dict[str, Any]) -> None:
+        """Predict the whole evaluation set (gathered from every rank's shard), add ``eval_*`` to ``record``
+        and keep the best epoch (written to ``best.pt`` with ``save_best``)."""
+        logits, labels = self.step.predict(self.eval_loader)
+        record["eval_top1"] = float((logits.argmax(1) == labels).mean())
+        if self.evaluate_fn is not None:
+            record.update({f"eval_{k}": v for k, v in _jsonable(self.evaluate_fn(labels, logits)).items()})
+        self.last_eval = {"logits": torch.from_numpy(logits), "labels": torch.from_numpy(labels)}
+        if self.select_metric not in record:
+            raise ValueError(f"select_metric {self.select_metric!r} is not among the evaluation keys "
+                             f"{sorted(k for k in record if k.startswith('eval_'))}")
+        if self.best is None or record[self.select_metric] > self.best[self.select_metric]:
+            self.best = {"selected_on": self.selected_on, "select_metric": self.select_metric, **record}
+            if self.save_best and self.ctx.is_main:
+                save_checkpoint(self.run_dir / BEST, {"epoch": epoch + 1, "model": self.model.state_dict(),
+                                                      "record": record})
+
+    # ---------------------------------------------------------------------------------- checkpoint and log
+    def checkpoint_and_log(self, epoch: int, record: Dict[str, Any]) -> None:
+        """``last.pt`` (atomically), then the ``metrics.jsonl`` line, TensorBoard and the summary line: a line is
+        never logged for an epoch the checkpoint does not hold. Every rank's RNG states go into the checkpoint."""
+        train = self.train_stats
+        record["seconds"] = round(time.perf_counter() - self.started, 3)
+        record["images_per_s"] = round(train["images"] / train["seconds"], 1)
+        self.history.append(record)
+        rng = capture_rng_state()
+        rng_ranks = self.ctx.all_gather(rng) if self.ctx.active else None
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(self.ckpt_path, {
+            "epoch": epoch + 1, "global_step": self.global_step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(), "loss": self.loss_fn.state_dict(), "history": self.history,
+            "best": self.best, "last_eval": self.last_eval, "rng": rng,
+            **({"rng_ranks": rng_ranks} if rng_ranks else {}),
+            "config": self.fingerprint, "config_hash": config_hash(self.fingerprint),
+        })
+        _append_line(self.metrics_path, json.dumps(record))
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, self.global_step)
+        self.log(_summary(record, self.cfg.epochs))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def result(self) -> FitResult:
+        last = self.last_eval
+        return FitResult(
+            last_metrics=self.history[-1],
+            eval_logits=None if last is None else last["logits"].numpy(),
+            eval_labels=None if last is None else last["labels"].numpy(),
+            best_epoch_metrics=self.best,
+            history=self.history,
+        )
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _check_sharded(loader: Iterable, ctx: distributed.Context, kind: str, name: str) -> None:
+    """Under DDP a loader must yield this rank's shard (``kind`` "batch": its slice of every global batch;
+    "data": its contiguous share of the set), or each rank would train on, or predict, everything."""
+    for obj in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if getattr(obj, "shard", None) == kind and getattr(obj, "world_size", None) == ctx.world_size \
+                and getattr(obj, "rank", None) == ctx.rank:
+            return
+    how = ("TensorBatchLoader(..., rank=, world_size=) or DataLoader(batch_sampler=ShardedBatchSampler(...))"
+           if kind == "batch" else
+           "TensorBatchLoader(..., rank=, world_size=, shard='data') or DataLoader(sampler=ShardSampler(...))")
+    raise ValueError(f"{name} is not sharded for rank {ctx.rank} of {ctx.world_size}; build it with {how} "
+                     "(pancls.train.loaders / pancls.train.samplers)")
 
 
 class _Step:
-    """One epoch of training and one pass of prediction, with AMP, clipping and the per-iteration lr."""
+    """One epoch of training and one pass of prediction, with AMP, clipping and the per-iteration lr.
 
-    def __init__(self, net, loss_fn, optimizer, scaler, schedule, device, amp_dtype, cfg: TrainConfig):
-        self.net, self.loss_fn, self.optimizer, self.scaler = net, loss_fn, optimizer, scaler
-        self.schedule, self.device, self.amp_dtype, self.cfg = schedule, device, amp_dtype, cfg
+    Under DDP (``ctx.active``) each rank's loss is weighted by ``n_rank * W / n_batch`` before the backward
+    pass: DDP averages the ranks' gradients, so the update is the gradient of the mean loss over the global
+    batch even when its last batch splits unevenly. The epoch's loss, accuracy and image count are summed
+    over the ranks (exact counts); predictions are gathered from the ranks' shards in rank order."""
+
+    def __init__(self, net, eval_net, loss_fn, optimizer, scaler, schedule, device, amp_dtype, cfg: TrainConfig,
+                 ctx: distributed.Context):
+        self.net, self.eval_net, self.loss_fn, self.optimizer, self.scaler = net, eval_net, loss_fn, optimizer, scaler
+        self.schedule, self.device, self.amp_dtype, self.cfg, self.ctx = schedule, device, amp_dtype, cfg, ctx
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -328,6 +485,13 @@ class _Step:
                 x = x.contiguous(memory_format=_MEMORY_FORMATS[x.dim()])
             yield x, y.to(self.device, non_blocking=True)
 
+    def _share(self, n: int) -> torch.Tensor | float:
+        """``n * W / (images of the global batch)``: this rank's weight in the DDP gradient average."""
+        if not self.ctx.active:
+            return 1.0
+        total = self.ctx.all_reduce_sum(torch.tensor(float(n), device=self.device, dtype=torch.float32))
+        return n * self.ctx.world_size / total
+
     def train_epoch(self, loader: Iterable, epoch: int, epochs_after: int, mean_epoch_s: Optional[float]) -> Dict[str, Any]:
         self.net.train()
         n_steps = len(loader)
@@ -335,9 +499,8 @@ class _Step:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         images = 0
         started = time.perf_counter()
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", file=sys.stderr, leave=False,
-                   dynamic_ncols=True, disable=None if self.cfg.progress else True)  # None: off when not a TTY
-        with bar:
+        progress = _Progress.open(self.cfg, self.ctx, epoch, n_steps, mean_epoch_s, epochs_after)
+        with progress:
             for i, (x, y) in enumerate(self._batches(loader)):
                 lr = self.schedule.lr_at(epoch, i)
                 for group in self.optimizer.param_groups:
@@ -346,7 +509,7 @@ class _Step:
                     logits = self.net(x)
                 loss = self.loss_fn(logits.float(), y)  # margin losses want float32 logits
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                self.scaler.scale(loss * self._share(len(y))).backward()
                 if self.cfg.clip_grad_norm is not None:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.clip_grad_norm)
@@ -356,32 +519,111 @@ class _Step:
                 loss_sum += loss.detach().double() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 images += len(y)
-                bar.update(1)
-                if not bar.disable and ((i + 1) % _POSTFIX_EVERY == 0 or i + 1 == n_steps):
-                    per_step = (time.perf_counter() - started) / (i + 1)
-                    per_epoch = mean_epoch_s if mean_epoch_s is not None else per_step * n_steps
-                    eta = per_step * (n_steps - i - 1) + per_epoch * epochs_after
-                    bar.set_postfix(loss=f"{loss_sum.item() / images:.4f}", acc=f"{correct.item() / images:.3f}",
-                                    run_eta=tqdm.format_interval(eta), refresh=False)
-        if images == 0:
+                progress.update(i + 1, loss_sum, correct, images)
+        totals = self.ctx.all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                                      torch.tensor(float(images), device=self.device,
+                                                                   dtype=torch.float64)]))
+        loss_total, correct_total, images_total = totals.tolist()  # also waits for the device: honest timing
+        if images_total == 0:
             raise ValueError("the training loader yielded no batches")
-        mean_loss = loss_sum.item() / images  # also waits for the device, so the timing below is honest
+        mean_loss = loss_total / images_total
         seconds = time.perf_counter() - started
         if not math.isfinite(mean_loss):
             raise UserError(f"training diverged: the mean loss of epoch {epoch} is {mean_loss}; lower the learning "
                             "rate or set clip_grad_norm", "train.lr")
-        return {"loss": mean_loss, "top1": correct.item() / images, "images": images, "seconds": seconds,
-                "steps": n_steps}
+        return {"loss": mean_loss, "top1": correct_total / images_total, "images": int(images_total),
+                "seconds": seconds, "steps": n_steps}
 
     @torch.no_grad()
     def predict(self, loader: Iterable) -> Tuple[np.ndarray, np.ndarray]:
-        self.net.eval()
+        self.eval_net.eval()
         logits, labels = [], []
         for x, y in self._batches(loader):
             with self._autocast():
-                logits.append(self.net(x).float())
+                logits.append(self.eval_net(x).float())
             labels.append(y)
-        return torch.cat(logits).cpu().numpy(), torch.cat(labels).cpu().numpy()
+        num_classes = logits[0].shape[1] if logits else 0
+        z = torch.cat(logits) if logits else torch.zeros((0, num_classes), device=self.device)
+        y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=self.device)
+        if self.ctx.active:  # every rank's shard, in rank order: the whole set in its order
+            width = max(self.ctx.all_gather(int(z.shape[1])))  # a rank with an empty shard knows no width
+            if z.shape[1] != width:
+                z = torch.zeros((0, width), device=self.device)
+            z, y = distributed.gather_rows(z, self.ctx), distributed.gather_rows(y, self.ctx)
+        return z.cpu().numpy(), y.cpu().numpy()
+
+
+class _Progress:
+    """Training progress on rank 0: a tqdm bar on a terminal; plain lines on a file or pipe (nohup, Slurm,
+    ``tee``), one every ``progress_steps`` steps (when set) or ``progress_seconds`` seconds, whichever comes
+    first, with the step, the mean loss and accuracy so far, the speed and the epoch's and the run's ETA:
+
+        epoch 3/200  step 120/391  loss 1.2345  acc 0.456  4.20 it/s  epoch ETA 1:05  run ETA 3:12:40
+
+    The run ETA is the rest of this epoch plus the remaining epochs at the mean epoch time so far (this
+    epoch's pace on the first one)."""
+
+    def __init__(self, cfg: TrainConfig, epoch: int, n_steps: int, mean_epoch_s: Optional[float], epochs_after: int,
+                 mode: Optional[str], stream):
+        self.cfg, self.epoch, self.n_steps, self.mode, self.stream = cfg, epoch, n_steps, mode, stream
+        self.mean_epoch_s, self.epochs_after = mean_epoch_s, epochs_after
+        self.started = self.last_line = time.perf_counter()
+        self.last_step = 0
+        self.bar = None
+        if mode == "bar":
+            self.bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", file=stream, leave=False,
+                            dynamic_ncols=True)
+
+    @classmethod
+    def open(cls, cfg: TrainConfig, ctx: distributed.Context, epoch: int, n_steps: int,
+             mean_epoch_s: Optional[float], epochs_after: int) -> "_Progress":
+        stream = sys.stderr
+        mode = None
+        if cfg.progress and ctx.is_main:
+            mode = "bar" if _is_terminal(stream) else "lines"
+        return cls(cfg, epoch, n_steps, mean_epoch_s, epochs_after, mode, stream)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _eta(self, done: int) -> Tuple[float, float]:
+        per_step = (time.perf_counter() - self.started) / done
+        per_epoch = self.mean_epoch_s if self.mean_epoch_s is not None else per_step * self.n_steps
+        epoch_eta = per_step * (self.n_steps - done)
+        return epoch_eta, epoch_eta + per_epoch * self.epochs_after
+
+    def update(self, done: int, loss_sum: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        """After step ``done`` (1-based), with the running sums (this rank's share under DDP); reading them
+        syncs the device, so it is done only when something is shown."""
+        if self.mode == "bar":
+            self.bar.update(1)
+            if done % _POSTFIX_EVERY == 0 or done == self.n_steps:
+                loss, acc = loss_sum.item() / images, correct.item() / images
+                self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}",
+                                     run_eta=tqdm.format_interval(self._eta(done)[1]), refresh=False)
+        elif self.mode == "lines":
+            now = time.perf_counter()
+            by_steps = self.cfg.progress_steps > 0 and done - self.last_step >= self.cfg.progress_steps
+            if not (by_steps or now - self.last_line >= self.cfg.progress_seconds):
+                return
+            loss, acc = loss_sum.item() / images, correct.item() / images
+            epoch_eta, run_eta = self._eta(done)
+            rate = done / max(now - self.started, 1e-9)
+            print(f"epoch {self.epoch + 1}/{self.cfg.epochs}  step {done}/{self.n_steps}  loss {loss:.4f}  "
+                  f"acc {acc:.3f}  {rate:.2f} it/s  epoch ETA {tqdm.format_interval(epoch_eta)}  "
+                  f"run ETA {tqdm.format_interval(run_eta)}", file=self.stream, flush=True)
+            self.last_line, self.last_step = now, done
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 @torch.no_grad()
@@ -456,9 +698,11 @@ def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
 
 def _fingerprint(cfg: TrainConfig, run_config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The flattened config a resumed run must match: ``cfg`` minus keys that do not change the result
-    (``epochs`` counts, except under the cosine schedule, whose shape depends on it), plus ``run_config``."""
+    (``epochs`` counts, except under the cosine schedule, whose shape depends on it), plus ``run_config``.
+    The number of processes is not in it: the global batch fixes what is trained."""
     train = {k: v for k, v in to_dict(cfg).items()
-             if k not in _RESUMABLE_KEYS or (k == "epochs" and cfg.schedule == "cosine")}
+             if (k not in _RESUMABLE_KEYS or (k == "epochs" and cfg.schedule == "cosine"))
+             and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     return flatten({"train": train, **({"run": to_dict(dict(run_config))} if run_config else {})})
 
 
@@ -492,7 +736,8 @@ def _set_epoch(loader: Optional[Iterable], epoch: int) -> None:
     """``set_epoch`` on the loader, its (batch) sampler and its dataset (reseeded random transforms), each once."""
     if loader is None:
         return
-    candidates = (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None),
                   getattr(loader, "dataset", None))
     seen = set()
     for obj in candidates:

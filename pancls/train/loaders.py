@@ -9,13 +9,21 @@ Reproducibility: all randomness (order, re-sampling, augmentation) comes from th
 ``torch.Generator``, reseeded from ``(seed, epoch)`` by :meth:`TensorBatchLoader.set_epoch`. A run
 resumed at an epoch boundary therefore sees exactly the batches and augmentations of an
 uninterrupted run, whatever else consumed the global RNG.
+
+Distributed training: with ``world_size`` processes each builds the same loader and the same epoch order;
+``shard="batch"`` (training) gives rank ``r`` its contiguous ``batch_size / world_size`` slice of every global
+batch, augmented as part of the whole global batch so that its images are bit for bit those a single process
+would train on (the price: each rank augments ``batch_size`` images, not ``batch_size / world_size``; small
+next to the model on the device). ``shard="data"`` (evaluation) gives rank ``r`` its contiguous share of the
+data set (:func:`pancls.distributed.shard_bounds`), iterated in batches of ``batch_size``.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Literal, Optional, Tuple
 
 import torch
 
+from pancls.distributed import batch_slice, per_rank_batch, shard_bounds
 from pancls.train.samplers import epoch_seed
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -46,6 +54,12 @@ class TensorBatchLoader:
         Base seed of the loader's generator.
     weights_from_epoch : int
         First epoch that uses ``sample_weights`` (deferred re-sampling); earlier epochs use ``shuffle``.
+    rank, world_size : int
+        This process and the number of processes of a distributed run (see the module docstring).
+    shard : {"batch", "data"}
+        ``"batch"``: ``batch_size`` is the global batch, split across the ranks (it must divide by
+        ``world_size``; a last global batch smaller than ``world_size`` is dropped). ``"data"``: each rank
+        iterates its contiguous share of the data set in batches of ``batch_size``, in order.
     """
 
     def __init__(
@@ -61,6 +75,9 @@ class TensorBatchLoader:
         transform: Optional[Transform] = None,
         seed: int = 0,
         weights_from_epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shard: Literal["batch", "data"] = "batch",
     ):
         self.device = torch.device(device) if device is not None else images.device
         self.images = images.to(self.device)
@@ -89,6 +106,13 @@ class TensorBatchLoader:
         self.transform = transform
         self.seed = int(seed)
         self.weights_from_epoch = int(weights_from_epoch)
+        if shard not in ("batch", "data"):
+            raise ValueError(f"shard must be 'batch' or 'data', got {shard!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        if shard == "batch":
+            per_rank_batch(self.batch_size, world_size)
+        self.rank, self.world_size, self.shard = int(rank), int(world_size), shard
         self.generator = torch.Generator(device=self.device)
         self.set_epoch(0)
 
@@ -98,8 +122,11 @@ class TensorBatchLoader:
         self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
 
     def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.shard == "data":
+            start, stop = shard_bounds(len(self.images), self.rank, self.world_size)
+            return -(-(stop - start) // self.batch_size)
+        full, rest = divmod(len(self.images), self.batch_size)
+        return full + (1 if not self.drop_last and rest >= self.world_size else 0)
 
     def _order(self) -> torch.Tensor:
         n = len(self.images)
@@ -111,9 +138,14 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()
+        if self.shard == "data":
+            order = order[slice(*shard_bounds(len(order), self.rank, self.world_size))]
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx]
             if self.transform is not None:
                 x = self.transform(x, self.generator)
+            if self.shard == "batch" and self.world_size > 1:  # this rank's slice of the augmented global batch
+                mine = batch_slice(len(idx), self.rank, self.world_size)
+                x, idx = x[mine], idx[mine]
             yield x, self.labels[idx]

@@ -231,3 +231,25 @@ def test_default_tensorboard_is_skipped_quietly_when_missing(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     _fit(tmp_path / "run", dataclasses.replace(CFG, tensorboard=None))
     assert (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_progress_on_a_file_is_plain_lines_with_the_step_loss_and_both_etas(tmp_path, capsys):
+    """nohup / Slurm / tee: no tqdm bar (its carriage returns fill a log file); one line every progress_steps
+    steps, the running loss and accuracy equal to the epoch's when the line is at the last step."""
+    cfg = dataclasses.replace(CFG, progress=True, progress_steps=3, progress_seconds=3600.0)
+    _, result = _fit(tmp_path, cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert "\r" not in err
+    assert [line.split()[1] + " " + line.split()[3] for line in lines] == \
+        [f"{e}/4 {s}/6" for e in range(1, 5) for s in (3, 6)]  # 90 images / 15 = 6 steps, a line every 3
+    for line in lines:
+        assert "it/s" in line and "epoch ETA" in line and "run ETA" in line
+    last = [line for line in lines if line.split()[1] == "4/4" and line.split()[3] == "6/6"][0]
+    assert last.split()[5] == f"{result.history[-1]['train_loss']:.4f}"
+    assert last.split()[-1] == "00:00"  # nothing left after the last step of the last epoch
+
+
+def test_progress_off_prints_nothing(tmp_path, capsys):
+    _fit(tmp_path, dataclasses.replace(CFG, progress=False, progress_steps=1))
+    assert capsys.readouterr().err == ""
