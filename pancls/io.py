@@ -11,7 +11,9 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -96,8 +98,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays and torch tensors turned into Python numbers and lists, and
+    mapping keys into strings: what :func:`json.dumps` accepts. (DICOM values have their own coercion,
+    :mod:`pancls.ct.volume`, which knows pydicom's types.)"""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if callable(getattr(value, "tolist", None)):  # np.ndarray, torch.Tensor (without importing torch here)
+        return json_safe(value.tolist())
+    return value
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` (made :func:`json_safe`) as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
 def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -100,7 +100,8 @@ def dry_run(cfg: LTConfig) -> Dict[str, Any]:
     data, model, _ = _build(cfg)
     if cfg.data.dataset in lt_lists.DATASETS:
         return {**lt_lists.facts(cfg, data), "parameters": int(sum(p.numel() for p in model.parameters())),
-                "backbone": cfg.model.backbone, "head": cfg.model.head, "loss": cfg.loss.name}
+                "backbone": cfg.model.backbone, "head": cfg.model.head, "loss": cfg.loss.name,
+                "inactive": inactive_keys(cfg)}
     return {
         "dataset": cfg.data.dataset,
         "imbalance_ratio": cfg.data.imbalance_ratio,
@@ -112,6 +113,7 @@ def dry_run(cfg: LTConfig) -> Dict[str, Any]:
         "backbone": cfg.model.backbone,
         "head": cfg.model.head,
         "loss": cfg.loss.name,
+        "inactive": inactive_keys(cfg),  # train keys that do nothing in this recipe, with the reason
     }
 
 
@@ -172,6 +174,7 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
 def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.device) -> Dict[str, Any]:
     from pancls.eval.crowding import mean_angle_to_other_centres, min_angle_to_other_centres, plot_crowding
     from pancls.eval.metrics import classification_report
+    from pancls.train.checkpoint import refuse_unresumed
     from pancls.train.engine import fit
 
     torch.manual_seed(cfg.train.seed)  # model initialisation depends only on the seed
@@ -181,8 +184,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     train_loader, eval_loader = _loaders(cfg, data, device, ctx)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and (out_dir / "last.pt").exists():
-        raise UserError("a run already exists here; pass --resume to continue it or choose another --out", out_dir)
+    refuse_unresumed((out_dir / "last.pt").exists(), out_dir, resume)  # before config.yaml is written
     if ctx.is_main and not (out_dir / "last.pt").exists():  # a resumed run keeps its config until fit() checked it
         dump_yaml(cfg, out_dir / "config.yaml")
     if ctx.is_main:
@@ -282,6 +284,7 @@ def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> 
 def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str, Any]:
     from pancls import __version__
 
+    config, inactive = dataclasses.asdict(cfg), inactive_keys(cfg)
     return {
         "pancls": __version__,
         "torch": torch.__version__,
@@ -289,9 +292,19 @@ def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str
         "seed": cfg.train.seed,
         "epochs": cfg.train.epochs,
         "wall_seconds_this_session": round(seconds, 1),
-        "config": dataclasses.asdict(cfg),
+        "config": {**config, "train": {k: v for k, v in config["train"].items() if f"train.{k}" not in inactive}},
+        "inactive": inactive,
         "note": cfg.note,
     }
+
+
+def inactive_keys(cfg: LTConfig) -> Dict[str, str]:
+    """``{"train.KEY": reason}`` for the train keys that do nothing in this recipe (milestones under the cosine
+    schedule, ...; :func:`pancls.train.engine.inactive_keys`). results.json's provenance leaves them out of its
+    config and lists them here; config.yaml keeps them, so that the run reloads and resumes."""
+    from pancls.train.engine import inactive_keys as train_inactive
+
+    return {f"train.{k}": reason for k, reason in train_inactive(cfg.train).items()}
 
 
 def load_run(run_dir: Path):

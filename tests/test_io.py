@@ -45,3 +45,19 @@ def test_written_files_get_ordinary_permissions(tmp_path):
         os.umask(old)
         pancls.io._UMASK = None
     assert stat.S_IMODE((tmp_path / "p.txt").stat().st_mode) == 0o640
+
+
+def test_json_safe_turns_numpy_and_torch_into_plain_json(tmp_path):
+    import json
+
+    import numpy as np
+    import torch
+
+    from pancls.io import atomic_write_json, json_safe
+
+    value = {1: np.int64(3), "a": np.arange(3, dtype=np.int32), "t": torch.tensor([[0.5]]), "f": np.float32(0.25),
+             "nested": ({"b": np.bool_(True)},)}
+    expected = {"1": 3, "a": [0, 1, 2], "t": [[0.5]], "f": 0.25, "nested": [{"b": True}]}
+    assert json_safe(value) == expected and type(json_safe(value)["1"]) is int
+    atomic_write_json(tmp_path / "x.json", value)
+    assert json.loads((tmp_path / "x.json").read_text()) == expected

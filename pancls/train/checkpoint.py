@@ -23,6 +23,16 @@ from pancls.errors import UserError
 from pancls.io import atomic_save
 
 
+def refuse_unresumed(exists: bool, where: str | os.PathLike, resume: bool, what: str = "run",
+                     kept: str = "") -> None:
+    """The refusal of every run folder (``pancls lt``, :func:`pancls.train.engine.fit`, ``pancls cv``): a
+    run already there is continued only when asked (``--resume``), never overwritten or silently mixed in.
+    ``kept`` says what a resume keeps (cv: finished folds)."""
+    if exists and not resume:
+        raise UserError(f"a {what} already exists here; pass --resume to continue it{kept} or choose another --out",
+                        where)
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """Write ``state`` atomically: the file at ``path`` is either the old or the new checkpoint."""
     atomic_save(path, lambda tmp: torch.save(dict(state), tmp))

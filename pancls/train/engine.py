@@ -59,13 +59,14 @@ from tqdm import tqdm
 from pancls import distributed
 from pancls.config import to_dict
 from pancls.errors import UserError
-from pancls.io import atomic_write_text
+from pancls.io import atomic_write_text, json_safe
 from pancls.train.checkpoint import (
     capture_rng_state,
     check_same_config,
     config_hash,
     flatten,
     load_checkpoint,
+    refuse_unresumed,
     restore_rng_state,
     save_checkpoint,
 )
@@ -160,6 +161,46 @@ class TrainConfig:
             bad("warmup_epochs", f"must be <= epochs ({self.epochs}), or the run would end inside its warm-up")
         if self.schedule == "cosine" and self.warmup_epochs and self.warmup_epochs >= self.epochs:
             bad("warmup_epochs", f"must be < epochs ({self.epochs}) for the cosine schedule, which decays after it")
+
+
+def inactive_keys(cfg: TrainConfig) -> Dict[str, str]:
+    """The keys of ``cfg`` whose value has no effect on training under the rest of it, each with the reason.
+
+    For showing a config to a user (results.json provenance, reports): a key listed here may hold any value
+    without changing what is computed, so printing it beside the keys that matter would mislead (issue 18).
+    ``config.yaml`` and the resume fingerprint keep every key; this only says which ones are idle.
+
+    * ``milestones``, ``gamma``: only the ``step`` schedule reads them (:class:`~pancls.train.optim.LRSchedule`);
+      under ``step``, ``gamma`` is idle too when no milestone falls inside the run (``m < epochs``).
+    * ``warmup``: the warm-up form, idle when ``warmup_epochs`` is 0.
+    * ``sampler_start_epoch``: idle with ``sampler: none``.
+    * ``momentum``, ``nesterov``: SGD only (AdamW keeps its default betas).
+    * ``wd_on_all``: which parameters decay, idle when ``weight_decay`` is 0.
+    * ``progress_steps``, ``progress_seconds``: idle with ``progress: false``.
+
+    Keys whose "off" value is itself the setting (``clip_grad_norm: null``, ``sampler: none``) are not listed,
+    nor ``sync_bn`` (it depends on how the run is launched, not on the config).
+    """
+    out: Dict[str, str] = {}
+    if cfg.schedule != "step":
+        for key in ("milestones", "gamma"):
+            out[key] = f"schedule is {cfg.schedule!r}; only 'step' uses milestones and gamma"
+    elif not any(m < cfg.epochs for m in cfg.milestones):
+        out["gamma"] = (f"no milestone falls before epoch {cfg.epochs} (milestones {list(cfg.milestones)}), "
+                        "so the rate is never multiplied by gamma")
+    if cfg.warmup_epochs == 0:
+        out["warmup"] = "warmup_epochs is 0: there is no warm-up"
+    if cfg.sampler == "none":
+        out["sampler_start_epoch"] = "sampler is 'none': no re-sampling to defer"
+    if cfg.optimizer != "sgd":
+        for key in ("momentum", "nesterov"):
+            out[key] = f"optimizer is {cfg.optimizer!r}; momentum and nesterov are SGD's"
+    if cfg.weight_decay == 0:
+        out["wd_on_all"] = "weight_decay is 0: no parameter is decayed"
+    if not cfg.progress:
+        for key in ("progress_steps", "progress_seconds"):
+            out[key] = "progress is false: no progress lines are written"
+    return out
 
 
 @dataclass
@@ -292,9 +333,7 @@ class _Run:
         """Resume from ``last.pt`` or start afresh; then wrap the model (DDP, compile) and open TensorBoard.
         Whether a checkpoint exists is rank 0's answer, the same on every rank."""
         exists = self.ctx.broadcast(self.ckpt_path.exists())
-        if exists and not resume:
-            raise UserError("a run already exists here; pass --resume to continue it or choose another --out",
-                            self.run_dir)
+        refuse_unresumed(exists, self.run_dir, resume)
         if exists:
             self._resume()
         else:
@@ -388,7 +427,7 @@ class _Run:
         logits, labels = self.step.predict(self.eval_loader)
         record["eval_top1"] = float((logits.argmax(1) == labels).mean())
         if self.evaluate_fn is not None:
-            record.update({f"eval_{k}": v for k, v in _jsonable(self.evaluate_fn(labels, logits)).items()})
+            record.update({f"eval_{k}": v for k, v in json_safe(self.evaluate_fn(labels, logits)).items()})
         self.last_eval = {"logits": torch.from_numpy(logits), "labels": torch.from_numpy(labels)}
         if self.select_metric not in record:
             raise ValueError(f"select_metric {self.select_metric!r} is not among the evaluation keys "
@@ -769,18 +808,6 @@ def _append_line(path: Path, line: str) -> None:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _summary(record: Mapping[str, Any], epochs: int) -> str:
