@@ -1,4 +1,5 @@
 """`pancls lt` end to end: dry run on the real CIFAR-10 copy, and one clear line for every bad input."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_dry_run_prints_one_json_line(cifar10_npz, tmp_path, capsys):
     assert info["n_train"] == 12406
     assert info["class_counts"] == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert 0.40e6 < info["parameters"] < 0.55e6  # ResNet-32 + a 128-d tSP head
+    assert set(info["inactive"]) == {"train.sampler_start_epoch"}  # the default recipe samples nothing
     assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
 
@@ -96,6 +98,10 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     assert (out / "crowding.png").read_bytes()[:4] == b"\x89PNG"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert "head: tsp" in (out / "config.yaml").read_text()
+    inactive = results["provenance"]["inactive"]  # warmup_epochs 0, sampler none, progress false: idle keys
+    assert {"train.warmup", "train.sampler_start_epoch", "train.progress_steps"} <= set(inactive)
+    assert "warmup" not in results["provenance"]["config"]["train"]
+    assert "warmup: step" in (out / "config.yaml").read_text()  # config.yaml keeps every key (reload, resume)
 
     code, _, err = _run(argv, capsys)  # the same folder again without --resume
     assert code == 2 and "--resume" in err
@@ -139,3 +145,23 @@ def test_per_class_entries_are_keyed_by_class_and_old_lists_still_read():
     old = {"per_class_accuracy": [0.93, 0.5, None], "classes": classes}  # a results.json of an older run
     assert per_class(written, "per_class_accuracy") == per_class(old, "per_class_accuracy") == [0.93, 0.5, None]
     assert by_class({"per_class_accuracy": [1, 2]}, ["a", "a"]) == {"per_class_accuracy": [1, 2]}  # names clash
+
+
+def test_inactive_train_keys_are_left_out_of_the_provenance_not_out_of_config_yaml(tmp_path):
+    """Issue 18: milestones under the cosine schedule are not shown as if they mattered."""
+    from pancls.config import dump_yaml, load_yaml
+    from pancls.lt import _provenance, load_config
+
+    cfg = load_config({"train": {"schedule": "cosine", "epochs": 10, "milestones": [3, 6], "gamma": 0.5,
+                                 "sampler": "sqrt", "sampler_start_epoch": 4}})
+    prov = json.loads(json.dumps(_provenance(torch.device("cpu"), cfg, 1.0)))  # as results.json holds it
+    assert set(prov["inactive"]) == {"train.milestones", "train.gamma"}
+    assert "cosine" in prov["inactive"]["train.milestones"]
+    train = prov["config"]["train"]
+    assert "milestones" not in train and "gamma" not in train
+    assert train["schedule"] == "cosine" and train["sampler_start_epoch"] == 4 and train["warmup"] == "step"
+    assert prov["config"]["model"] == json.loads(json.dumps(dataclasses.asdict(cfg.model)))  # other sections whole
+    dump_yaml(cfg, tmp_path / "config.yaml")  # the run folder's config keeps them and reloads strictly
+    assert load_config(load_yaml(tmp_path / "config.yaml")) == cfg
+    step = load_config({"train": {"epochs": 10, "milestones": [3, 6], "sampler": "sqrt", "progress": True}})
+    assert _provenance(torch.device("cpu"), step, 1.0)["inactive"] == {}

@@ -253,3 +253,43 @@ def test_progress_on_a_file_is_plain_lines_with_the_step_loss_and_both_etas(tmp_
 def test_progress_off_prints_nothing(tmp_path, capsys):
     _fit(tmp_path, dataclasses.replace(CFG, progress=False, progress_steps=1))
     assert capsys.readouterr().err == ""
+
+
+def _lrs(cfg, steps=3):
+    from pancls.train.optim import LRSchedule
+
+    schedule = LRSchedule(cfg, steps)
+    return [schedule.lr_at(e, s) for e in range(cfg.epochs) for s in range(steps)]
+
+
+def test_inactive_keys_name_what_does_nothing_and_why():
+    from pancls.train.engine import inactive_keys
+
+    assert set(inactive_keys(CFG)) == {"progress_steps", "progress_seconds"}  # progress: false
+    assert inactive_keys(dataclasses.replace(CFG, progress=True)) == {}  # the test recipe uses every other key
+    default = inactive_keys(TrainConfig())
+    assert set(default) == {"sampler_start_epoch"} and "'none'" in default["sampler_start_epoch"]
+    cosine = TrainConfig(epochs=6, schedule="cosine", warmup_epochs=0, sampler="sqrt", progress=False,
+                         optimizer="adamw", weight_decay=0.0)
+    found = inactive_keys(cosine)
+    assert set(found) == {"milestones", "gamma", "warmup", "momentum", "nesterov", "wd_on_all", "progress_steps",
+                          "progress_seconds"}
+    assert "cosine" in found["milestones"] and "cosine" in found["gamma"] and "warmup_epochs is 0" in found["warmup"]
+    assert set(inactive_keys(dataclasses.replace(CFG, milestones=(4, 9), progress=True))) == {"gamma"}  # no milestone before epoch 4
+    assert "never multiplied" in inactive_keys(dataclasses.replace(CFG, milestones=(), progress=True))["gamma"]
+    assert set(inactive_keys(dataclasses.replace(CFG, schedule="constant", progress=True))) == {"milestones", "gamma"}
+
+
+@pytest.mark.parametrize("cfg, changes", [
+    (TrainConfig(epochs=6, schedule="cosine", warmup_epochs=2), {"milestones": (1, 2), "gamma": 0.5}),
+    (TrainConfig(epochs=6, schedule="constant", warmup_epochs=0), {"milestones": (3,), "gamma": 0.5, "warmup": "epoch"}),
+    (TrainConfig(epochs=6, milestones=(6, 8)), {"gamma": 0.5}),
+])
+def test_keys_called_inactive_really_leave_the_schedule_unchanged(cfg, changes):
+    from pancls.train.engine import inactive_keys
+
+    assert set(changes) <= set(inactive_keys(cfg))
+    assert _lrs(dataclasses.replace(cfg, **changes)) == _lrs(cfg)
+    active = dataclasses.replace(cfg, schedule="step", milestones=(3,), warmup_epochs=2)  # now they matter
+    assert not set(changes) & set(inactive_keys(active))
+    assert _lrs(dataclasses.replace(active, **{k: v for k, v in changes.items() if k != "milestones"})) != _lrs(active)
