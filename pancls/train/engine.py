@@ -9,7 +9,8 @@ folder, and writes there:
 * ``metrics.jsonl`` -- one JSON line per finished epoch, appended only after that epoch's checkpoint is
   on disk, and rewritten from the checkpoint on resume (lines of epochs the checkpoint does not hold
   are dropped);
-* ``tensorboard/`` (loss, lr, metrics per epoch) unless ``tensorboard: false`` or the package is missing.
+* ``tensorboard/`` (loss, lr, metrics per epoch) unless ``tensorboard: false`` or the package is missing;
+  with ``mlflow: true`` the same metrics also go to MLflow (:mod:`pancls.train.tracking`).
 
 Batch contract: an iterable of either ``(image, label, ...)`` tuples/lists (``TensorBatchLoader``,
 ``TensorDataset``) or mappings with ``"image"`` and ``"label"`` keys (MONAI dictionary transforms).
@@ -79,7 +80,8 @@ METRICS = "metrics.jsonl"
 #: how the best epoch is labelled wherever it is written: it was chosen by looking at the evaluation set
 BEST_SELECTED_ON = "evaluation set (max eval_top1; optimistic, not a held-out estimate)"
 #: keys that may change between a run and its resumption without changing what it computes
-_RESUMABLE_KEYS = frozenset({"epochs", "progress", "progress_steps", "progress_seconds", "tensorboard", "eval_every"})
+_RESUMABLE_KEYS = frozenset({"epochs", "progress", "progress_steps", "progress_seconds", "tensorboard", "mlflow",
+                             "eval_every"})
 #: keys added after runs were checkpointed without them: in the fingerprint only when not at this default, so
 #: that those runs still resume
 _LATER_KEYS = {"sync_bn": False}
@@ -126,6 +128,8 @@ class TrainConfig:
     #: None: log to ``run_dir/tensorboard`` when the tensorboard package is installed (a dependency of pancls);
     #: True: require it; False: never.
     tensorboard: Optional[bool] = None
+    #: also log to MLflow (opt-in; needs the mlflow package): pancls.train.tracking
+    mlflow: bool = False
     progress: bool = True  # a bar on a terminal; plain lines on a file or pipe (nohup, Slurm, tee)
     progress_steps: int = 0  # plain lines: one every this many steps (0: by time only) ...
     progress_seconds: float = 30.0  # ... or every this many seconds, whichever comes first
@@ -304,7 +308,7 @@ class _Run:
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg, len(train_loader))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
-        self.writer = None
+        self.writer = self.tracker = None
         self.start_epoch, self.global_step, self.history, self.best, self.last_eval = 0, 0, [], None, None
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -342,6 +346,10 @@ class _Run:
                 atomic_write_text(self.metrics_path, "")
         if self.summary_writer is not None and self.start_epoch < self.cfg.epochs:
             self.writer = self.summary_writer(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.global_step)
+        if self.cfg.mlflow and self.ctx.is_main and self.start_epoch < self.cfg.epochs:
+            from pancls.train.tracking import MLflowLogger
+
+            self.tracker = MLflowLogger(self.run_dir, self.fingerprint)
         train_net = self.model
         if self.ctx.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -463,11 +471,15 @@ class _Run:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, self.global_step)
+        if self.tracker is not None:
+            self.tracker.log_epoch(record)
         self.log(_summary(record, self.cfg.epochs))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
     def result(self) -> FitResult:
         last = self.last_eval
