@@ -158,9 +158,10 @@ _RESUMABLE_TRAIN_KEYS = ("epochs", "progress", "progress_steps", "progress_secon
 
 
 def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] = None,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
+        log: Callable[[str], None] = print, summary: bool = True) -> Dict[str, Any]:
     """Train every fold (or only ``fold``), then summarise when all folds are done; returns the summary
-    (or the fold's record when other folds are still missing).
+    (or the fold's record when other folds are still missing, or when ``summary`` is False: a fold-parallel
+    worker or a Slurm array task, whose merge is left to the parent or to ``pancls report RUN``).
 
     Started by ``torchrun`` (several processes), each fold trains with DDP (:mod:`pancls.distributed`):
     ``train.batch_size`` is the global batch; rank 0 alone writes, and the run folder is the one a single
@@ -184,6 +185,8 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
         if not ctx.is_main:
             return {}
         missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
+        if fold is not None and not summary:
+            return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
         if missing:
             log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
             return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())

@@ -5,6 +5,11 @@ the all-majority and intensity baselines.
 
 With no --config and no --manifest it runs the synthetic 530-patient demo cohort (written into the cache on
 first use) with a recipe sized for a few minutes on a CPU.
+
+Fold-parallel: --jobs N trains N folds at once on the CPU (one process each, cores // N threads each);
+--gpus 0,1,2,3 trains one fold per listed GPU. The parent writes splits.json once, merges when every fold is
+done, and names a failed fold with its last error line (the other folds still finish; --resume retrains only
+unfinished folds). See pancls/cv_parallel.py.
 """
 from __future__ import annotations
 
@@ -30,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set preprocess.roi=centre (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (finished folds are kept)")
+    p.add_argument("--no-summary", dest="summary", action="store_false",
+                   help="with --fold: train the fold only, even when it is the last one (merge later with "
+                        "`pancls report RUN`; for Slurm arrays and the --jobs workers)")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--jobs", type=int, metavar="N",
+                     help="train N folds at once on the CPU, one process each (clipped to the folds)")
+    par.add_argument("--gpus", metavar="LIST", help="train one fold per GPU at once, e.g. --gpus 0,1,2,3")
 
 
 def build_config(args: argparse.Namespace):
@@ -49,11 +61,28 @@ def run(args: argparse.Namespace) -> int:
     from pancls.distributed import is_main_process
 
     cfg = build_config(args)
-    result = cv.run(cfg, args.out, resume=args.resume, fold=args.fold, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.jobs is not None or args.gpus is not None:
+        return _run_parallel(args, cfg, log)
+    result = cv.run(cfg, args.out, resume=args.resume, fold=args.fold, log=log, summary=args.summary)
     if not is_main_process():  # torchrun: rank 0 prints the result
         return 0
     if "pooled" not in result:  # one fold of several
         print(json.dumps({"out": str(args.out), "fold": result["fold"], "selected_epoch": result["selected_epoch"]}))
         return 0
     print(cv.headline(result, args.out))
+    return 0
+
+
+def _run_parallel(args: argparse.Namespace, cfg, log) -> int:
+    from pancls import cv
+    from pancls.cv_parallel import parse_gpus, run_parallel
+    from pancls.errors import UserError
+
+    flag = "--jobs" if args.jobs is not None else "--gpus"
+    if args.fold is not None:
+        raise UserError("trains every fold; --fold k trains one (drop one of the two)", flag)
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+    summary = run_parallel(cfg, args.out, resume=args.resume, jobs=args.jobs, gpus=gpus, log=log)
+    print(cv.headline(summary, args.out))
     return 0
