@@ -72,3 +72,14 @@ def test_top_level_help_lists_the_workflow(capsys):
     out = capsys.readouterr().out
     assert "pancreatic tumour subtypes" in out and "typical use:" in out
     assert out.index("\n    ingest ") < out.index("\n    check ") < out.index("\n    predict ")
+
+
+def test_ingest_config_error_names_the_file_then_the_key(capsys, tmp_path):
+    """Issue 18: '<file>: <section>: unknown key(s) ...', a space after the file name's colon."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("selection:\n  min_slice: 3\n")
+    (tmp_path / "src").mkdir()
+    code = main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--config", str(config)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"pancls ingest: error: {config}: selection: unknown key(s) 'min_slice'; known: ")
