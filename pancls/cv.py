@@ -41,7 +41,8 @@ from pancls.data.transforms import AugmentConfig, PreprocessConfig
 from pancls.errors import UserError
 from pancls.io import atomic_write_json, atomic_write_text, remove_stale_temps
 from pancls.schemas import LossConfig, ModelConfig
-from pancls.train.engine import TrainConfig
+from pancls.train.checkpoint import refuse_unresumed
+from pancls.train.engine import RESUMABLE_KEYS, TrainConfig
 
 #: The demo recipe that ``pancls cv`` runs without ``--config`` (shipped inside the package).
 DEMO_CONFIG = Path(__file__).parent / "recipes" / "cv_demo_cpu.yaml"
@@ -154,7 +155,7 @@ def _loader(dataset, batch_size: int, num_workers: int, sampler=None, batch_samp
 # ---------------------------------------------------------------------------------------------- folds
 #: train keys that may differ between a run and its resumption (the engine's resumable keys, less eval_every:
 #: here it decides which epochs the inner selection sees)
-_RESUMABLE_TRAIN_KEYS = ("epochs", "progress", "progress_steps", "progress_seconds", "tensorboard")
+_RESUMABLE_TRAIN_KEYS = tuple(sorted(RESUMABLE_KEYS - {"eval_every"}))
 
 
 def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] = None,
@@ -213,9 +214,7 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     check_fold(fold, cfg.cv.folds)
     config_path = out / "configs" / "config.yaml"
     exists = ctx.broadcast(config_path.exists())
-    if exists and not resume:
-        raise UserError("a cv run already exists here; pass --resume to continue it (finished folds are kept) "
-                        "or choose another --out", out)
+    refuse_unresumed(exists, out, resume, what="cv run", kept=" (finished folds are kept)")
     if exists:
         stored = to_dict(load_config(load_yaml(config_path)))
         mine = to_dict(cfg)
@@ -233,7 +232,7 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     classes = list(manifest.classes)
     out.mkdir(parents=True, exist_ok=True)
     if fold is None:  # nobody else writes here now (a --fold k process may run beside other folds' processes)
-        for folder in (out, out / "configs"):
+        for folder in (out, out / "configs", out / "figures"):
             remove_stale_temps(folder)
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root)
     dump_yaml(cfg, config_path)

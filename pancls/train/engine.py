@@ -80,8 +80,8 @@ METRICS = "metrics.jsonl"
 #: how the best epoch is labelled wherever it is written: it was chosen by looking at the evaluation set
 BEST_SELECTED_ON = "evaluation set (max eval_top1; optimistic, not a held-out estimate)"
 #: keys that may change between a run and its resumption without changing what it computes
-_RESUMABLE_KEYS = frozenset({"epochs", "progress", "progress_steps", "progress_seconds", "tensorboard", "mlflow",
-                             "eval_every"})
+RESUMABLE_KEYS = frozenset({"epochs", "progress", "progress_steps", "progress_seconds", "tensorboard", "mlflow",
+                            "eval_every"})
 #: keys added after runs were checkpointed without them: in the fingerprint only when not at this default, so
 #: that those runs still resume
 _LATER_KEYS = {"sync_bn": False}
@@ -752,7 +752,7 @@ def _fingerprint(cfg: TrainConfig, run_config: Optional[Mapping[str, Any]]) -> D
     (``epochs`` counts, except under the cosine schedule, whose shape depends on it), plus ``run_config``.
     The number of processes is not in it: the global batch fixes what is trained."""
     train = {k: v for k, v in to_dict(cfg).items()
-             if (k not in _RESUMABLE_KEYS or (k == "epochs" and cfg.schedule == "cosine"))
+             if (k not in RESUMABLE_KEYS or (k == "epochs" and cfg.schedule == "cosine"))
              and not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
     return flatten({"train": train, **({"run": to_dict(dict(run_config))} if run_config else {})})
 
