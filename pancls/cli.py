@@ -7,15 +7,13 @@ therefore written for users (what it does, the typical command), as :data:`DESCR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import signal
 import sys
-import threading
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from pancls import __version__
 from pancls.errors import UserError
+from pancls.io import signals_unwind
 
 #: subcommand -> (module, one-line help), in the order of a project: data, check, train, use
 COMMANDS = {
@@ -81,30 +79,11 @@ def override(text: str) -> str:
     return text
 
 
-@contextlib.contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP (kill, Slurm's time limit, a closed terminal) raise KeyboardInterrupt in the main
-    thread, so that ``finally`` blocks run: an atomic write in progress removes its temporary file (issue 14)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _signals_unwind():
+        with signals_unwind():
             return int(args._module.run(args) or 0)
     except UserError as exc:
         print(f"pancls {args.command}: error: {exc}", file=sys.stderr)

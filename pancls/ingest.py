@@ -52,9 +52,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +78,7 @@ from pancls.io import (
     atomic_write_text,
     file_identity,
     remove_stale_temps,
+    signals_unwind,
     writable_folder,
 )
 from pancls.join import (
@@ -329,7 +328,7 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
                                                                            min_slices=INGEST_MIN_SLICES))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
                sheet=sheet, masks=finder, label_key=label_key)
-    with _exclusive(private), _signals_unwind(), routed():
+    with _exclusive(private), signals_unwind(), routed():
         for folder in (out, out / "images"):
             remove_stale_temps(folder)
         tmp = run.unpacked
@@ -381,24 +380,6 @@ def _exclusive(private: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt (in the main thread), so that ``finally`` blocks run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _series_inventory_row(decision: Decision, run: _Run) -> Dict[str, str]:

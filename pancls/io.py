@@ -9,7 +9,9 @@ import json
 import os
 import re
 import secrets
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -143,3 +145,24 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     resolved = Path(path).resolve()
     st = resolved.stat()
     return str(resolved), st.st_size, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP (kill, Slurm's time limit, a closed terminal) raise KeyboardInterrupt in the main
+    thread while the block runs, so that ``finally`` blocks run: an :func:`atomic_path` write in progress
+    removes its temporary file. Used by every ``pancls`` command (``cli.main``) and by ``ingest`` as a library
+    call. Outside the main thread (where signal handlers cannot be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
