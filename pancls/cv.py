@@ -172,7 +172,7 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
 
     with distributed.session(resolve_device(cfg.device)) as (ctx, device):
         distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)
-        log = log if ctx.is_main else _quiet
+        log = distributed.main_log(log, ctx)
         records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
         out = Path(out)
         todo = [fold] if fold is not None else list(range(cfg.cv.folds))
@@ -192,10 +192,6 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
             log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
             return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
         return summarise(out, cfg=cfg, records=records, log=log)
-
-
-def _quiet(_: str) -> None:
-    """The log of ranks other than 0."""
 
 
 def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = None,

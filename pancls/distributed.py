@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -130,6 +130,21 @@ def _rank_device(device: torch.device, ctx: Context) -> torch.device:
     if device.type == "cuda" and ctx.active:
         return torch.device("cuda", ctx.local_rank)
     return device
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """``0 <= rank < world_size``, or a ValueError naming both (every sharded loader and sampler checks it)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+
+
+def main_log(log: Callable[[str], None], ctx: Context) -> Callable[[str], None]:
+    """``log`` on rank 0; a function that prints nothing on the other ranks (one process writes the log)."""
+    return log if ctx.is_main else _quiet
+
+
+def _quiet(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def per_rank_batch(batch_size: int, world_size: int, key: str = "train.batch_size") -> int:

@@ -295,7 +295,7 @@ class _Run:
         self.ctx = distributed.context()
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         self.train_loader, self.eval_loader, self.loss_fn, self.evaluate_fn = train_loader, eval_loader, loss_fn, evaluate
-        self.log = log if self.ctx.is_main else _quiet
+        self.log = distributed.main_log(log, self.ctx)
         self.select_metric, self.selected_on, self.save_best = select_metric, selected_on, save_best
         self.ckpt_path, self.metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
         self.fingerprint = _fingerprint(cfg, run_config)
@@ -467,12 +467,13 @@ class _Run:
             "config": self.fingerprint, "config_hash": config_hash(self.fingerprint),
         })
         _append_line(self.metrics_path, json.dumps(record))
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key, value, self.global_step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, self.global_step)
         if self.tracker is not None:
-            self.tracker.log_epoch(record)
+            self.tracker.log_epoch(scalars, epoch)
         self.log(_summary(record, self.cfg.epochs))
 
     def close(self) -> None:
@@ -490,10 +491,6 @@ class _Run:
             best_epoch_metrics=self.best,
             history=self.history,
         )
-
-
-def _quiet(_: str) -> None:
-    """The log of ranks other than 0."""
 
 
 def _check_sharded(loader: Iterable, ctx: distributed.Context, kind: str, name: str) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Literal, Optional, Tuple
 
 import torch
 
-from pancls.distributed import batch_slice, per_rank_batch, shard_bounds
+from pancls.distributed import batch_slice, check_rank, per_rank_batch, shard_bounds
 from pancls.train.samplers import epoch_seed
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -108,8 +108,7 @@ class TensorBatchLoader:
         self.weights_from_epoch = int(weights_from_epoch)
         if shard not in ("batch", "data"):
             raise ValueError(f"shard must be 'batch' or 'data', got {shard!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        check_rank(rank, world_size)
         if shard == "batch":
             per_rank_batch(self.batch_size, world_size)
         self.rank, self.world_size, self.shard = int(rank), int(world_size), shard

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
 
-from pancls.distributed import batch_slice, per_rank_batch, shard_bounds
+from pancls.distributed import batch_slice, check_rank, per_rank_batch, shard_bounds
 
 #: sampler kind -> exponent ``q`` of the class count in ``p(c) ∝ n_c^q``
 _EXPONENT = {"class_balanced": 0.0, "sqrt": 0.5}
@@ -164,8 +164,7 @@ class ShardedBatchSampler(Sampler[List[int]]):
     def __init__(self, sampler: Sized, batch_size: int, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        check_rank(rank, world_size)
         per_rank_batch(batch_size, world_size)
         self.sampler, self.batch_size = sampler, int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -193,8 +192,7 @@ class ShardSampler(Sampler[int]):
     shard = "data"
 
     def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        check_rank(rank, world_size)
         self.n, self.rank, self.world_size = int(n), int(rank), int(world_size)
         self.start, self.stop = shard_bounds(self.n, self.rank, self.world_size)
 

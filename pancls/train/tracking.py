@@ -65,10 +65,9 @@ class MLflowLogger:
             self.mlflow.set_tag("pancls.run_dir", str(self.run_dir.resolve()))
             self.mlflow.log_params({str(k)[:250]: str(v)[:_MAX_PARAM] for k, v in params.items()})
 
-    def log_epoch(self, record: Mapping[str, Any]) -> None:
-        metrics = {k: float(v) for k, v in record.items()
-                   if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.mlflow.log_metrics(metrics, step=int(record["epoch"]))
+    def log_epoch(self, scalars: Mapping[str, float], epoch: int) -> None:
+        """The epoch's numeric metrics (those TensorBoard gets), at step = epoch."""
+        self.mlflow.log_metrics(dict(scalars), step=int(epoch))
 
     def close(self) -> None:
         self.mlflow.end_run()
