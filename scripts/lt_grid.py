@@ -9,6 +9,10 @@ top-1 (mean ± std over seeds) with where each number came from (device, epochs,
 Example (the reduced CPU protocol of the README):
     python scripts/lt_grid.py --config configs/lt_cpu_reduced.yaml --data ../shared/data/cifar10.npz \
         --datasets cifar10 --ratios 100 --variants softmax cosine tsp_kernel tsp_paper --seeds 0 --out runs/grid_cpu
+
+``--pairs softmax:tsp_kernel_s16 ...`` adds a paired table (issue 16): for each pair ``A:B`` run with the same
+seeds (same data order and initialisation), the per-seed top-1 difference A - B, its mean with a 95 % paired t
+interval and the sign test over seeds (:mod:`pancls.eval.paired`).
 """
 from __future__ import annotations
 
@@ -98,6 +102,35 @@ def fmt(values) -> str:
     return f"{pct.mean():.1f}" if len(pct) == 1 else f"{pct.mean():.1f} ± {pct.std(ddof=1):.1f}"
 
 
+def paired_rows(cells: dict, pairs, datasets, ratios, seeds) -> list:
+    """Rows of the paired table: ``cells[(dataset, ratio, variant, seed)] -> results.json``."""
+    from pancls.eval.paired import paired_difference
+
+    rows = []
+    for dataset in datasets:
+        for ratio in ratios:
+            for pair in pairs:
+                a, b = pair.split(":")
+                both = [s for s in seeds if cells.get((dataset, ratio, a, s)) and cells.get((dataset, ratio, b, s))]
+                if not both:
+                    continue
+                r = paired_difference([100 * cells[(dataset, ratio, a, s)]["top1"] for s in both],
+                                      [100 * cells[(dataset, ratio, b, s)]["top1"] for s in both])
+                per_seed = ", ".join(f"{d:+.1f}" for d in r["differences"])
+                interval = "—" if r["lo"] is None else f"[{r['lo']:+.1f}, {r['hi']:+.1f}]"
+                sign = "—" if r["sign_test_p"] is None else f"{r['wins']}/{r['n']} seeds, p = {r['sign_test_p']:.2f}"
+                rows.append((f"{dataset}-LT", f"{ratio:g}", f"{a} - {b}", per_seed, f"{r['mean']:+.1f}", interval,
+                             sign, ",".join(map(str, both))))
+    return rows
+
+
+def _print_table(header, rows) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True)
@@ -111,13 +144,20 @@ def main() -> int:
     p.add_argument("--epochs", type=int)
     p.add_argument("--device")
     p.add_argument("--set", action="append", default=[], help="extra override for every cell")
+    p.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
+                   help="paired differences A - B over the seeds (both variants must be in --variants)")
     args = p.parse_args()
+    for pair in args.pairs:
+        names = pair.split(":")
+        if len(names) != 2 or any(n not in args.variants for n in names):
+            p.error(f"--pairs {pair}: expected A:B with A and B among --variants {args.variants}")
 
-    rows = []
+    rows, by_key = [], {}
     for dataset in args.datasets:
         for ratio in args.ratios:
             for name in args.variants:
                 cells = [run_cell(args, dataset, ratio, name, s) for s in args.seeds]
+                by_key.update({(dataset, ratio, name, s): c for s, c in zip(args.seeds, cells, strict=True)})
                 cells = [c for c in cells if c]
                 if not cells:
                     continue
@@ -129,11 +169,11 @@ def main() -> int:
             for name, value in PUBLISHED.get((dataset, int(ratio)), {}).items():
                 rows.append((f"{dataset}-LT", f"{ratio:g}", name, f"{value:.1f}", "", "", "", "published, not run here"))
 
-    header = ("dataset", "IR", "variant", "top-1 (last epoch)", "many", "medium", "few", "source")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    _print_table(("dataset", "IR", "variant", "top-1 (last epoch)", "many", "medium", "few", "source"), rows)
+    if args.pairs:
+        print()
+        _print_table(("dataset", "IR", "A - B", "per seed (points)", "mean", "95 % paired t interval", "sign test",
+                      "seeds"), paired_rows(by_key, args.pairs, args.datasets, args.ratios, args.seeds))
     return 0
 
 

@@ -33,6 +33,43 @@ def cifar10_npz(shared_data: Path) -> Path:
     return shared_data / "cifar10.npz"
 
 
+# --------------------------------------------------------------- a tiny long-tailed image benchmark (`pancls lt`)
+#: one colour per class, so that a model can learn the classes in an epoch or two
+TINY_LT_COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 40))
+
+
+def write_tiny_lt_benchmark(root: Path, counts, eval_per_class: int, seed: int = 0):
+    """A few dozen small JPEGs of varied sizes in ImageNet-LT's layout (``train/<class>/<i>.JPEG``,
+    ``val/<class>/<i>.JPEG``, at most 4 classes, ``counts[k]`` training images of class k) and the two list
+    files; returns ``(root, train_list, eval_list)``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    lists = {"train": [], "val": []}
+    for split, per_class in (("train", list(counts)), ("val", [eval_per_class] * len(counts))):
+        for label, n in enumerate(per_class):
+            folder = root / split / f"n{label:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(24, 48)), int(rng.integers(24, 64))
+                colour = np.asarray(TINY_LT_COLOURS[label])
+                pixels = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+                name = f"{split}/n{label:08d}/{i}.JPEG"
+                Image.fromarray(pixels).save(root / name, quality=90)
+                lists[split].append(f"{name} {label}")
+    train, val = root / "tiny_LT_train.txt", root / "tiny_LT_val.txt"
+    train.write_text("\n".join(lists["train"]) + "\n")
+    val.write_text("\n".join(lists["val"]) + "\n")
+    return root, train, val
+
+
+@pytest.fixture(scope="session")
+def tiny_lt_factory():
+    """:func:`write_tiny_lt_benchmark`, for tests that need the tiny image benchmark."""
+    return write_tiny_lt_benchmark
+
+
 # --------------------------------------------------------------- a tiny `pancls cv` cohort and recipe
 #: A 4-fold recipe small enough for seconds per run on a CPU (16 x 16 x 8 ROI, ResNet-10 at 1/8 width).
 TINY_CV = {

@@ -12,34 +12,11 @@ from pancls.errors import UserError
 #: training images per class of the tiny generated benchmark (a long tail: 12, 6, 3, 2), and eval images per class
 TRAIN_COUNTS = (12, 6, 3, 2)
 EVAL_PER_CLASS = 2
-#: one colour per class, so that a model can learn the classes in an epoch or two
-COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 40))
-
-
-def write_tiny_benchmark(root, counts=TRAIN_COUNTS, eval_per_class=EVAL_PER_CLASS, seed=0):
-    """A few dozen small JPEGs of varied sizes in ImageNet-LT's layout (``train/<class>/<i>.JPEG``,
-    ``val/<class>/<i>.JPEG``) and the two list files; returns ``(root, train_list, eval_list)``."""
-    rng = np.random.default_rng(seed)
-    lists = {"train": [], "val": []}
-    for split, per_class in (("train", list(counts)), ("val", [eval_per_class] * len(counts))):
-        for label, n in enumerate(per_class):
-            folder = root / split / f"n{label:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = int(rng.integers(24, 48)), int(rng.integers(24, 64))
-                pixels = np.clip(np.asarray(COLOURS[label]) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-                name = f"{split}/n{label:08d}/{i}.JPEG"
-                Image.fromarray(pixels).save(root / name, quality=90)
-                lists[split].append(f"{name} {label}")
-    train, val = root / "tiny_LT_train.txt", root / "tiny_LT_val.txt"
-    train.write_text("\n".join(lists["train"]) + "\n")
-    val.write_text("\n".join(lists["val"]) + "\n")
-    return root, train, val
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_tiny_benchmark(tmp_path_factory.mktemp("tiny_lt"))
+def tiny(tmp_path_factory, tiny_lt_factory):
+    return tiny_lt_factory(tmp_path_factory.mktemp("tiny_lt"), TRAIN_COUNTS, EVAL_PER_CLASS)
 
 
 def test_lists_read_with_class_counts_from_the_train_list(tiny):
