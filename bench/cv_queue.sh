@@ -24,7 +24,8 @@ compare() {  # compare <runs folder> <bench/results folder> <variants...> -- <cv
   "$PY" scripts/cv_compare.py --out "$runs" --variants "${variants[@]}" "$@"  # the whole table, re-read
   keep "$runs" "$kept"
 }
+compare runs/cv_compare_long bench/results/cv_compare_long_cpu tsp cosine_la -- --config configs/cv_synth_long_cpu.yaml
+compare runs/cv_compare_s1 bench/results/cv_compare_demo_s1 softmax tsp softmax_la tsp_la -- --seed 1
 compare runs/cv_compare_long bench/results/cv_compare_long_cpu tsp cosine_la softmax_la -- \
   --config configs/cv_synth_long_cpu.yaml
-compare runs/cv_compare_s1 bench/results/cv_compare_demo_s1 softmax tsp softmax_la tsp_la -- --seed 1
 echo "cv queue: done"

@@ -2,7 +2,8 @@
 
 Every head also exposes ``centres() -> (K, d)``, its K unit-norm class directions, from which the
 tSP paper's crowding measure (mean angle from each class centre to the others) is computed for any
-head alike.
+head alike, and ``embed(features) -> (N, d)``, the unit vectors of the same space (the normalised feature;
+tSP: the normalised projection ``x``), so that the angle of a sample to a centre means the same for every head.
 
 ========  =====================================================================================
 name      head
@@ -65,6 +66,10 @@ class LinearHead(nn.Linear):
         """Unit class directions, ``(K, in_features)``, detached."""
         return F.normalize(self.weight, dim=1)
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
+        return F.normalize(features, dim=1)
+
 
 class CosineHead(nn.Module):
     """Cosine (von Mises-Fisher) softmax: ``logit_k = s * cos(w_k, x) = s * w_k . x / (||w_k|| ||x||)``.
@@ -106,6 +111,10 @@ class CosineHead(nn.Module):
     def centres(self) -> torch.Tensor:
         """Unit class directions, ``(K, in_features)``, detached."""
         return F.normalize(self.weight, dim=1)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
+        return F.normalize(features, dim=1)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, scale={self.scale.item():.4g}, "
@@ -228,10 +237,13 @@ class TSPHead(nn.Module):
         """``gamma = GAMMA_MIN + exp(theta)`` of the paper form."""
         return GAMMA_MIN + self.theta.exp()
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The normalised embedding ``x = P f / ||P f||``, ``(N, dim)``, the space of :meth:`centres`."""
+        return F.normalize(self.proj(features), dim=1)
+
     def cosines(self, features: torch.Tensor) -> torch.Tensor:
         """``cos_k = mu_k . x`` for the normalised embedding ``x`` of each feature, ``(N, K)`` in [-1, 1]."""
-        x = F.normalize(self.proj(features), dim=1)
-        return F.linear(x, F.normalize(self.mu, dim=1)).clamp(-1.0, 1.0)
+        return F.linear(self.embed(features), F.normalize(self.mu, dim=1)).clamp(-1.0, 1.0)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cos = self.cosines(features)

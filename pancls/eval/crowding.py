@@ -12,8 +12,19 @@ K = 6; Rankin, "The closest packing of spherical caps in n dimensions", 1955). N
 d < K-1 it is an upper bound that cannot be reached. The mean angle of the simplex is the same value, but a
 mean can exceed it (antipodal pairs), so it is no optimum for a_k.
 
+The region each class's samples occupy (:func:`angular_regions`, for the paper's claim that tSP "equalises the
+eigenspace"): with unit embeddings ``x_i`` (a head's :meth:`embed`), its unit centres ``c_k`` and the class's mean
+direction ``m_k = sum_{y_i = k} x_i / || sum_{y_i = k} x_i ||``::
+
+    angle to centre   t_k = mean_{y_i = k} arccos(x_i . c_k)     (how far the class sits from its own centre)
+    spread            r_k = mean_{y_i = k} arccos(x_i . m_k)     (the angular radius of the class's region)
+    mean separation   the min angle above, between the m_k instead of the c_k
+
+A crowded tail class has a small spread squeezed between its neighbours, or (what Fig. 1 shows for softmax) a
+region that its neighbours' regions overlap: a separation below the sum of the two spreads.
+
 Reference: Yang et al., "T-distributed Spherical Feature Representation for Imbalanced Classification",
-AAAI 2023, Figs. 1 and 6.
+AAAI 2023, Figs. 1, 5 and 6.
 """
 from __future__ import annotations
 
@@ -43,6 +54,39 @@ def min_angle_to_other_centres(centres: torch.Tensor | np.ndarray) -> np.ndarray
     angles = _pairwise_degrees(centres)
     np.fill_diagonal(angles, np.inf)
     return angles.min(axis=1)
+
+
+def angular_regions(embeddings, labels, centres) -> dict:
+    """Per class: angle to its own centre, spread around its mean direction, and the min angles between centres
+    and between mean directions (module docstring), all in degrees, as ``(K,)`` arrays (NaN for a class without
+    samples). ``embeddings`` ``(N, d)`` and ``centres`` ``(K, d)`` need not be normalised."""
+    x = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(torch.as_tensor(centres, dtype=torch.float64), dim=1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if x.ndim != 2 or c.ndim != 2 or x.shape[1] != c.shape[1] or len(y) != len(x):
+        raise ValueError(f"embeddings (N, d), labels (N,) and centres (K, d) must agree; got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)} and {tuple(c.shape)}")
+    k = c.shape[0]
+
+    def degrees(cos: torch.Tensor) -> torch.Tensor:
+        return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+    to_centre, spread = np.full(k, np.nan), np.full(k, np.nan)
+    means = torch.zeros_like(c)
+    for j in range(k):
+        member = x[y == j]
+        if len(member) == 0:
+            continue
+        to_centre[j] = float(degrees(member @ c[j]).mean())
+        means[j] = torch.nn.functional.normalize(member.sum(0), dim=0)
+        spread[j] = float(degrees(member @ means[j]).mean())
+    present = ~np.isnan(spread)
+    separation = np.full(k, np.nan)
+    if present.sum() >= 2:
+        separation[present] = min_angle_to_other_centres(means[torch.as_tensor(present)])
+    return {"angle_to_centre_deg": to_centre, "spread_deg": spread,
+            "min_angle_between_centres_deg": min_angle_to_other_centres(c),
+            "min_angle_between_means_deg": separation}
 
 
 def simplex_angle(k: int) -> float:

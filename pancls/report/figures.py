@@ -10,7 +10,8 @@ Every function writes ``path`` atomically (:func:`pancls.io.atomic_save`) and re
 * :func:`reliability_png`: reliability diagram, accuracy against confidence in equal-width bins,
   before and optionally after temperature scaling (Guo et al., ICML 2017);
 * :func:`embedding_png`: 2-D t-SNE of the penultimate features (van der Maaten & Hinton, JMLR 2008),
-  perplexity capped at ``(N - 1) / 3`` for small N.
+  perplexity capped at ``(N - 1) / 3`` for small N; :func:`embeddings_side_by_side_png`: one such panel per
+  model, side by side.
 """
 from __future__ import annotations
 
@@ -174,26 +175,22 @@ def reliability_png(y_true, probs, path, n_bins: int = 15, probs_after=None) -> 
     return _save(fig, path)
 
 
-def embedding_png(features, y_true, classes: Sequence[str], path, seed: int = 0) -> Path:
-    """2-D t-SNE of ``features`` coloured by true class; perplexity ``min(30, (N - 1) / 3)``.
-
-    With fewer than 5 cases t-SNE is meaningless and the first two feature columns are drawn instead.
-    """
-    plt = _pyplot()
-    X = np.asarray(features, dtype=np.float64).reshape(len(y_true), -1)
-    y = np.asarray(y_true, dtype=np.int64)
-    n = X.shape[0]
+def _tsne(features, n: int, seed: int):
+    """``(embedding (n, 2), title)``: t-SNE with perplexity ``min(30, (n - 1) / 3)``, or the first two columns
+    when fewer than 5 cases make t-SNE meaningless."""
+    X = np.asarray(features, dtype=np.float64).reshape(n, -1)
     if n >= 5:
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
         emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(X)
-        title = f"t-SNE of the features (perplexity {perplexity:g})"
-    else:
-        emb = np.zeros((n, 2))
-        emb[:, : min(2, X.shape[1])] = X[:, :2]
-        title = "features (too few cases for t-SNE)"
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+        return emb, f"t-SNE of the features (perplexity {perplexity:g})"
+    emb = np.zeros((n, 2))
+    emb[:, : min(2, X.shape[1])] = X[:, :2]
+    return emb, "features (too few cases for t-SNE)"
+
+
+def _scatter_classes(ax, plt, emb, y, classes: Sequence[str], title: str) -> None:
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for k, name in enumerate(classes):
         sel = y == k
@@ -203,4 +200,28 @@ def embedding_png(features, y_true, classes: Sequence[str], path, seed: int = 0)
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, markerscale=1.5, loc="best")
+
+
+def embedding_png(features, y_true, classes: Sequence[str], path, seed: int = 0) -> Path:
+    """2-D t-SNE of ``features`` coloured by true class; perplexity ``min(30, (N - 1) / 3)``.
+
+    With fewer than 5 cases t-SNE is meaningless and the first two feature columns are drawn instead.
+    """
+    plt = _pyplot()
+    y = np.asarray(y_true, dtype=np.int64)
+    emb, title = _tsne(features, len(y), seed)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=120)
+    _scatter_classes(ax, plt, emb, y, classes, title)
+    return _save(fig, path)
+
+
+def embeddings_side_by_side_png(panels: Mapping[str, tuple], classes: Sequence[str], path, seed: int = 0) -> Path:
+    """One t-SNE panel per entry of ``panels`` (``name -> (features, y_true)``), side by side, each titled by its
+    name: the tSP paper's Fig. 5 layout, for comparing heads on the same images."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), dpi=120, squeeze=False)
+    for ax, (name, (features, y_true)) in zip(axes[0], panels.items(), strict=True):
+        y = np.asarray(y_true, dtype=np.int64)
+        emb, title = _tsne(features, len(y), seed)
+        _scatter_classes(ax, plt, emb, y, classes, f"{name}: {title}")
     return _save(fig, path)

@@ -69,3 +69,50 @@ def test_figure_axis_optimum_groups_and_range():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def _unit(deg):
+    r = np.deg2rad(np.asarray(deg, dtype=float))
+    return np.stack([np.cos(r), np.sin(r)], axis=1)
+
+
+def test_angular_regions_by_hand():
+    from pancls.eval.crowding import angular_regions
+
+    # class 0: samples at -10 and +10 deg, centre at 0; class 1: samples at 70 and 110, centre at 80 (mean
+    # direction 90); class 2: a centre at 180 and no sample
+    x = _unit([-10, 10, 70, 110]) * np.array([[1.0], [3.0], [0.5], [2.0]])  # norms must not matter
+    r = angular_regions(x, [0, 0, 1, 1], _unit([0, 80, 180]))
+    np.testing.assert_allclose(r["angle_to_centre_deg"][:2], [10.0, 20.0], atol=1e-9)  # |70-80|, |110-80| -> 20
+    np.testing.assert_allclose(r["spread_deg"][:2], [10.0, 20.0], atol=1e-9)
+    np.testing.assert_allclose(r["min_angle_between_centres_deg"], [80.0, 80.0, 100.0], atol=1e-9)
+    np.testing.assert_allclose(r["min_angle_between_means_deg"][:2], [90.0, 90.0], atol=1e-9)
+    assert np.isnan(r["angle_to_centre_deg"][2]) and np.isnan(r["spread_deg"][2])
+    assert np.isnan(r["min_angle_between_means_deg"][2])
+
+
+def test_angular_regions_refuses_mismatched_shapes():
+    from pancls.eval.crowding import angular_regions
+
+    with pytest.raises(ValueError, match="must agree"):
+        angular_regions(np.ones((3, 2)), [0, 1, 1], np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "tsp"])
+def test_every_head_embeds_into_the_space_of_its_centres(name):
+    from pancls.heads import HEADS
+
+    torch.manual_seed(0)
+    head = HEADS.create(name, in_features=12, num_classes=4)
+    f = torch.randn(5, 12) * 3.0
+    z = head.embed(f)
+    assert z.shape == (5, head.centres().shape[1])
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    cos = z @ head.centres().T
+    if name == "cosine":  # its logits are s * these cosines
+        torch.testing.assert_close(head(f), head.scale * cos)
+    elif name == "tsp":  # its kernel acts on these cosines
+        torch.testing.assert_close(head.cosines(f), cos.clamp(-1.0, 1.0))
+    else:  # the linear head's logits are w_k . f + b_k = ||w_k|| ||f|| cos + b_k
+        expected = head.weight.norm(dim=1) * f.norm(dim=1, keepdim=True) * cos + head.bias
+        torch.testing.assert_close(head(f), expected, rtol=1e-5, atol=1e-5)
