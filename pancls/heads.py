@@ -175,7 +175,10 @@ class TSPHead(nn.Module):
         Width of the spherical embedding (128 in the paper).
     form : {"kernel", "paper"}
     kappa : float, default 16 (kernel form only)
-        Sharpness of the kernel; larger is more peaked.
+        Sharpness of the kernel; larger is more peaked. With ``learn_kappa`` its initial value.
+    learn_kappa : bool, default False (kernel form only)
+        Learn ``kappa = exp(lambda)`` (positive by construction) with the rest of the network: the kernel's
+        flatness is then found by training instead of fixed (issue 16's "learnable kappa" recipe).
     scale_init : float, default ``1 + log 2`` (kernel form only)
         Initial ``s``; must be > 1 since ``s = 1 + softplus(rho)``.
     learn_scale : bool, default True (kernel form only)
@@ -187,7 +190,7 @@ class TSPHead(nn.Module):
     """
 
     FORMS = ("kernel", "paper")
-    _FORM_OPTIONS = {"kernel": ("kappa", "scale_init", "learn_scale"), "paper": ("gamma_init", "learn_gamma", "nu")}
+    _FORM_OPTIONS = {"kernel": ("kappa", "scale_init", "learn_scale", "learn_kappa"), "paper": ("gamma_init", "learn_gamma", "nu")}
 
     def __init__(
         self,
@@ -199,6 +202,7 @@ class TSPHead(nn.Module):
         kappa: float | None = None,
         scale_init: float | None = None,
         learn_scale: bool | None = None,
+        learn_kappa: bool | None = None,
         gamma_init: float | None = None,
         learn_gamma: bool | None = None,
         nu: float | None = None,
@@ -206,7 +210,7 @@ class TSPHead(nn.Module):
         super().__init__()
         if form not in self.FORMS:
             check_choice(form, "form", self.FORMS)
-        given = {"kappa": kappa, "scale_init": scale_init, "learn_scale": learn_scale,
+        given = {"kappa": kappa, "scale_init": scale_init, "learn_scale": learn_scale, "learn_kappa": learn_kappa,
                  "gamma_init": gamma_init, "learn_gamma": learn_gamma, "nu": nu}
         for name, value in given.items():
             if value is not None and name not in self._FORM_OPTIONS[form]:
@@ -219,7 +223,12 @@ class TSPHead(nn.Module):
         self.proj = nn.Linear(in_features, dim, bias=False)
         self.mu = nn.Parameter(torch.randn(num_classes, dim))
         if form == "kernel":
-            self.kappa = _check_number(16.0 if kappa is None else kappa, "kappa", 0.0)
+            kappa = _check_number(16.0 if kappa is None else kappa, "kappa", 0.0)
+            self.learn_kappa = bool(learn_kappa)
+            if self.learn_kappa:
+                self.log_kappa = nn.Parameter(torch.tensor(math.log(kappa)))
+            else:
+                self.fixed_kappa = kappa  # a plain number: checkpoints of fixed-kappa heads hold no kappa entry
             rho = 0.0 if scale_init is None else _inverse_softplus(_check_number(scale_init, "scale_init", 1.0) - 1.0)
             _scalar(rho, True if learn_scale is None else bool(learn_scale), self, "rho")
         else:
@@ -231,6 +240,11 @@ class TSPHead(nn.Module):
     def scale(self) -> torch.Tensor:
         """``s = 1 + softplus(rho)`` of the kernel form."""
         return 1.0 + F.softplus(self.rho)
+
+    @property
+    def kappa(self):
+        """``kappa`` of the kernel form: ``exp(log_kappa)`` when learned, else the fixed number."""
+        return self.log_kappa.exp() if self.learn_kappa else self.fixed_kappa
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -260,7 +274,8 @@ class TSPHead(nn.Module):
         text = f"in_features={self.in_features}, num_classes={self.num_classes}, dim={self.dim}, form={self.form!r}"
         if self.form == "kernel":
             learned = isinstance(self.rho, nn.Parameter)
-            return text + f", kappa={self.kappa:g}, scale={self.scale.item():.4g}, learn_scale={learned}"
+            return (text + f", kappa={float(self.kappa):g}, learn_kappa={self.learn_kappa}, "
+                    f"scale={self.scale.item():.4g}, learn_scale={learned}")
         learned = isinstance(self.theta, nn.Parameter)
         return text + f", gamma={self.gamma.item():.4g}, learn_gamma={learned}, nu={self.nu:g}"
 

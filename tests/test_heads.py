@@ -236,3 +236,31 @@ def test_unknown_head_and_option_are_user_errors():
         HEADS.create("arcface", in_features=8, num_classes=3)
     with pytest.raises(UserError, match="scael"):
         HEADS.create("cosine", in_features=8, num_classes=3, scael=10.0)
+
+
+def test_learnable_kappa_is_a_positive_parameter_that_training_moves():
+    torch.manual_seed(0)
+    head = TSPHead(8, 3, dim=6, form="kernel", kappa=4.0, learn_kappa=True)
+    assert float(head.kappa) == pytest.approx(4.0) and isinstance(head.log_kappa, torch.nn.Parameter)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    F.cross_entropy(head(x), y).backward()
+    assert head.log_kappa.grad is not None and head.log_kappa.grad.abs() > 0
+    # d logit / d log kappa = -2 s kappa (1 - cos) / (1 + kappa (1 - cos))^2: the autograd value, by hand
+    head.zero_grad()
+    cos = head.cosines(x)
+    by_hand = (-2 * head.scale * head.kappa * (1 - cos) / (1 + head.kappa * (1 - cos)) ** 2).sum()
+    head(x).sum().backward()
+    torch.testing.assert_close(head.log_kappa.grad, by_hand.detach())
+    with torch.no_grad():
+        head.log_kappa.fill_(-50.0)  # far below: still positive
+    assert float(head.kappa) > 0
+
+
+def test_a_fixed_kappa_head_keeps_its_state_dict_keys():
+    """Checkpoints written before learn_kappa existed hold no kappa entry; a fixed-kappa head still loads them."""
+    fixed = TSPHead(8, 3, dim=6, form="kernel", kappa=4.0)
+    assert not any("kappa" in key for key in fixed.state_dict())
+    assert "log_kappa" in TSPHead(8, 3, dim=6, form="kernel", learn_kappa=True).state_dict()
+    with pytest.raises(UserError) as info:
+        TSPHead(8, 3, form="paper", learn_kappa=True)
+    assert info.value.where == "learn_kappa"
