@@ -2,11 +2,12 @@
 # Issue 16: paired multi-seed comparisons on the reduced protocol (ResNet-20 x 0.5) at 36 epochs, one thread,
 # resumable. Seeds are the outer loop so that every finished seed is a complete pair; rerunning skips finished
 # cells and resumes a killed one from its last checkpoint (bit-exact).
-#   nohup nice -n 10 bash bench/issue16_queue.sh > runs/issue16_queue.log 2>&1 &
+#   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
+# SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
+# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), paper (item 1's paper form). Never run two
+# queues on the same section at once: they would train the same cell into the same folder.
 # A development session's checkout starts without runs/: finished cells are kept in bench/results/<grid>/ (their
 # results.json, committed) and put back before the grid runs, so only an unfinished cell starts over.
-# Order: item 1 (softmax vs tSP kernel, CE and logit adjustment, seeds 0-2), item 2 (the same without
-# augmentation, as the paper says it trained), then the paper form (item 1's third variant).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -34,13 +35,34 @@ grid() {  # grid <runs> <kept> <lt_grid arguments...>
 }
 AUG=(runs/issue16_r20_e36 bench/results/issue16_r20_e36)
 PLAIN=(runs/issue16_r20_e36_noaug bench/results/issue16_r20_e36_noaug)
-for seed in 0 1 2; do
-  for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
-done
-for seed in 0 1 2; do
-  for v in softmax tsp_kernel_s16; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
-done
-for seed in 0 1 2; do
-  for v in tsp_paper tsp_paper_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
+CRT=(--epochs 10 --set train.schedule=cosine --set train.warmup_epochs=0)  # cRT stage 2: 10 epochs (Kang et al.)
+section_e36() {
+  for seed in 0 1 2; do
+    for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
+  done
+}
+section_crt() {  # stage 1 is the e36 softmax cell of the same seed; only cells trained here still hold last.pt
+  for seed in 0 1 2; do
+    [ -e "${AUG[0]}/cifar10_ir100_softmax_s$seed/last.pt" ] || { echo "crt: no stage-1 last.pt for seed $seed"; continue; }
+    for v in crt_softmax crt_tsp; do grid "${AUG[@]}" --variants "$v" --seeds "$seed" "${CRT[@]}"; done
+  done
+}
+section_noaug() {
+  for seed in 0 1 2; do
+    for v in softmax tsp_kernel_s16; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
+  done
+}
+section_learnk() {
+  for seed in 0 1 2; do
+    for v in tsp_kernel_learnk_la tsp_kernel_learnk; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
+  done
+}
+section_paper() {
+  for seed in 0 1 2; do
+    for v in tsp_paper tsp_paper_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
+  done
+}
+for section in "${@:-e36 crt noaug learnk paper}"; do
+  for name in $section; do "section_$name"; done
 done
 echo "issue16 queue: done"

@@ -6,7 +6,7 @@ Each is a dataclass read by :func:`pancls.config.from_dict` (unknown keys refuse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 @dataclass
@@ -17,6 +17,11 @@ class ModelConfig:
     backbone_kwargs: Dict[str, Any] = field(default_factory=dict)
     head: str = "tsp"
     head_kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: start the backbone from a finished pancls run (its folder or a checkpoint file); the head starts afresh.
+    #: With ``freeze_backbone`` this is the classifier re-training (cRT) stage of a decoupled recipe.
+    init_backbone_from: Optional[str] = None
+    #: train the head only: backbone weights and BatchNorm statistics stay as they are
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -39,6 +44,12 @@ def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Seq
                            head_kwargs=model.head_kwargs)
     except InvalidParameter as exc:
         raise exc.within("model", ("backbone_kwargs", "head_kwargs")) from None
+    if model.init_backbone_from:
+        from pancls.models.weights import load_backbone_from
+
+        load_backbone_from(net, model.init_backbone_from)
+    if model.freeze_backbone:
+        net.freeze_backbone()
     try:
         criterion = create_loss(loss.name, list(class_counts), **loss.kwargs)
     except InvalidParameter as exc:

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 #: One YAML per variant (a head/loss recipe laid over --config; everything else comes from the recipe, identical
-#: across variants). ``'{first_milestone}'`` stands for the recipe's first lr milestone (where DRW switches on).
+#: across variants). ``'{first_milestone}'`` stands for the recipe's first lr milestone (where DRW switches on);
+#: ``'{out}'``, ``'{dataset}'``, ``'{ratio}'`` and ``'{seed}'`` for the grid's output folder and the cell's
+#: dataset, imbalance ratio and seed (a two-stage recipe names its stage-1 cell: ``{out}/{dataset}_ir{ratio}_softmax_s{seed}``).
 VARIANTS_DIR = Path(__file__).resolve().parents[1] / "configs" / "lt_variants"
 VARIANTS = sorted(p.stem for p in VARIANTS_DIR.glob("*.yaml"))
 
@@ -70,12 +72,28 @@ def first_milestone(config: Path, overrides) -> int:
     return int(milestones[0])
 
 
+def fill(overrides, values: dict) -> list:
+    """The variant's ``key=value`` overrides with each placeholder of ``values`` (``{"{seed}": "0", ...}``)
+    replaced (plain text replacement: the values may hold JSON braces)."""
+    out = []
+    for item in overrides:
+        for key, value in values.items():
+            item = item.replace(key, value)
+        out.append(item)
+    return out
+
+
+def cell_name(dataset: str, ratio: float, name: str, seed: int) -> str:
+    return f"{dataset}_ir{ratio:g}_{name}_s{seed}"
+
+
 def run_cell(args, dataset: str, ratio: float, name: str, seed: int) -> dict | None:
     head, loss, extra = variant(name)
+    values = {"{out}": str(args.out), "{dataset}": dataset, "{ratio}": f"{ratio:g}", "{seed}": str(seed)}
     if any("{first_milestone}" in item for item in extra):
-        drw_epoch = first_milestone(args.config, args.set)
-        extra = [item.replace("{first_milestone}", str(drw_epoch)) for item in extra]
-    out = args.out / f"{dataset}_ir{ratio:g}_{name}_s{seed}"
+        values["{first_milestone}"] = str(first_milestone(args.config, args.set))
+    extra = fill(extra, values)
+    out = args.out / cell_name(dataset, ratio, name, seed)
     results = out / "results.json"
     if not results.exists():
         cmd = [sys.executable, "-m", "pancls", "lt", "--config", str(args.config), "--dataset", dataset,

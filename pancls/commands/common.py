@@ -5,9 +5,10 @@ import os
 from typing import Iterable
 
 #: Config keys (dotted) holding a file or folder path, read relative to the working directory: the data file of
-#: `pancls lt`, the manifest and folders of `pancls cv`, pretrained backbone weights of both.
+#: `pancls lt`, the manifest and folders of `pancls cv`, pretrained backbone weights and a run to start the backbone
+#: from, of both.
 PATH_KEYS = ("data.path", "data.train_list", "data.eval_list", "data.manifest", "data.root", "data.cache_dir",
-             "model.backbone_kwargs.pretrained")
+             "model.backbone_kwargs.pretrained", "model.init_backbone_from")
 
 
 def absolute_paths(data: dict, keys: Iterable[str] = PATH_KEYS) -> dict:

@@ -55,6 +55,7 @@ def load_medicalnet_weights(net: nn.Module, path: str, depth: int) -> None:
     import torch
 
     from pancls.errors import UserError
+    from pancls.models.weights import describe_mismatch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -67,18 +68,10 @@ def load_medicalnet_weights(net: nn.Module, path: str, depth: int) -> None:
     if not isinstance(state, dict):
         raise UserError("expected a state dict (or {'state_dict': ...}) of tensors", path)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
+    details = describe_mismatch(net.state_dict(), state)
+    if details:
         hint = ("shortcut_type 'A', bias_downsample true" if depth in (18, 34) else
                 "shortcut_type 'B', bias_downsample false")
-        details = "; ".join(part for part in (
-            f"missing {len(missing)}: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}" if missing else "",
-            f"unexpected {len(unexpected)}: {', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}"
-            if unexpected else "",
-            f"shape differs: {', '.join(shapes[:6])}" if shapes else "") if part)
         raise UserError(f"the weights do not fit resnet{depth} as configured ({details}); MedicalNet's resnet{depth} "
                         f"needs {hint}, conv1_t_size 7, conv1_t_stride 2, in_channels 1", path)
     net.load_state_dict(state, strict=False)  # strict except for the (absent) classification layer
