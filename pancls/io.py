@@ -147,6 +147,16 @@ def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     return str(resolved), st.st_size, st.st_mtime_ns
 
 
+def quiet_worker() -> None:
+    """Initializer of every forked worker pool (``multiprocessing.Pool``, ``ProcessPoolExecutor``): the worker
+    drops the handlers it inherited from :func:`signals_unwind`. SIGTERM and SIGHUP kill it quietly again (a pool
+    ends its idle workers with SIGTERM: with the inherited handler each printed a KeyboardInterrupt traceback),
+    and SIGINT is ignored (Ctrl-C reaches the whole process group: the parent unwinds and stops the pool)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def signals_unwind() -> Iterator[None]:
     """SIGTERM and SIGHUP (kill, Slurm's time limit, a closed terminal) raise KeyboardInterrupt in the main

@@ -60,6 +60,7 @@ from pancls.ct.geometry import (
 )
 from pancls.ct.scan import PIXEL_DATA, Header, default_workers, parallel_map, read_dicom_header
 from pancls.errors import UserError, one_line
+from pancls.io import quiet_worker
 
 # GeometryPolicy is re-exported: callers configure build_volume from this one module.
 __all__ = ["GeometryPolicy", "Volume", "build_volume", "decode_processes", "default_workers"]
@@ -618,7 +619,8 @@ def _decode_planes(sorted_frames: list[_Frame], header_of: dict[Path, Header], w
     n_processes = decode_processes([header_of[path] for path, _ in items], workers)
     sinks: dict[Path, list[str]] = {path: [] for path, _ in items}
     if n_processes > 1:
-        with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(n_processes, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=quiet_worker) as pool:
             futures = [pool.submit(_stored_values_captured, path, header_of[path]) for path, _ in items]
             for (path, targets), future in zip(items, futures, strict=True):
                 _decode_into(planes, path, header_of[path], targets, functools.partial(_worker_result, future,

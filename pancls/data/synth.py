@@ -685,6 +685,9 @@ def _init_worker() -> None:
     # One BLAS/OpenMP thread per worker process: the workers already use every core.
     from threadpoolctl import threadpool_limits
 
+    from pancls.io import quiet_worker
+
+    quiet_worker()
     threadpool_limits(1)
 
 

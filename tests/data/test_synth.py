@@ -297,3 +297,51 @@ def test_bad_arguments_are_user_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="size"):
         load_synth_config(None, size=[96, 96, 8])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_rerun_with_worker_processes_prints_no_traceback(tmp_path, capfd):
+    """A pool ends its idle workers with SIGTERM. Forked from a pancls command they had inherited its
+    SIGTERM -> KeyboardInterrupt handler (io.signals_unwind), and each printed a traceback whenever the pool
+    closed with idle workers: every `pancls cv` on a cached cohort did (io.quiet_worker now resets it)."""
+    argv = ["synth", "--out", str(tmp_path / "s"), "--scale", "0.02", "--size", "32", "32", "32", "--workers", "2",
+            "--dicom-subset", "0", "--no-progress"]
+    assert main(argv) == 0
+    capfd.readouterr()
+    for _ in range(4):  # every patient is there already: the workers sit idle until the pool closes
+        assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_pool_workers_drop_the_inherited_signal_handlers():
+    import signal
+
+    from pancls.data.synth import _init_worker
+    from pancls.io import signals_unwind
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        with signals_unwind():
+            _init_worker()  # what each worker of the synth pool runs first
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_quiet_worker_restores_the_default_signal_handlers():
+    import signal
+
+    from pancls.io import quiet_worker, signals_unwind
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        with signals_unwind():
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+            quiet_worker()  # what a forked worker runs first
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
