@@ -101,8 +101,22 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: Config keys added after runs were written, each with the value that does what a run without the key did.
+#: A run whose stored config lacks such a key resumes under a current config holding exactly that value (keys are
+#: matched after any prefix: "run.model.freeze_backbone" is "model.freeze_backbone").
+ADDED_KEYS: Dict[str, Any] = {"model.init_backbone_from": None, "model.freeze_backbone": False}
+
+
+def _predates(key: str, value: Any) -> bool:
+    """``key`` is one of :data:`ADDED_KEYS` at the value a run without it behaved by."""
+    return any((key == added or key.endswith("." + added)) and value == default
+               for added, default in ADDED_KEYS.items())
+
+
 def check_same_config(stored: Mapping[str, Any], current: Mapping[str, Any], where: str | os.PathLike) -> None:
-    """Refuse to resume when the (flattened) configs differ; the message lists each differing key."""
+    """Refuse to resume when the (flattened) configs differ; the message lists each differing key. A key of
+    :data:`ADDED_KEYS` that the stored config predates counts as equal at its neutral value."""
+    current = {k: v for k, v in current.items() if k in stored or not _predates(k, v)}
     if dict(stored) == dict(current):
         return
 

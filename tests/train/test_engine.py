@@ -293,3 +293,17 @@ def test_keys_called_inactive_really_leave_the_schedule_unchanged(cfg, changes):
     active = dataclasses.replace(cfg, schedule="step", milestones=(3,), warmup_epochs=2)  # now they matter
     assert not set(changes) & set(inactive_keys(active))
     assert _lrs(dataclasses.replace(active, **{k: v for k, v in changes.items() if k != "milestones"})) != _lrs(active)
+
+
+def test_a_run_that_predates_an_added_config_key_still_resumes():
+    """Keys added to the config after runs were written (train.checkpoint.ADDED_KEYS) at their neutral value do
+    not make an older run "a different config"; set to anything else, they do."""
+    from pancls.errors import UserError
+    from pancls.train.checkpoint import check_same_config
+
+    old = {"run.model.head": "tsp", "train.lr": 0.1}
+    check_same_config(old, {**old, "run.model.init_backbone_from": None, "run.model.freeze_backbone": False}, "x")
+    with pytest.raises(UserError, match="freeze_backbone: \\(absent\\) -> True"):
+        check_same_config(old, {**old, "run.model.freeze_backbone": True}, "x")
+    with pytest.raises(UserError, match="other_key"):  # only the listed keys are forgiven
+        check_same_config(old, {**old, "run.other_key": None}, "x")
