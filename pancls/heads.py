@@ -177,7 +177,7 @@ class TSPHead(nn.Module):
     kappa : float, default 16 (kernel form only)
         Sharpness of the kernel; larger is more peaked. With ``learn_kappa`` its initial value.
     learn_kappa : bool, default False (kernel form only)
-        Learn ``kappa = exp(lambda)`` (positive by construction) with the rest of the network: the kernel's
+        Learn ``kappa = exp(log_kappa)`` (positive by construction) with the rest of the network: the kernel's
         flatness is then found by training instead of fixed (issue 16's "learnable kappa" recipe).
     scale_init : float, default ``1 + log 2`` (kernel form only)
         Initial ``s``; must be > 1 since ``s = 1 + softplus(rho)``.
@@ -190,7 +190,8 @@ class TSPHead(nn.Module):
     """
 
     FORMS = ("kernel", "paper")
-    _FORM_OPTIONS = {"kernel": ("kappa", "scale_init", "learn_scale", "learn_kappa"), "paper": ("gamma_init", "learn_gamma", "nu")}
+    _FORM_OPTIONS = {"kernel": ("kappa", "scale_init", "learn_scale", "learn_kappa"),
+                     "paper": ("gamma_init", "learn_gamma", "nu")}
 
     def __init__(
         self,
