@@ -8,6 +8,10 @@ time (``--swap``), which is how the deficit of issue 19 was bisected.
 
     python bench/reference_lt.py --data ../shared/data/cifar10.npz --epochs 15 --seed 0
     python bench/reference_lt.py ... --swap loader        # pancls TensorBatchLoader + augment instead of ours
+    python bench/reference_lt.py ... --head tsp           # our own tSP kernel head (scale 16) instead of linear
+
+``--head tsp`` checks the other half of the project's headline (tSP trails softmax): the same gap must appear
+here, with a tSP head written from its formula below, or the engine is what handicaps tSP.
 
 Recipe (issue 19): SGD lr 0.1, momentum 0.9, wd 2e-4 on every parameter, batch 128, 1 linear warm-up epoch
 (per step) then cosine to 0, zero-pad 4 after normalisation + random crop + flip per image, last epoch,
@@ -78,8 +82,25 @@ class Block(nn.Module):
         return F.relu(out + short)
 
 
+class TSPKernel(nn.Module):
+    """The tSP kernel form written from its formula (not imported): ``x = P f / ||P f||`` (P: 64 -> 128, no bias),
+    ``cos_k = x . mu_k / ||mu_k||``, ``logit_k = 2 s / (1 + kappa (1 - cos_k))`` with ``s = 1 + softplus(rho)``
+    learned from ``scale`` and ``kappa`` fixed."""
+
+    def __init__(self, cin, num_classes, dim=128, scale=16.0, kappa=16.0):
+        super().__init__()
+        self.proj = nn.Linear(cin, dim, bias=False)
+        self.mu = nn.Parameter(torch.randn(num_classes, dim))
+        self.rho = nn.Parameter(torch.tensor(math.log(math.expm1(scale - 1.0))))
+        self.kappa = kappa
+
+    def forward(self, f):
+        cos = F.normalize(self.proj(f), dim=1) @ F.normalize(self.mu, dim=1).T
+        return 2.0 * (1.0 + F.softplus(self.rho)) / (1.0 + self.kappa * (1.0 - cos))
+
+
 class ResNet32(nn.Module):
-    def __init__(self, num_classes=10, n=5):
+    def __init__(self, num_classes=10, n=5, head="linear"):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)
@@ -89,7 +110,7 @@ class ResNet32(nn.Module):
                 layers.append(Block(cin, c, 2 if i > 0 and b == 0 else 1))
                 cin = c
         self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(64, num_classes) if head == "linear" else TSPKernel(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
@@ -122,7 +143,7 @@ def lr_at(it, iters_per_epoch, epochs, base=0.1, warmup=1):
     return base * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train(path, epochs, seed, swap=(), batch=128, log=print):
+def train(path, epochs, seed, swap=(), batch=128, log=print, head="linear"):
     """Train and return ``{"top1", "per_class", "history"}``. ``swap`` names pancls pieces to use instead:
     ``model`` (create_model resnet32_cifar + linear head), ``loader`` (TensorBatchLoader + pancls augment),
     ``schedule`` (pancls LRSchedule), ``epoch_warmup`` (pancls LRSchedule with the per-epoch warm-up staircase
@@ -136,9 +157,10 @@ def train(path, epochs, seed, swap=(), batch=128, log=print):
         xtr, ytr, xte, yte = ldam_subset(path)
     if "model" in swap:
         from pancls.models import create_model
-        model = create_model("resnet32_cifar", "linear", 10)
+        model = create_model("resnet32_cifar", head, 10,
+                             head_kwargs={"form": "kernel", "scale_init": 16.0} if head == "tsp" else None)
     else:
-        model = ResNet32()
+        model = ResNet32(head=head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
     n = len(ytr)
     iters = -(-n // batch)
@@ -187,7 +209,7 @@ def train(path, epochs, seed, swap=(), batch=128, log=print):
         pred = torch.cat([model(xte_f[i:i + 1000]).argmax(1) for i in range(0, len(yte_t), 1000)])
     per_class = [float((pred[yte_t == c] == c).float().mean()) for c in range(10)]
     return {"top1": float((pred == yte_t).float().mean()), "per_class": per_class, "history": history,
-            "swap": sorted(swap), "seed": seed, "epochs": epochs}
+            "swap": sorted(swap), "seed": seed, "epochs": epochs, "head": head}
 
 
 def main(argv=None):
@@ -196,9 +218,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--swap", nargs="*", default=[], choices=["model", "loader", "schedule", "epoch_warmup", "data"])
+    p.add_argument("--head", default="linear", choices=["linear", "tsp"],
+                   help="linear softmax, or the tSP kernel form at scale 16, kappa 16 (TSPKernel)")
     p.add_argument("--out", help="write the result JSON here")
     a = p.parse_args(argv)
-    r = train(a.data, a.epochs, a.seed, tuple(a.swap), log=lambda s: print(s, file=sys.stderr))
+    r = train(a.data, a.epochs, a.seed, tuple(a.swap), log=lambda s: print(s, file=sys.stderr), head=a.head)
     print(json.dumps({k: v for k, v in r.items() if k != "history"}))
     if a.out:
         with open(a.out, "w") as fh:
