@@ -4,8 +4,10 @@
 # cells and resumes a killed one from its last checkpoint (bit-exact).
 #   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
 # SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
-# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), paper (item 1's paper form). Never run two
-# queues on the same section at once: they would train the same cell into the same folder.
+# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), paper (item 1's paper form), e72 (item 1:
+# the reduced protocol at 72 epochs, about 40 min a cell on one free core), r32 (item 1: full ResNet-32 at 30
+# epochs, about 50 min a cell). Never run two queues on the same section at once: they would train the same
+# cell into the same folder.
 # A development session's checkout starts without runs/: finished cells are kept in bench/results/<grid>/ (their
 # results.json, committed) and put back before the grid runs, so only an unfinished cell starts over.
 set -euo pipefail
@@ -34,6 +36,8 @@ grid() {  # grid <runs> <kept> <lt_grid arguments...>
   keep "$runs" "$kept"
 }
 AUG=(runs/issue16_r20_e36 bench/results/issue16_r20_e36)
+E72=(runs/issue16_r20_e72 bench/results/issue16_r20_e72)
+R32=(runs/issue16_r32_e30 bench/results/issue16_r32_e30)
 PLAIN=(runs/issue16_r20_e36_noaug bench/results/issue16_r20_e36_noaug)
 CRT=(--epochs 10 --set train.schedule=cosine --set train.warmup_epochs=0)  # cRT stage 2: 10 epochs (Kang et al.)
 section_e36() {
@@ -62,7 +66,23 @@ section_paper() {
     for v in tsp_paper tsp_paper_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
   done
 }
-for section in "${@:-e36 crt noaug learnk paper}"; do
+# the lr steps at 160/200 and 180/200 of the run, as in LDAM-DRW (a later --epochs/--set overrides E36's)
+section_e72() {
+  for seed in 0 1 2; do
+    for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do
+      grid "${E72[@]}" --variants "$v" --seeds "$seed" --epochs 72 --set 'train.milestones=[58,65]'
+    done
+  done
+}
+section_r32() {
+  for seed in 0 1 2; do
+    for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do
+      grid "${R32[@]}" --variants "$v" --seeds "$seed" --epochs 30 --set 'train.milestones=[24,27]' \
+        --set model.backbone=resnet32_cifar --set 'model.backbone_kwargs={}'
+    done
+  done
+}
+for section in "${@:-e36 crt noaug learnk paper e72 r32}"; do
   for name in $section; do "section_$name"; done
 done
 echo "issue16 queue: done"
