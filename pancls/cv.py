@@ -310,7 +310,8 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     test_loader = _loader(test_ds, cfg.eval_batch_size, cfg.num_workers)
 
     torch.manual_seed(seed)  # initialisation depends on the seed and the fold only
-    model, loss_fn = build_model_and_loss(resolve_model(cfg), cfg.loss, counts.tolist())
+    model, loss_fn = build_model_and_loss(resolve_model(cfg), cfg.loss, counts.tolist(),
+                                          init_weights=not (fold_dir / "last.pt").exists())  # a resume has its own
     train_cfg = dataclasses.replace(cfg.train, seed=seed)
 
     def evaluate(y_true, logits):

@@ -76,7 +76,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _build(cfg: LTConfig):
+def _build(cfg: LTConfig, init_weights: bool = True):
     from pancls.data.cifar import load_cifar_lt
     from pancls.data.lt_lists import DATASETS, load_image_lists
     from pancls.schemas import build_model_and_loss
@@ -84,12 +84,12 @@ def _build(cfg: LTConfig):
     if cfg.data.dataset in DATASETS:  # ImageNet-LT, iNaturalist 2018: list files + an image folder
         data = load_image_lists(cfg.data.dataset, cfg.data.path, cfg.data.train_list, cfg.data.eval_list,
                                 cfg.data.num_classes)
-        model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts)
+        model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts, init_weights)
         return data, model, loss_fn
     if cfg.data.path is None:
         raise UserError("no data path given; pass --data PATH (an npz, an official archive or its folder)", "--data")
     data = load_cifar_lt(cfg.data.path, cfg.data.dataset, cfg.data.imbalance_ratio, cfg.data.construction)
-    model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts)
+    model, loss_fn = build_model_and_loss(cfg.model, cfg.loss, data.class_counts, init_weights)
     return data, model, loss_fn
 
 
@@ -178,7 +178,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     from pancls.train.engine import fit
 
     torch.manual_seed(cfg.train.seed)  # model initialisation depends only on the seed
-    data, model, loss_fn = _build(cfg)
+    data, model, loss_fn = _build(cfg, init_weights=not (out_dir / "last.pt").exists())  # a resume has its weights
     model.to(device)
     loss_fn.to(device)
     train_loader, eval_loader = _loaders(cfg, data, device, ctx)
@@ -314,6 +314,6 @@ def load_run(run_dir: Path):
 
     run_dir = Path(run_dir)
     cfg = load_config(load_yaml(run_dir / "config.yaml"))
-    data, model, _ = _build(cfg)
+    data, model, _ = _build(cfg, init_weights=False)  # the weights are last.pt's
     model.load_state_dict(load_checkpoint(run_dir / "last.pt")["model"])
     return cfg, data, model

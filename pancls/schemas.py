@@ -32,8 +32,12 @@ class LossConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
-def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Sequence[int]):
-    """``(Classifier, LongTailLoss)`` for a training set with ``class_counts[k]`` samples of class k."""
+def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Sequence[int], init_weights: bool = True):
+    """``(Classifier, LongTailLoss)`` for a training set with ``class_counts[k]`` samples of class k.
+
+    ``init_weights``: read ``model.init_backbone_from`` (a run about to start); ``False`` for a network whose
+    weights come from its own checkpoint next (a resumed run, a finished run re-read), which then needs no access
+    to the run it once started from."""
     from pancls.losses import create_loss
     from pancls.models import create_model
     from pancls.validation import InvalidParameter
@@ -44,7 +48,7 @@ def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Seq
                            head_kwargs=model.head_kwargs)
     except InvalidParameter as exc:
         raise exc.within("model", ("backbone_kwargs", "head_kwargs")) from None
-    if model.init_backbone_from:
+    if model.init_backbone_from and init_weights:
         from pancls.models.weights import load_backbone_from
 
         load_backbone_from(net, model.init_backbone_from)

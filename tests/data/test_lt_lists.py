@@ -346,3 +346,33 @@ def test_pancls_lt_lists_every_problem_and_exits_2(tiny, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert lines[0] == "pancls lt: error: 3 problems in the image list:" and "Traceback" not in err
     assert [ln.split(": ", 1)[0] for ln in lines[1:]] == [f"{val}:1", f"{val}:2", f"{val}:3"]
+
+
+def test_a_two_stage_run_trains_the_head_on_the_first_runs_backbone_and_outlives_it(tiny, tmp_path, capsys):
+    """cRT through the CLI: stage 2 starts from stage 1's backbone (model.init_backbone_from), trains only its new
+    head (model.freeze_backbone), and once written needs stage 1 no more (resume, re-reading)."""
+    import shutil
+
+    import torch
+
+    from pancls.cli import main
+    from pancls.lt import load_run
+
+    small = ["--epochs", "1", "--device", "cpu", "--set", "model.backbone_kwargs.widen_factor=0.25",
+             "--set", "images.crop_size=32", "--set", "images.resize=36", "--set", "images.workers=0",
+             "--set", "train.batch_size=8", "--set", "eval_batch_size=4", "--set", "train.progress=false",
+             "--set", "train.tensorboard=false"]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(_lt_argv("imagenet_lt_resnet10", tiny, stage1, "--head", "softmax", *small)) == 0
+    second = _lt_argv("imagenet_lt_resnet10", tiny, stage2, "--head", "tsp", "--set", "model.head_kwargs.dim=16",
+                      "--set", f"model.init_backbone_from={stage1}", "--set", "model.freeze_backbone=true",
+                      "--set", "train.sampler=class_balanced", *small)
+    assert main(second) == 0, capsys.readouterr().err
+    first = torch.load(stage1 / "last.pt", weights_only=True)["model"]
+    trained = torch.load(stage2 / "last.pt", weights_only=True)["model"]
+    backbone = [k for k in first if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(first[k], trained[k]) for k in backbone)  # BatchNorm statistics included
+    shutil.rmtree(stage1)
+    assert main([*second, "--resume"]) == 0, capsys.readouterr().err  # finished: no need of stage 1 now
+    _, _, model = load_run(stage2)
+    assert model.backbone_frozen and torch.equal(model.backbone.state_dict()[backbone[0][9:]], first[backbone[0]])
