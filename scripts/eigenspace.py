@@ -89,7 +89,7 @@ def main() -> int:
                          f"{s['tail']:.1f}", f"{s['tail_over_head']:.2f}"))
         keep = stratified(data.test_labels, args.tsne_per_class)
         panels[f"{name}, top-1 {100 * results['top1']:.1f}"] = (test[keep], data.test_labels[keep])
-        classes = list(data.classes)
+        classes = [f"{c}, {n} train" for c, n in zip(data.classes, data.class_counts, strict=True)]
 
     header = ("run", "top-1", "measure (deg, training set)", "head third", "medium third", "tail third", "tail / head")
     print("| " + " | ".join(header) + " |")
