@@ -216,11 +216,15 @@ def embedding_png(features, y_true, classes: Sequence[str], path, seed: int = 0)
 
 
 def embeddings_side_by_side_png(panels: Mapping[str, tuple], classes: Sequence[str], path, seed: int = 0) -> Path:
-    """One t-SNE panel per entry of ``panels`` (``name -> (features, y_true)``), side by side, each titled by its
+    """One t-SNE panel per entry of ``panels`` (``name -> (features, y_true)``), two to a row, each titled by its
     name: the tSP paper's Fig. 5 layout, for comparing heads on the same images."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), dpi=120, squeeze=False)
-    for ax, (name, (features, y_true)) in zip(axes[0], panels.items(), strict=True):
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5.2 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, (features, y_true)) in zip(axes.flat, panels.items(), strict=False):  # spare axes are off
         y = np.asarray(y_true, dtype=np.int64)
         emb, title = _tsne(features, len(y), seed)
         _scatter_classes(ax, plt, emb, y, classes, f"{name}: {title}")
