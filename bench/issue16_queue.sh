@@ -37,6 +37,7 @@ grid() {  # grid <runs> <kept> <lt_grid arguments...>
 }
 AUG=(runs/issue16_r20_e36 bench/results/issue16_r20_e36)
 E72=(runs/issue16_r20_e72 bench/results/issue16_r20_e72)
+CRT1=(runs/issue16_r20_e36_crt bench/results/issue16_r20_e36_crt)  # cRT with a retrained stage 1
 R32=(runs/issue16_r32_e30 bench/results/issue16_r32_e30)
 PLAIN=(runs/issue16_r20_e36_noaug bench/results/issue16_r20_e36_noaug)
 CRT=(--epochs 10 --set train.schedule=cosine --set train.warmup_epochs=0)  # cRT stage 2: 10 epochs (Kang et al.)
@@ -45,10 +46,18 @@ section_e36() {
     for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
   done
 }
-section_crt() {  # stage 1 is the e36 softmax cell of the same seed; only cells trained here still hold last.pt
+section_crt() {
+  # stage 1 is the e36 softmax cell of the same seed; a development session keeps only results.json, so a seed
+  # whose stage-1 checkpoint is gone trains stage 1 again (same recipe and seed) in a folder of its own
+  local seed v where
   for seed in 0 1 2; do
-    [ -e "${AUG[0]}/cifar10_ir100_softmax_s$seed/last.pt" ] || { echo "crt: no stage-1 last.pt for seed $seed"; continue; }
-    for v in crt_softmax crt_tsp; do grid "${AUG[@]}" --variants "$v" --seeds "$seed" "${CRT[@]}"; done
+    [ -e "${AUG[1]}/cifar10_ir100_crt_tsp_s$seed.json" ] && [ -e "${AUG[1]}/cifar10_ir100_crt_softmax_s$seed.json" ] \
+      && continue
+    if [ -e "${AUG[0]}/cifar10_ir100_softmax_s$seed/last.pt" ]; then where=("${AUG[@]}"); else
+      where=("${CRT1[@]}")
+      grid "${where[@]}" --variants softmax --seeds "$seed"
+    fi
+    for v in crt_softmax crt_tsp; do grid "${where[@]}" --variants "$v" --seeds "$seed" "${CRT[@]}"; done
   done
 }
 section_noaug() {
