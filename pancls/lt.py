@@ -127,10 +127,7 @@ def _loaders(cfg: LTConfig, data, device: torch.device, ctx=None):
 
     if cfg.data.dataset in lt_lists.DATASETS:  # images decoded from files by DataLoader workers
         return lt_lists.make_loaders(cfg, data, device, ctx)
-    if cfg.data.dataset == "cifar100":
-        mean, std = augment.CIFAR100_MEAN, augment.CIFAR100_STD
-    else:
-        mean, std = augment.CIFAR10_MEAN, augment.CIFAR10_STD
+    mean, std = augment.normalisation(cfg.data.dataset)
     flip_prob = 0.5 if cfg.augment.flip else 0.0
     # Images stay uint8 NHWC on the device; conversion and augmentation happen per batch, on the device.
     train_x = torch.from_numpy(data.train_images).to(device)
@@ -177,15 +174,16 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     from pancls.train.checkpoint import refuse_unresumed
     from pancls.train.engine import fit
 
+    has_checkpoint = (out_dir / "last.pt").exists()
     torch.manual_seed(cfg.train.seed)  # model initialisation depends only on the seed
-    data, model, loss_fn = _build(cfg, init_weights=not (out_dir / "last.pt").exists())  # a resume has its weights
+    data, model, loss_fn = _build(cfg, init_weights=not has_checkpoint)  # a resume takes its weights from last.pt
     model.to(device)
     loss_fn.to(device)
     train_loader, eval_loader = _loaders(cfg, data, device, ctx)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    refuse_unresumed((out_dir / "last.pt").exists(), out_dir, resume)  # before config.yaml is written
-    if ctx.is_main and not (out_dir / "last.pt").exists():  # a resumed run keeps its config until fit() checked it
+    refuse_unresumed(has_checkpoint, out_dir, resume)  # before config.yaml is written
+    if ctx.is_main and not has_checkpoint:  # a resumed run keeps its config until fit() checked it
         dump_yaml(cfg, out_dir / "config.yaml")
     if ctx.is_main:
         atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes),
@@ -197,7 +195,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     started = time.time()
     run_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "note")}
     run_config["images"].pop("workers")  # the batches do not depend on it (pancls.data.images): a resume may change it
-    if resume and (out_dir / "last.pt").exists():
+    if resume and has_checkpoint:
         _keep_stored_path_spelling(run_config, out_dir / "last.pt")
     result = fit(model, train_loader, eval_loader, loss_fn, cfg.train, out_dir, device=device,
                  evaluate=evaluate, resume=resume, log=log, run_config=run_config)

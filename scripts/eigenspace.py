@@ -37,8 +37,7 @@ MEASURES = (("angle_to_centre_deg", "angle to own centre"), ("spread_deg", "spre
 def embeddings(run: Path):
     """``(cfg, data, train embeddings, test embeddings, centres)`` of a run's last checkpoint."""
     cfg, data, model = load_run(run)
-    mean, std = ((augment.CIFAR100_MEAN, augment.CIFAR100_STD) if cfg.data.dataset == "cifar100"
-                 else (augment.CIFAR10_MEAN, augment.CIFAR10_STD))
+    mean, std = augment.normalisation(cfg.data.dataset)
 
     def embed(images: np.ndarray) -> np.ndarray:
         x = augment.to_float_normalised(torch.from_numpy(images), mean, std, "cpu")

@@ -39,7 +39,7 @@ def main() -> int:
             print(f"skipping {run}: no results.json", file=sys.stderr)
             continue
         cfg, data, model = load_run(run)
-        mean, std = (augment.CIFAR100_MEAN, augment.CIFAR100_STD) if cfg.data.dataset == "cifar100" else (augment.CIFAR10_MEAN, augment.CIFAR10_STD)
+        mean, std = augment.normalisation(cfg.data.dataset)
         x = augment.to_float_normalised(torch.from_numpy(data.train_images), mean, std, "cpu")
         feats = extract_features(model, x)
         diag = head_diagnostics(model.head, feats, torch.from_numpy(data.train_labels), data.class_counts)

@@ -15,6 +15,18 @@ def _shared_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def process_env() -> dict:
+    """The environment for a pancls subprocess (one process or torchrun's): this repo importable, one thread, and
+    none of torchrun's variables inherited from a surrounding launcher."""
+    from pancls.distributed import TORCHRUN_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data folder; fails (not skips) with a clear message when it is missing."""
     root = _shared_data_dir()

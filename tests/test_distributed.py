@@ -9,7 +9,6 @@ partial sums, where one process reduces the whole batch in one sum; float32 addi
 the last bits differ after the first step and drift a little over 4 epochs x 6 steps. Resume under DDP is
 compared bit for bit with an uninterrupted DDP run (same number of processes: the same sums in the same order).
 """
-import os
 import shutil
 import subprocess
 import sys
@@ -22,27 +21,18 @@ WORKER = Path(__file__).parent / "train" / "ddp_worker.py"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _ddp(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _ddp(env: dict, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     if not TORCHRUN.exists():
         pytest.skip("torchrun is not installed beside this interpreter")
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(WORKER), str(out), *args]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def _single(out: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, str(WORKER), str(out), *args], env=_env(), capture_output=True,
+def _single(env: dict, out: Path, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(WORKER), str(out), *args], env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -52,11 +42,11 @@ def _load(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, process_env):
     """One single-process and one 2-process run of each variant (all in two launches)."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    _single(one, "tensor", "dataloader", "batchnorm")
-    _ddp(two, "tensor", "dataloader", "batchnorm", "sync_bn")
+    _single(process_env, one, "tensor", "dataloader", "batchnorm")
+    _ddp(process_env, two, "tensor", "dataloader", "batchnorm", "sync_bn")
     return one, two
 
 
@@ -102,12 +92,12 @@ def test_sync_batchnorm_on_cpu_processes_is_refused_naming_the_key(runs):
     assert not (two / "sync_bn" / "last.pt").exists()
 
 
-def test_resume_after_a_kill_under_ddp_is_bit_exact(runs, tmp_path):
+def test_resume_after_a_kill_under_ddp_is_bit_exact(runs, tmp_path, process_env):
     _, two = runs
-    killed = _ddp(tmp_path, "tensor", "--kill-after-epoch", "2", check=False)
+    killed = _ddp(process_env, tmp_path, "tensor", "--kill-after-epoch", "2", check=False)
     assert killed.returncode != 0  # rank 0 was SIGKILLed after epoch 2's checkpoint
     assert len((tmp_path / "tensor" / "metrics.jsonl").read_text().splitlines()) == 2
-    _ddp(tmp_path, "tensor", "--resume")
+    _ddp(process_env, tmp_path, "tensor", "--resume")
     a, b = _load(two / "tensor.result.pt"), _load(tmp_path / "tensor.result.pt")
     for key, value in a["model"].items():
         assert torch.equal(b["model"][key], value), key

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +21,7 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _pancls(*argv: str, procs: int) -> subprocess.CompletedProcess:
+def _pancls(env: dict, *argv: str, procs: int) -> subprocess.CompletedProcess:
     """``pancls ARGV`` in ``procs`` processes (torchrun) or in one (plain ``python -m pancls``)."""
     if procs > 1:
         if not TORCHRUN.exists():
@@ -38,7 +29,7 @@ def _pancls(*argv: str, procs: int) -> subprocess.CompletedProcess:
         cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(procs), "-m", "pancls", *argv]
     else:
         cmd = [sys.executable, "-m", "pancls", *argv]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     return done
@@ -54,7 +45,7 @@ def _no_temporaries(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- pancls lt
-def test_pancls_lt_under_torchrun_writes_the_one_process_run_folder(tiny_lt_factory, tmp_path):
+def test_pancls_lt_under_torchrun_writes_the_one_process_run_folder(tiny_lt_factory, tmp_path, process_env):
     root, train, val = tiny_lt_factory(tmp_path / "lists", (12, 6, 3, 3), 2)
 
     def argv(out: Path, *extra: str) -> list:
@@ -67,8 +58,8 @@ def test_pancls_lt_under_torchrun_writes_the_one_process_run_folder(tiny_lt_fact
                 "--set", "train.progress=false", *extra]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    _pancls(*argv(one), procs=1)
-    done = _pancls(*argv(two), procs=2)
+    _pancls(process_env, *argv(one), procs=1)
+    done = _pancls(process_env, *argv(two), procs=2)
     printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1  # rank 0 alone prints the result
     assert _tree(two) == _tree(one)
@@ -78,7 +69,7 @@ def test_pancls_lt_under_torchrun_writes_the_one_process_run_folder(tiny_lt_fact
     assert printed[0]["top1"] == results["top1"]
     _no_temporaries(two)
 
-    again = _pancls(*argv(two, "--resume"), procs=2)  # finished: a no-op that prints the same result
+    again = _pancls(process_env, *argv(two, "--resume"), procs=2)  # finished: a no-op that prints the same result
     assert [json.loads(line)["top1"] for line in again.stdout.splitlines() if line.startswith("{")] == [
         results["top1"]]
     assert json.loads((two / "results.json").read_text())["top1"] == results["top1"]
@@ -90,14 +81,14 @@ def _rows(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def test_pancls_cv_under_torchrun_evaluates_every_patient_once(tiny_cv_config_factory, cohort, tmp_path):
+def test_pancls_cv_under_torchrun_evaluates_every_patient_once(tiny_cv_config_factory, cohort, tmp_path, process_env):
     from pancls.config import dump_yaml
 
     cfg = tiny_cv_config_factory(cohort, tmp_path, **{"cv.folds": 2, "cv.inner_folds": 2, "train.epochs": 2})
     dump_yaml(cfg, tmp_path / "config.yaml")
     one, two = tmp_path / "one", tmp_path / "two"
-    _pancls("cv", "--config", str(tmp_path / "config.yaml"), "--out", str(one), procs=1)
-    done = _pancls("cv", "--config", str(tmp_path / "config.yaml"), "--out", str(two), procs=2)
+    _pancls(process_env, "cv", "--config", str(tmp_path / "config.yaml"), "--out", str(one), procs=1)
+    done = _pancls(process_env, "cv", "--config", str(tmp_path / "config.yaml"), "--out", str(two), procs=2)
 
     assert done.stdout.strip() and done.stdout.count("balanced accuracy") == 1  # rank 0 alone prints the headline
     assert _tree(two) == _tree(one)
@@ -115,7 +106,7 @@ def test_pancls_cv_under_torchrun_evaluates_every_patient_once(tiny_cv_config_fa
     assert sorted(oof) == sorted(patients) and len(set(oof)) == len(oof)
     _no_temporaries(two)
 
-    again = _pancls("cv", "--config", str(tmp_path / "config.yaml"), "--out", str(two), "--resume", procs=2)
+    again = _pancls(process_env, "cv", "--config", str(tmp_path / "config.yaml"), "--out", str(two), "--resume", procs=2)
     assert again.stdout.count("balanced accuracy") == 1
     summary = json.loads((two / "summary.json").read_text())
     assert summary["folds"] == 2

@@ -28,6 +28,11 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+def normalisation(dataset: str) -> tuple:
+    """``(mean, std)`` that ``pancls lt`` normalises ``dataset``'s images with (CIFAR-100 its own, else CIFAR-10's)."""
+    return (CIFAR100_MEAN, CIFAR100_STD) if dataset == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
+
+
 def to_float_normalised(
     x_uint8_nhwc: np.ndarray | torch.Tensor,
     mean: Sequence[float] = CIFAR10_MEAN,

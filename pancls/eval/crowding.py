@@ -35,12 +35,16 @@ import numpy as np
 import torch
 
 
+def _degrees(cos: torch.Tensor) -> torch.Tensor:
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
 def _pairwise_degrees(centres) -> np.ndarray:
     u = torch.as_tensor(centres, dtype=torch.float64)
     if u.ndim != 2 or u.shape[0] < 2:
         raise ValueError(f"centres must be a (K >= 2, d) matrix, got shape {tuple(u.shape)}")
     u = torch.nn.functional.normalize(u, dim=1)
-    return torch.rad2deg(torch.arccos((u @ u.T).clamp(-1.0, 1.0))).numpy()
+    return _degrees(u @ u.T).numpy()
 
 
 def mean_angle_to_other_centres(centres: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -67,19 +71,15 @@ def angular_regions(embeddings, labels, centres) -> dict:
         raise ValueError(f"embeddings (N, d), labels (N,) and centres (K, d) must agree; got {tuple(x.shape)}, "
                          f"{tuple(y.shape)} and {tuple(c.shape)}")
     k = c.shape[0]
-
-    def degrees(cos: torch.Tensor) -> torch.Tensor:
-        return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
-
     to_centre, spread = np.full(k, np.nan), np.full(k, np.nan)
     means = torch.zeros_like(c)
     for j in range(k):
         member = x[y == j]
         if len(member) == 0:
             continue
-        to_centre[j] = float(degrees(member @ c[j]).mean())
+        to_centre[j] = float(_degrees(member @ c[j]).mean())
         means[j] = torch.nn.functional.normalize(member.sum(0), dim=0)
-        spread[j] = float(degrees(member @ means[j]).mean())
+        spread[j] = float(_degrees(member @ means[j]).mean())
     present = ~np.isnan(spread)
     separation = np.full(k, np.nan)
     if present.sum() >= 2:

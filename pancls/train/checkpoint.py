@@ -101,10 +101,17 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-#: Config keys added after runs were written, each with the value that does what a run without the key did.
-#: A run whose stored config lacks such a key resumes under a current config holding exactly that value (keys are
-#: matched after any prefix: "run.model.freeze_backbone" is "model.freeze_backbone").
-ADDED_KEYS: Dict[str, Any] = {"model.init_backbone_from": None, "model.freeze_backbone": False}
+def _model_default(name: str) -> Any:
+    from pancls.schemas import ModelConfig
+
+    return ModelConfig.__dataclass_fields__[name].default
+
+
+#: Config keys added after runs were written, each with its default: the value that does what a run without the
+#: key did. A run whose stored config lacks such a key resumes under a current config holding exactly that value
+#: (keys are matched after any prefix: "run.model.freeze_backbone" is "model.freeze_backbone").
+ADDED_KEYS: Dict[str, Any] = {f"model.{name}": _model_default(name) for name in ("init_backbone_from",
+                                                                                  "freeze_backbone")}
 
 
 def _predates(key: str, value: Any) -> bool:
