@@ -10,6 +10,8 @@ Cases (``--cases``, default all):
 
 * ``cifar_resnet32``: ResNet-32 (CIFAR, 0.46 M parameters) + tSP head, batch 128, 32 x 32 x 3; the epoch estimate
   is for CIFAR-10-LT IR 100 (12,406 images, 97 steps; the issue's GPU goal is <= 0.3 s);
+* ``cifar_resnet20_half``: ResNet-20 at half width, the reduced CPU protocol's backbone
+  (``configs/lt_cpu_reduced.yaml``), same batch and epoch estimate;
 * ``ct3d_resnet18``: 3D ResNet-18 (MONAI, full width, stem stride 2) + tSP head at 96 x 96 x 96, one channel
   (the issue's 96^3; the cv default ROI is 96 x 96 x 48, ``--ct-size`` changes it);
 * ``lt224_resnet10`` / ``lt224_resnet50`` / ``lt224_resnext50``: the ImageNet-LT backbones at 224 x 224 x 3.
@@ -41,6 +43,7 @@ def cases(args, device: torch.device):
     b224 = args.gpu_batch_224 if gpu else args.cpu_batch_224
     return {
         "cifar_resnet32": ("resnet32_cifar", {}, (3, 32, 32), 128, 10),
+        "cifar_resnet20_half": ("resnet20_cifar", {"width": 0.5}, (3, 32, 32), 128, 10),  # lt_cpu_reduced.yaml
         "ct3d_resnet18": ("resnet18", {"spatial_dims": 3, "in_channels": 1, "conv1_t_stride": 2},
                           (1, *args.ct_size), b3d, 6),
         "lt224_resnet10": ("resnet10_2d", {}, (3, 224, 224), b224, 1000),
@@ -138,19 +141,19 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"unknown case(s) {unknown}; choose from {list(table)}")
         print(f"\n{name}: {machine(device)}")
-        print(f"{'case':<18} {'input':<16} {'batch':>5} {'params':>8} {'amp':>5} {'ms/step':>9} {'img/s':>8}  epoch")
+        print(f"{'case':<20} {'input':<16} {'batch':>5} {'params':>8} {'amp':>5} {'ms/step':>9} {'img/s':>8}  epoch")
         for case in chosen:
             backbone, kwargs, shape, batch, classes = table[case]
             seconds, params, precision = time_case(backbone, kwargs, shape, batch, classes, device, args.amp,
                                                    args.steps, args.warmup, args.channels_last)
             epoch = ""
-            if case == "cifar_resnet32":
+            if case.startswith("cifar_"):
                 epoch = f"CIFAR-10-LT IR100: {seconds * -(-CIFAR_LT_IR100_TRAIN // batch):.1f} s"
             row = {"device": name, "machine": machine(device), "case": case, "input": "x".join(map(str, shape)),
                    "batch": batch, "parameters": params, "amp": precision, "ms_per_step": round(seconds * 1e3, 1),
                    "images_per_s": round(batch / seconds, 1), "channels_last": args.channels_last}
             rows.append(row)
-            print(f"{case:<18} {row['input']:<16} {batch:>5} {params / 1e6:>7.2f}M {precision:>5} "
+            print(f"{case:<20} {row['input']:<16} {batch:>5} {params / 1e6:>7.2f}M {precision:>5} "
                   f"{row['ms_per_step']:>9.1f} {row['images_per_s']:>8.1f}  {epoch}", flush=True)
     if args.json:
         from pancls.io import atomic_write_json

@@ -264,3 +264,44 @@ def test_a_fixed_kappa_head_keeps_its_state_dict_keys():
     with pytest.raises(UserError) as info:
         TSPHead(8, 3, form="paper", learn_kappa=True)
     assert info.value.where == "learn_kappa"
+
+
+HEAD_OPTIONS = [("linear", {}), ("cosine", {}), ("tsp", {"form": "kernel", "scale_init": 16.0}),
+                ("tsp", {"form": "paper"})]
+
+
+@pytest.mark.parametrize("name, options", HEAD_OPTIONS)
+def test_heads_compute_in_float32_inside_bf16_autocast(name, options):
+    """Autocast must not lower a head: the same features give the same float32 logits (and gradients)
+    with and without a bf16 autocast region, and bf16 features are read as float32."""
+    head = HEADS.create(name, in_features=24, num_classes=6, **options)
+    features = torch.randn(8, 24).relu().requires_grad_(True)
+    plain = head(features)
+    plain.square().sum().backward()
+    grad = features.grad.clone()
+    features.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = head(features)
+        from_bf16 = head(features.detach().bfloat16())
+    under.square().sum().backward()
+    assert under.dtype == torch.float32 and from_bf16.dtype == torch.float32
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+    torch.testing.assert_close(features.grad, grad, rtol=0, atol=0)
+    torch.testing.assert_close(from_bf16, head(features.detach().bfloat16().float()), rtol=0, atol=0)
+
+
+def test_tsp_kernel_top_logit_is_not_quantised_by_autocast():
+    """Next to a centre bf16 would round cos to steps of 2^-8, moving the kernel logit 2s / (1 + kappa (1 - cos))
+    by ~2 per step at s = kappa = 16; in float32 a sample with 1 - cos = 0.0029 (between two bf16 steps) keeps
+    its exact logit."""
+    head = _identity_tsp(16, 4, form="kernel", scale_init=16.0, kappa=16.0)
+    centre = F.normalize(head.mu.detach(), dim=1)[0]
+    noise = torch.randn(16)
+    other = F.normalize(noise - (noise @ centre) * centre, dim=0)
+    angle = math.acos(1 - 0.0029)
+    x = (math.cos(angle) * centre + math.sin(angle) * other)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        top = head(x)[0, 0].item()
+    scale = float(head.scale)
+    expected = 2 * scale / (1 + 16.0 * (1 - math.cos(angle)))
+    assert top == pytest.approx(expected, rel=1e-5)
