@@ -4,7 +4,8 @@
 # cells and resumes a killed one from its last checkpoint (bit-exact).
 #   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
 # SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
-# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), paper (item 1's paper form), bf16check
+# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), probe (item 3: seed 0 of a fixed scale
+# matched to the cosine head and of the paper form with nu = 7, both + LA), paper (item 1's paper form), bf16check
 # (seed 0 of e36's softmax and tSP again with bf16 autocast, to compare with their float32 cells), e72 (item 1:
 # the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32 (item 1: full ResNet-32 at
 # 30 epochs, bf16 + channels-last, about 30 min a cell). Never run two queues on the same section at once: they
@@ -76,6 +77,9 @@ section_learnk() {
     for v in tsp_kernel_learnk_la tsp_kernel_learnk; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
   done
 }
+section_probe() {  # a recipe goes on to seeds 1-2 only if seed 0 is not clearly behind tsp_kernel_la
+  for v in tsp_kernel_fix16_la tsp_paper_nu7_la; do grid "${AUG[@]}" --variants "$v" --seeds 0; done
+}
 section_paper() {
   for seed in 0 1 2; do
     for v in tsp_paper tsp_paper_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
@@ -100,7 +104,7 @@ section_r32() {
     done
   done
 }
-for section in "${@:-e36 crt noaug learnk paper bf16check e72 r32}"; do
+for section in "${@:-e36 crt noaug learnk probe paper bf16check e72 r32}"; do
   for name in $section; do "section_$name"; done
 done
 echo "issue16 queue: done"
