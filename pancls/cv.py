@@ -78,7 +78,9 @@ class CVConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(backbone="resnet18", head="tsp"))
-    loss: LossConfig = field(default_factory=LossConfig)
+    #: logit adjustment by default (issue 16): on the synthetic cohort it lifts every head's balanced accuracy
+    #: (tSP 0.26 -> 0.44 / 0.39 over two seeds) and on CIFAR-10-LT tSP's top-1 by 16.5 points (three seeds)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(name="logit_adjust"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, batch_size=8, optimizer="adamw",
                                                                    lr=1e-3, weight_decay=1e-4, wd_on_all=False,
                                                                    warmup_epochs=2, schedule="cosine"))
@@ -93,6 +95,12 @@ class CVConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+
+def run_config_path(out) -> Path:
+    """``RUN/configs/config.yaml``: the resolved config a run was started with (what resume, the fold workers,
+    the report and predict read)."""
+    return Path(out) / "configs" / "config.yaml"
 
 
 def load_config(mapping: Dict[str, Any]) -> CVConfig:
@@ -208,7 +216,7 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", out)
     check_fold(fold, cfg.cv.folds)
-    config_path = out / "configs" / "config.yaml"
+    config_path = run_config_path(out)
     exists = ctx.broadcast(config_path.exists())
     refuse_unresumed(exists, out, resume, what="cv run", kept=" (finished folds are kept)")
     if exists:
@@ -416,9 +424,9 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
 
     out = Path(out)
     if cfg is None:
-        if not (out / "configs" / "config.yaml").exists():
+        if not run_config_path(out).exists():
             raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
-        cfg = load_config(load_yaml(out / "configs" / "config.yaml"))
+        cfg = load_config(load_yaml(run_config_path(out)))
     splits = json.loads((out / "splits.json").read_text())
     classes = splits["classes"]
     K = len(classes)

@@ -142,7 +142,9 @@ def plan(folds: int, done: Sequence[int], *, jobs: Optional[int] = None, gpus: O
 def worker_command(out: Path, fold: int) -> List[str]:
     """The command line of fold ``fold``'s worker: ``pancls cv --fold k --resume --no-summary`` on the run's own
     config (the merge is the parent's)."""
-    return [sys.executable, "-m", "pancls", "cv", "--config", str(Path(out) / "configs" / "config.yaml"),
+    from pancls.cv import run_config_path
+
+    return [sys.executable, "-m", "pancls", "cv", "--config", str(run_config_path(out)),
             "--out", str(out), "--fold", str(fold), "--resume", "--no-summary"]
 
 

@@ -109,7 +109,7 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     """
     from pancls import __version__
     from pancls.config import load_yaml
-    from pancls.cv import FOLD_DONE, load_config, resolve_model
+    from pancls.cv import FOLD_DONE, load_config, resolve_model, run_config_path
     from pancls.lt import resolve_device
     from pancls.models import create_model
     from pancls.train.checkpoint import load_checkpoint
@@ -117,7 +117,7 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     run = Path(run)
     if not run.is_dir():
         raise UserError("not a folder; --model takes a `pancls cv` run folder", run)
-    needed = [run / "configs" / "config.yaml", run / "configs" / "metadata.json", run / "classes.json"]
+    needed = [run_config_path(run), run / "configs" / "metadata.json", run / "classes.json"]
     missing = [str(p.relative_to(run)) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"not a complete pancls cv run folder (missing {', '.join(missing)})", run)
@@ -126,8 +126,8 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     if _version_tuple(trained_with) > _version_tuple(__version__):
         raise UserError(f"the run was written by pancls {trained_with}, newer than this pancls {__version__}; "
                         "upgrade pancls to use it", run)
-    config_text = (run / "configs" / "config.yaml").read_bytes()
-    cfg = load_config(load_yaml(run / "configs" / "config.yaml"))
+    config_text = run_config_path(run).read_bytes()
+    cfg = load_config(load_yaml(run_config_path(run)))
     classes = list(json.loads((run / "classes.json").read_text(encoding="utf-8"))["classes"])
     if fold is not None and not 0 <= fold < cfg.cv.folds:
         raise UserError(f"the run has folds 0..{cfg.cv.folds - 1}, not {fold}", "--fold")

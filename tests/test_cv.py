@@ -203,3 +203,29 @@ def test_a_dataset_of_links_needs_its_store_in_allowed_roots(config, cohort, tmp
     cfg.data.allowed_roots = [str(cohort)]
     _, records = cv.load_records(cfg, log=lambda _: None)
     assert len(records) == len(table)
+
+
+def test_resume_without_config_rereads_the_runs_own_config(finished, tmp_path, capsys):
+    """`pancls cv --resume --out RUN` continues the run as it was started (its configs/config.yaml: another
+    manifest and recipe than the demo defaults here), retraining nothing that is finished; a flag that would
+    change the run is still refused with one line naming the folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    weights = {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(4)}
+    assert main(["cv", "--resume", "--out", str(run)]) == 0
+    assert "balanced accuracy" in capsys.readouterr().out
+    assert {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(4)} == weights
+    assert main(["cv", "--resume", "--out", str(run), "--head", "softmax"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config differs" in err[0] and str(run) in err[0]
+
+
+def test_clinical_default_loss_is_logit_adjustment():
+    """Issue 16's evidence sets the clinical defaults: the tSP head (the method under test) with logit adjustment,
+    in the dataclass default and in both shipped full-cohort recipes that a user starts from."""
+    assert cv.CVConfig().loss.name == "logit_adjust" and cv.CVConfig().model.head == "tsp"
+    for path in (cv.DEMO_CONFIG, cv.DEMO_CONFIG.parents[2] / "configs" / "cv_synth_full.yaml"):
+        cfg = cv.load_config(load_yaml(path))
+        assert (cfg.model.head, cfg.loss.name) == ("tsp", "logit_adjust"), path

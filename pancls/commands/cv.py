@@ -22,12 +22,13 @@ from pancls.config import apply_flags, apply_overrides, load_yaml
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (default: the packaged CPU demo recipe)")
+    p.add_argument("--config", type=Path, help="YAML recipe (default: the packaged CPU demo recipe; with --resume, "
+                   "the run's own configs/config.yaml)")
     p.add_argument("--manifest", help="dataset manifest CSV (default: the synthetic demo cohort)")
     p.add_argument("--folds", type=int, help="number of outer folds (default 4)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based); merge with `pancls report RUN`")
     p.add_argument("--head", help="tsp (default), softmax, cosine")
-    p.add_argument("--loss", help="ce, focal, cb, ldam, logit_adjust, balanced_softmax")
+    p.add_argument("--loss", help="logit_adjust (default), ce, focal, cb, ldam, balanced_softmax")
     p.add_argument("--epochs", type=int, help="training epochs per fold")
     p.add_argument("--seed", type=int, help="split and training seed")
     p.add_argument("--device", help="auto, cpu or cuda")
@@ -45,9 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from pancls.cv import DEMO_CONFIG, load_config
+    """The recipe (--config, else the packaged demo) with the flags on top; ``--resume`` without ``--config``
+    re-reads the run's own ``configs/config.yaml``, so a run resumes as it was started whatever the defaults
+    are now (flags that change it are still refused by the resume check)."""
+    from pancls.cv import DEMO_CONFIG, load_config, run_config_path
 
-    data = load_yaml(args.config if args.config else DEMO_CONFIG)
+    if args.config is None and args.resume and run_config_path(args.out).is_file():
+        data = load_yaml(run_config_path(args.out))
+    else:
+        data = load_yaml(args.config if args.config else DEMO_CONFIG)
     flags = {"data.manifest": args.manifest, "cv.folds": args.folds, "model.head": args.head,
              "loss.name": args.loss, "train.epochs": args.epochs, "train.seed": args.seed,
              "cv.seed": args.seed, "device": args.device}
