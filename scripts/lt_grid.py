@@ -12,7 +12,10 @@ Example (the reduced CPU protocol of the README):
 
 ``--pairs softmax:tsp_kernel_s16 ...`` adds a paired table (issue 16): for each pair ``A:B`` run with the same
 seeds (same data order and initialisation), the per-seed top-1 difference A - B, its mean with a 95 % paired t
-interval and the sign test over seeds (:mod:`pancls.eval.paired`).
+interval and the sign test over seeds (:mod:`pancls.eval.paired`); ``--figure PNG`` draws them, a line per seed.
+``--kept bench/results/<grid>`` reports from the committed results of finished cells and trains nothing:
+    python scripts/lt_grid.py --config configs/lt_cpu_reduced.yaml --kept bench/results/issue16_r20_e36 \
+        --variants softmax tsp_kernel_s16 --seeds 0 1 2 --pairs softmax:tsp_kernel_s16 --figure pairs.png
 """
 from __future__ import annotations
 
@@ -88,6 +91,9 @@ def cell_name(dataset: str, ratio: float, name: str, seed: int) -> str:
 
 
 def run_cell(args, dataset: str, ratio: float, name: str, seed: int) -> dict | None:
+    if args.kept:  # report only: the committed results.json of each finished cell, nothing trains
+        kept = args.kept / f"{cell_name(dataset, ratio, name, seed)}.json"
+        return json.loads(kept.read_text()) if kept.is_file() else None
     head, loss, extra = variant(name)
     values = {"{out}": str(args.out), "{dataset}": dataset, "{ratio}": f"{ratio:g}", "{seed}": str(seed)}
     if any("{first_milestone}" in item for item in extra):
@@ -142,6 +148,23 @@ def paired_rows(cells: dict, pairs, datasets, ratios, seeds) -> list:
     return rows
 
 
+def paired_panels(cells: dict, pairs, datasets, ratios, seeds, label: str | None = None) -> list:
+    """The panels of :func:`pancls.report.figures.paired_seeds_png`, one per pair (and dataset x ratio) with
+    at least one seed where both ran; ``label`` (the protocol, e.g. "36 epochs") heads each panel's title."""
+    panels = []
+    for dataset in datasets:
+        for ratio in ratios:
+            for pair in pairs:
+                a, b = pair.split(":")
+                both = [s for s in seeds if cells.get((dataset, ratio, a, s)) and cells.get((dataset, ratio, b, s))]
+                if both:
+                    where = f"{dataset}-LT, IR {ratio:g}"
+                    panels.append({"title": f"{label} ({where})" if label else where, "a": a, "b": b, "seeds": both,
+                                   "a_values": [100 * cells[(dataset, ratio, a, s)]["top1"] for s in both],
+                                   "b_values": [100 * cells[(dataset, ratio, b, s)]["top1"] for s in both]})
+    return panels
+
+
 def _print_table(header, rows) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -152,8 +175,11 @@ def _print_table(header, rows) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", type=Path, help="the dataset (needed unless --kept)")
+    p.add_argument("--out", type=Path, help="folder of the cells' runs (needed unless --kept)")
+    p.add_argument("--kept", type=Path, metavar="DIR",
+                   help="report only, from the finished cells' results.json kept as DIR/<cell>.json (the committed "
+                        "bench/results/<grid>/); nothing trains")
     p.add_argument("--datasets", nargs="+", default=["cifar10"])
     p.add_argument("--ratios", nargs="+", type=float, default=[100.0])
     p.add_argument("--variants", nargs="+", default=["softmax", "tsp_kernel"], choices=VARIANTS,
@@ -164,7 +190,15 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="extra override for every cell")
     p.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
                    help="paired differences A - B over the seeds (both variants must be in --variants)")
+    p.add_argument("--figure", type=Path, metavar="PNG", help="with --pairs: one panel per pair, a line per seed")
+    p.add_argument("--label", help="the protocol, at the head of each figure panel's title (e.g. '36 epochs')")
     args = p.parse_args()
+    if not args.kept and (args.data is None or args.out is None):
+        p.error("--data and --out are needed to run cells (or give --kept DIR to report kept results)")
+    if args.kept and not args.kept.is_dir():
+        p.error(f"--kept {args.kept}: not a folder")
+    if args.figure and not args.pairs:
+        p.error("--figure draws the --pairs: give at least one A:B")
     for pair in args.pairs:
         names = pair.split(":")
         if len(names) != 2 or any(n not in args.variants for n in names):
@@ -192,6 +226,14 @@ def main() -> int:
         print()
         _print_table(("dataset", "IR", "A - B", "per seed (points)", "mean", "95 % paired t interval", "sign test",
                       "seeds"), paired_rows(by_key, args.pairs, args.datasets, args.ratios, args.seeds))
+    if args.figure:
+        from pancls.report.figures import paired_seeds_png
+
+        panels = paired_panels(by_key, args.pairs, args.datasets, args.ratios, args.seeds, args.label)
+        if not panels:
+            print(f"no pair has a seed where both ran: {args.figure} not written", file=sys.stderr)
+            return 1
+        print(f"figure: {paired_seeds_png(panels, args.figure)}", file=sys.stderr)
     return 0
 
 

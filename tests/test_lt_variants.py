@@ -3,6 +3,8 @@ passes the strict config schema, and builds its model and loss."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,50 @@ def test_every_variant_is_a_valid_recipe(name, tmp_path):
             assert torch.equal(net.backbone.state_dict()[key], value), key
         assert net.backbone_frozen and not any(p.requires_grad for p in net.backbone.parameters())
         assert all(p.requires_grad for p in net.head.parameters())
+
+
+def _kept_cell(folder: Path, name: str, seed: int, top1: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{lt_grid.cell_name('cifar10', 100, name, seed)}.json").write_text(json.dumps({
+        "top1": top1, "many_shot_top1": top1 + 0.05, "medium_shot_top1": top1 - 0.2, "few_shot_top1": None,
+        "provenance": {"device": "cpu", "epochs": 36, "seed": seed}}))
+
+
+def test_kept_results_report_pairs_and_figure_without_training(tmp_path, monkeypatch, capsys):
+    """--kept reads the committed results, trains nothing, prints the paired table (hand-computed: differences
+    +2, +4, +3 points -> mean +3.0, t interval 3 -/+ 4.303 * 1 / sqrt 3 = [+0.5, +5.5]) and draws the figure;
+    a seed with only one side is left out of the pair."""
+    kept = tmp_path / "kept"
+    for seed, (a, b) in enumerate([(0.60, 0.58), (0.62, 0.58), (0.61, 0.58)]):
+        _kept_cell(kept, "softmax", seed, a)
+        _kept_cell(kept, "tsp_kernel_s16", seed, b)
+    _kept_cell(kept, "softmax", 3, 0.9)  # no tSP partner
+    monkeypatch.setattr(lt_grid.subprocess, "run", lambda *a, **k: pytest.fail("--kept must not train"))
+    figure = tmp_path / "pairs.png"
+    monkeypatch.setattr(sys, "argv", ["lt_grid", "--config", str(ROOT / "configs" / "lt_cpu_reduced.yaml"),
+                                      "--kept", str(kept), "--variants", "softmax", "tsp_kernel_s16",
+                                      "--seeds", "0", "1", "2", "3", "--pairs", "softmax:tsp_kernel_s16",
+                                      "--figure", str(figure), "--label", "36 epochs"])
+    assert lt_grid.main() == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "softmax - tsp_kernel_s16" in line)
+    assert "+2.0, +4.0, +3.0" in row and "| +3.0 |" in row and "[+0.5, +5.5]" in row and "| 0,1,2 |" in row
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grid_needs_data_and_out_unless_kept(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lt_grid", "--config", str(ROOT / "configs" / "lt_cpu_reduced.yaml")])
+    with pytest.raises(SystemExit) as exc:
+        lt_grid.main()
+    assert exc.value.code == 2 and "--kept" in capsys.readouterr().err
+
+
+def test_paired_figure_refuses_unequal_seeds(tmp_path):
+    from pancls.report.figures import paired_seeds_png
+
+    with pytest.raises(ValueError, match="equally long"):
+        paired_seeds_png([{"title": "t", "a": "A", "b": "B", "seeds": [0, 1], "a_values": [1, 2],
+                           "b_values": [1]}], tmp_path / "f.png")
+    with pytest.raises(ValueError, match="at least one"):
+        paired_seeds_png([], tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()

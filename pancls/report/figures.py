@@ -11,7 +11,9 @@ Every function writes ``path`` atomically (:func:`pancls.io.atomic_save`) and re
   before and optionally after temperature scaling (Guo et al., ICML 2017);
 * :func:`embedding_png`: 2-D t-SNE of the penultimate features (van der Maaten & Hinton, JMLR 2008),
   perplexity capped at ``(N - 1) / 3`` for small N; :func:`embeddings_side_by_side_png`: one such panel per
-  model, side by side.
+  model, side by side;
+* :func:`paired_seeds_png`: paired comparisons of two recipes over seeds, one panel per comparison, a line per
+  seed from A to B, titled with the mean difference and its 95 % paired t interval (:mod:`pancls.eval.paired`).
 """
 from __future__ import annotations
 
@@ -228,4 +230,41 @@ def embeddings_side_by_side_png(panels: Mapping[str, tuple], classes: Sequence[s
         y = np.asarray(y_true, dtype=np.int64)
         emb, title = _tsne(features, len(y), seed)
         _scatter_classes(ax, plt, emb, y, classes, f"{name}: {title}")
+    return _save(fig, path)
+
+
+def paired_seeds_png(panels: Sequence[Mapping], path, ylabel: str = "top-1 (%)") -> Path:
+    """One panel per paired comparison; each ``panels[i]`` maps ``title``, ``a`` and ``b`` (the two recipes'
+    labels), ``seeds``, ``a_values`` and ``b_values`` (one value per seed, same order). A grey line joins the two
+    values of each seed (labelled by its seed), the bars mark the means, and the panel's title gives A - B: the
+    mean difference with its 95 % paired t interval (:func:`pancls.eval.paired.paired_difference`), so a reader
+    sees at once whether every seed moves the same way."""
+    from pancls.eval.paired import paired_difference
+
+    if not panels:
+        raise ValueError("panels must hold at least one comparison")
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), dpi=120, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels, strict=False):  # spare axes are off
+        a, b, seeds = list(panel["a_values"]), list(panel["b_values"]), list(panel["seeds"])
+        if not len(a) == len(b) == len(seeds):
+            raise ValueError(f"{panel['title']}: a_values, b_values and seeds must be equally long; got "
+                             f"{len(a)}, {len(b)} and {len(seeds)}")
+        r = paired_difference(a, b)
+        for seed, va, vb in zip(seeds, a, b, strict=True):
+            ax.plot([0, 1], [va, vb], color="0.6", marker="o", zorder=1)
+            ax.annotate(f"s{seed}", (1, vb), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7,
+                        color="0.4")
+        for x, values, colour in ((0, a, "tab:blue"), (1, b, "tab:orange")):
+            ax.hlines(float(np.mean(values)), x - 0.12, x + 0.12, colors=colour, linewidth=3, zorder=2)
+        ax.set_xticks([0, 1], [panel["a"], panel["b"]], fontsize=8)
+        ax.set_xlim(-0.35, 1.35)
+        interval = "" if r["lo"] is None else f" [{r['lo']:+.1f}, {r['hi']:+.1f}]"
+        ax.set_title(f"{panel['title']}\nA - B = {r['mean']:+.1f}{interval}, n = {r['n']}", fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
