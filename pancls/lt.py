@@ -184,7 +184,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     out_dir.mkdir(parents=True, exist_ok=True)
     refuse_unresumed(has_checkpoint, out_dir, resume)  # before config.yaml is written
     if ctx.is_main and not has_checkpoint:  # a resumed run keeps its config until fit() checked it
-        dump_yaml(cfg, out_dir / "config.yaml")
+        dump_yaml(cfg, run_config_path(out_dir))
     if ctx.is_main:
         atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes),
                                                      "train_counts": list(map(int, data.class_counts))})
@@ -204,7 +204,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     angles, nearest = mean_angle_to_other_centres(centres), min_angle_to_other_centres(centres)
     if not ctx.is_main:  # the same results on every rank; rank 0 writes them
         return {"reported": "last epoch", **final}
-    dump_yaml(cfg, out_dir / "config.yaml")  # a resumed run may have been given more epochs
+    dump_yaml(cfg, run_config_path(out_dir))  # a resumed run may have been given more epochs
     plot_crowding(nearest, data.class_counts, data.classes, out_dir / "crowding.png",
                   f"{_benchmark_name(cfg)}, head {cfg.model.head}, loss {cfg.loss.name}, "
                   f"{cfg.train.epochs} epochs, top-1 {final['top1']:.1%} (last epoch)", measure="min",
@@ -305,13 +305,18 @@ def inactive_keys(cfg: LTConfig) -> Dict[str, str]:
     return {f"train.{k}": reason for k, reason in train_inactive(cfg.train).items()}
 
 
+def run_config_path(out) -> Path:
+    """``RUN/config.yaml``: the resolved config of a run (what ``--resume`` alone and :func:`load_run` read)."""
+    return Path(out) / "config.yaml"
+
+
 def load_run(run_dir: Path):
     """Re-read a finished or interrupted run: ``(cfg, data, model)`` with the last checkpoint's weights."""
     from pancls.config import load_yaml
     from pancls.train.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
-    cfg = load_config(load_yaml(run_dir / "config.yaml"))
+    cfg = load_config(load_yaml(run_config_path(run_dir)))
     data, model, _ = _build(cfg, init_weights=False)  # the weights are last.pt's
     model.load_state_dict(load_checkpoint(run_dir / "last.pt")["model"])
     return cfg, data, model

@@ -115,6 +115,9 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     code, stdout, err = _run(absolute + ["--resume"], capsys)  # the same file typed absolute: the same run
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]
+    code, stdout, err = _run(["lt", "--out", str(out), "--resume"], capsys)  # the folder alone: its own config
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]
 
 
 def test_resume_of_a_run_that_stored_a_relative_path(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from pancls.config import apply_flags, apply_overrides, load_yaml
+from pancls.config import apply_flags, apply_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,15 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    """The recipe (--config, else the packaged demo) with the flags on top; ``--resume`` without ``--config``
-    re-reads the run's own ``configs/config.yaml``, so a run resumes as it was started whatever the defaults
-    are now (flags that change it are still refused by the resume check)."""
+    """The recipe (--config; with --resume the run's own configs/config.yaml; else the packaged demo) with the
+    flags on top (:func:`pancls.commands.common.starting_recipe`)."""
+    from pancls.commands.common import starting_recipe
     from pancls.cv import DEMO_CONFIG, load_config, run_config_path
 
-    if args.config is None and args.resume and run_config_path(args.out).is_file():
-        data = load_yaml(run_config_path(args.out))
-    else:
-        data = load_yaml(args.config if args.config else DEMO_CONFIG)
+    data = starting_recipe(args.config, args.resume, run_config_path(args.out), DEMO_CONFIG)
     flags = {"data.manifest": args.manifest, "cv.folds": args.folds, "model.head": args.head,
              "loss.name": args.loss, "train.epochs": args.epochs, "train.seed": args.seed,
              "cv.seed": args.seed, "device": args.device}

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pancls.commands.common import absolute_paths
-from pancls.config import apply_flags, apply_overrides, load_yaml
+from pancls.commands.common import absolute_paths, starting_recipe
+from pancls.config import apply_flags, apply_overrides
 
 #: The config defaults the flags fall back to without --config (pancls.lt.LTConfig's; a test keeps them equal,
 #: so that --help need not import torch to show them).
@@ -53,13 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.head_kwargs.form=paper (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="build data and model, print one JSON line, do not train")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(without --config: with the run's own config.yaml)")
 
 
 def build_config(args: argparse.Namespace):
-    from pancls.lt import load_config
+    from pancls.lt import load_config, run_config_path
 
-    data = load_yaml(args.config) if args.config else {}
+    data = starting_recipe(args.config, args.resume, run_config_path(args.out))  # --resume alone: the run's own
     flags = {
         "data.dataset": args.dataset, "data.imbalance_ratio": args.imbalance_ratio,
         "data.construction": args.construction, "data.path": args.data,
