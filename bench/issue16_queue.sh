@@ -4,7 +4,7 @@
 # cells and resumes a killed one from its last checkpoint (bit-exact).
 #   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
 # SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
-# have their last.pt), noaug (item 2), learnk (item 3: learned kappa), probe (item 3: seed 0 of a fixed scale
+# have their last.pt), noaug (item 2), noaug_la (item 2 with logit adjustment), learnk (item 3: learned kappa), probe (item 3: seed 0 of a fixed scale
 # matched to the cosine head and of the paper form with nu = 7, both + LA), paper (item 1's paper form), bf16check
 # (seed 0 of e36's softmax and tSP again with bf16 autocast, to compare with their float32 cells), e72 (item 1:
 # the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32 (item 1: full ResNet-32 at
@@ -72,6 +72,11 @@ section_noaug() {
     for v in softmax tsp_kernel_s16; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
   done
 }
+section_noaug_la() {
+  for seed in 0 1 2; do
+    for v in softmax_la tsp_kernel_la; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
+  done
+}
 section_learnk() {
   for seed in 0 1 2; do
     for v in tsp_kernel_learnk_la tsp_kernel_learnk; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
@@ -104,7 +109,7 @@ section_r32() {
     done
   done
 }
-for section in "${@:-e36 crt noaug learnk probe paper bf16check e72 r32}"; do
+for section in "${@:-e36 crt noaug noaug_la learnk probe paper bf16check e72 r32}"; do
   for name in $section; do "section_$name"; done
 done
 echo "issue16 queue: done"
