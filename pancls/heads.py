@@ -43,9 +43,9 @@ _HALF = (torch.float16, torch.bfloat16)
 def in_float32(forward):
     """Decorate a head's ``forward(features)`` to run in float32 with autocast off.
 
-    Half-precision features are cast to float32 (float64 stays float64) and every op of the head (including the matrix products that autocast
-    would lower to bf16/fp16) runs in float32, so the logits are float32. Outside autocast and with float32
-    features this is the identity: float32 training is unchanged bit for bit.
+    Half-precision features are cast to float32 (float64 stays float64) and every op of the head, including
+    the matrix products that autocast would lower to bf16/fp16, runs in float32, so the logits are float32.
+    Outside autocast and with float32 features this is the identity: float32 training is unchanged bit for bit.
     """
 
     @functools.wraps(forward)
