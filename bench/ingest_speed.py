@@ -104,16 +104,6 @@ def _pancls_cli(folder: Path, workers: int) -> float:
         return _timed_subprocess(argv + (["--workers", str(workers)] if workers else []), cwd=REPO)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_line() -> str:
     """CPU model, usable cores, load and the versions of the three readers: enough to compare runs."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -128,7 +118,9 @@ def machine_line() -> str:
         proc = subprocess.run(["dcm2niix", "--version"], capture_output=True, text=True)
         version = next((w for w in (proc.stdout + proc.stderr).split() if w.startswith("v1.")), "?")
         versions.append(f"dcm2niix {version}")
-    return (f"machine: {_cpu_model()}, {cores} cores usable ({os.cpu_count()} CPUs), load average {load}; "
+    from pancls.machine import cpu_model
+
+    return (f"machine: {cpu_model()}, {cores} cores usable ({os.cpu_count()} CPUs), load average {load}; "
             + ", ".join(versions))
 
 

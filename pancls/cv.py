@@ -26,7 +26,6 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -627,9 +626,9 @@ def _version() -> str:
 
 
 def _machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    from pancls.machine import describe
+
+    return describe("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def headline(s: Dict[str, Any], out: Path) -> str:

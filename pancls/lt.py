@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,12 +280,13 @@ def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> 
 
 def _provenance(device: torch.device, cfg: LTConfig, seconds: float) -> Dict[str, Any]:
     from pancls import __version__
+    from pancls.machine import describe as describe_machine
 
     config, inactive = dataclasses.asdict(cfg), inactive_keys(cfg)
     return {
         "pancls": __version__,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_machine(device),
         "seed": cfg.train.seed,
         "epochs": cfg.train.epochs,
         "wall_seconds_this_session": round(seconds, 1),

@@ -191,6 +191,8 @@ def main() -> int:
     p.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
                    help="paired differences A - B over the seeds (both variants must be in --variants)")
     p.add_argument("--figure", type=Path, metavar="PNG", help="with --pairs: one panel per pair, a line per seed")
+    p.add_argument("--no-published", dest="published", action="store_false",
+                   help="leave the published rows (Yang et al., Cao et al.) out of the table")
     p.add_argument("--label", help="the protocol, at the head of each figure panel's title (e.g. '36 epochs')")
     args = p.parse_args()
     if not args.kept and (args.data is None or args.out is None):
@@ -218,14 +220,18 @@ def main() -> int:
                              fmt([c["many_shot_top1"] for c in cells]), fmt([c["medium_shot_top1"] for c in cells]),
                              fmt([c["few_shot_top1"] for c in cells]),
                              f"{prov['device']}, {prov['epochs']} ep, seeds {','.join(str(c['provenance']['seed']) for c in cells)}"))
-            for name, value in PUBLISHED.get((dataset, int(ratio)), {}).items():
+            for name, value in (PUBLISHED.get((dataset, int(ratio)), {}) if args.published else {}).items():
                 rows.append((f"{dataset}-LT", f"{ratio:g}", name, f"{value:.1f}", "", "", "", "published, not run here"))
 
     _print_table(("dataset", "IR", "variant", "top-1 (last epoch)", "many", "medium", "few", "source"), rows)
     if args.pairs:
         print()
-        _print_table(("dataset", "IR", "A - B", "per seed (points)", "mean", "95 % paired t interval", "sign test",
-                      "seeds"), paired_rows(by_key, args.pairs, args.datasets, args.ratios, args.seeds))
+        pairs = paired_rows(by_key, args.pairs, args.datasets, args.ratios, args.seeds)
+        if pairs:
+            _print_table(("dataset", "IR", "A - B", "per seed (points)", "mean", "95 % paired t interval",
+                          "sign test", "seeds"), pairs)
+        else:
+            print("(no pair has both sides of a seed yet)")
     if args.figure:
         from pancls.report.figures import paired_seeds_png
 

@@ -1,0 +1,34 @@
+"""pancls.machine: the one-line description of what a result was computed on."""
+import platform
+
+import torch
+
+from pancls import machine
+
+
+def test_cpu_description_names_model_architecture_and_threads(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_model", lambda: "Test CPU 9000")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert machine.describe("cpu") == f"cpu (Test CPU 9000, {platform.machine()}, 3 threads)"
+
+
+def test_cpu_model_reads_cpuinfo_and_falls_back(monkeypatch, tmp_path):
+    real = machine.Path
+
+    class FakePath(type(real())):
+        def read_text(self, *a, **k):
+            if str(self) == "/proc/cpuinfo":
+                return "processor\t: 0\nmodel name\t: Fake Xeon 1234\nflags\t: avx\n"
+            return real.read_text(self, *a, **k)
+
+    monkeypatch.setattr(machine, "Path", FakePath)
+    assert machine.cpu_model() == "Fake Xeon 1234"
+
+    class Unreadable(type(real())):
+        def read_text(self, *a, **k):
+            raise OSError("no procfs")
+
+    monkeypatch.setattr(machine, "Path", Unreadable)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    assert machine.cpu_model() == "riscv64"
