@@ -126,42 +126,43 @@ def fmt(values) -> str:
     return f"{pct.mean():.1f}" if len(pct) == 1 else f"{pct.mean():.1f} ± {pct.std(ddof=1):.1f}"
 
 
-def paired_rows(cells: dict, pairs, datasets, ratios, seeds) -> list:
-    """Rows of the paired table: ``cells[(dataset, ratio, variant, seed)] -> results.json``."""
-    from pancls.eval.paired import paired_difference
-
-    rows = []
-    for dataset in datasets:
-        for ratio in ratios:
-            for pair in pairs:
-                a, b = pair.split(":")
-                both = [s for s in seeds if cells.get((dataset, ratio, a, s)) and cells.get((dataset, ratio, b, s))]
-                if not both:
-                    continue
-                r = paired_difference([100 * cells[(dataset, ratio, a, s)]["top1"] for s in both],
-                                      [100 * cells[(dataset, ratio, b, s)]["top1"] for s in both])
-                per_seed = ", ".join(f"{d:+.1f}" for d in r["differences"])
-                interval = "—" if r["lo"] is None else f"[{r['lo']:+.1f}, {r['hi']:+.1f}]"
-                sign = "—" if r["sign_test_p"] is None else f"{r['wins']}/{r['n']} seeds, p = {r['sign_test_p']:.2f}"
-                rows.append((f"{dataset}-LT", f"{ratio:g}", f"{a} - {b}", per_seed, f"{r['mean']:+.1f}", interval,
-                             sign, ",".join(map(str, both))))
-    return rows
-
-
-def paired_panels(cells: dict, pairs, datasets, ratios, seeds, label: str | None = None) -> list:
-    """The panels of :func:`pancls.report.figures.paired_seeds_png`, one per pair (and dataset x ratio) with
-    at least one seed where both ran; ``label`` (the protocol, e.g. "36 epochs") heads each panel's title."""
-    panels = []
+def _paired(cells: dict, pairs, datasets, ratios, seeds):
+    """For each pair ``A:B`` (and dataset x ratio) with at least one seed where both ran:
+    ``(dataset, ratio, A, B, seeds, A's top-1 %, B's top-1 %)``, the values in seed order.
+    ``cells[(dataset, ratio, variant, seed)]`` is a cell's results.json (None when it did not run)."""
     for dataset in datasets:
         for ratio in ratios:
             for pair in pairs:
                 a, b = pair.split(":")
                 both = [s for s in seeds if cells.get((dataset, ratio, a, s)) and cells.get((dataset, ratio, b, s))]
                 if both:
-                    where = f"{dataset}-LT, IR {ratio:g}"
-                    panels.append({"title": f"{label} ({where})" if label else where, "a": a, "b": b, "seeds": both,
-                                   "a_values": [100 * cells[(dataset, ratio, a, s)]["top1"] for s in both],
-                                   "b_values": [100 * cells[(dataset, ratio, b, s)]["top1"] for s in both]})
+                    yield (dataset, ratio, a, b, both, [100 * cells[(dataset, ratio, a, s)]["top1"] for s in both],
+                           [100 * cells[(dataset, ratio, b, s)]["top1"] for s in both])
+
+
+def paired_rows(cells: dict, pairs, datasets, ratios, seeds) -> list:
+    """Rows of the paired table (:mod:`pancls.eval.paired`), one per pair of :func:`_paired`."""
+    from pancls.eval.paired import paired_difference
+
+    rows = []
+    for dataset, ratio, a, b, both, a_values, b_values in _paired(cells, pairs, datasets, ratios, seeds):
+        r = paired_difference(a_values, b_values)
+        per_seed = ", ".join(f"{d:+.1f}" for d in r["differences"])
+        interval = "—" if r["lo"] is None else f"[{r['lo']:+.1f}, {r['hi']:+.1f}]"
+        sign = "—" if r["sign_test_p"] is None else f"{r['wins']}/{r['n']} seeds, p = {r['sign_test_p']:.2f}"
+        rows.append((f"{dataset}-LT", f"{ratio:g}", f"{a} - {b}", per_seed, f"{r['mean']:+.1f}", interval, sign,
+                     ",".join(map(str, both))))
+    return rows
+
+
+def paired_panels(cells: dict, pairs, datasets, ratios, seeds, label: str | None = None) -> list:
+    """The panels of :func:`pancls.report.figures.paired_seeds_png`, one per pair of :func:`_paired`; ``label``
+    (the protocol, e.g. "36 epochs") heads each panel's title."""
+    panels = []
+    for dataset, ratio, a, b, both, a_values, b_values in _paired(cells, pairs, datasets, ratios, seeds):
+        where = f"{dataset}-LT, IR {ratio:g}"
+        panels.append({"title": f"{label} ({where})" if label else where, "a": a, "b": b, "seeds": both,
+                       "a_values": a_values, "b_values": b_values})
     return panels
 
 

@@ -217,16 +217,23 @@ def embedding_png(features, y_true, classes: Sequence[str], path, seed: int = 0)
     return _save(fig, path)
 
 
+def _panel_grid(plt, n: int, cols: int, width: float, height: float):
+    """``(fig, axes)`` for ``n`` panels, ``cols`` to a row; ``axes`` holds the first ``n`` axes, the spare ones are
+    switched off."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=120, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
 def embeddings_side_by_side_png(panels: Mapping[str, tuple], classes: Sequence[str], path, seed: int = 0) -> Path:
     """One t-SNE panel per entry of ``panels`` (``name -> (features, y_true)``), two to a row, each titled by its
     name: the tSP paper's Fig. 5 layout, for comparing heads on the same images."""
     plt = _pyplot()
-    cols = min(2, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5.2 * rows), dpi=120, squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (name, (features, y_true)) in zip(axes.flat, panels.items(), strict=False):  # spare axes are off
+    fig, axes = _panel_grid(plt, len(panels), 2, 6.5, 5.2)
+    for ax, (name, (features, y_true)) in zip(axes, panels.items(), strict=True):
         y = np.asarray(y_true, dtype=np.int64)
         emb, title = _tsne(features, len(y), seed)
         _scatter_classes(ax, plt, emb, y, classes, f"{name}: {title}")
@@ -244,12 +251,8 @@ def paired_seeds_png(panels: Sequence[Mapping], path, ylabel: str = "top-1 (%)")
     if not panels:
         raise ValueError("panels must hold at least one comparison")
     plt = _pyplot()
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows), dpi=120, squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, panel in zip(axes.flat, panels, strict=False):  # spare axes are off
+    fig, axes = _panel_grid(plt, len(panels), 3, 3.6, 3.6)
+    for ax, panel in zip(axes, panels, strict=True):
         a, b, seeds = list(panel["a_values"]), list(panel["b_values"]), list(panel["seeds"])
         if not len(a) == len(b) == len(seeds):
             raise ValueError(f"{panel['title']}: a_values, b_values and seeds must be equally long; got "
