@@ -5,7 +5,8 @@
 #   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
 # SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
 # have their last.pt), noaug (item 2), noaug_la (item 2 with logit adjustment), learnk (item 3: learned kappa), probe (item 3: seed 0 of a fixed scale
-# matched to the cosine head and of the paper form with nu = 7, both + LA), paper (item 1's paper form), bf16check
+# matched to the cosine head and of the paper form with nu = 7, both + LA), nu7 (the paper form with nu = 7: its
+# other seeds, with LA and CE; never beside a queue running probe), paper (item 1's paper form), bf16check
 # (seed 0 of e36's softmax and tSP again with bf16 autocast, to compare with their float32 cells), e72 (item 1:
 # the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32 (item 1: full ResNet-32 at
 # 30 epochs, bf16 + channels-last, about 30 min a cell). Never run two queues on the same section at once: they
@@ -87,9 +88,12 @@ section_probe() {  # a recipe goes on to seeds 1-2 only if seed 0 is not clearly
   # seed 0 (Intel VM; the e36 cells of seed 0 ran on the AMD VM): fixed scale 16 + LA 68.6 and the paper form with
   # nu = 7 + LA 70.1, against tsp_kernel_la's 67.9 and softmax_la's 71.0: neither behind, so seeds 2 (the pair on
   # one machine) and 1 as well, nu = 7 first (nu was set a priori by matching the logit width, not tuned)
-  for seed in 2 1; do
-    for v in tsp_paper_nu7_la tsp_kernel_fix16_la; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
-  done
+  grid "${AUG[@]}" --variants tsp_paper_nu7_la --seeds 2
+  for seed in 2 1; do grid "${AUG[@]}" --variants tsp_kernel_fix16_la --seeds "$seed"; done
+}
+section_nu7() {  # the rest of the paper form with nu = 7: seed 1 with LA, and with CE on seeds 2, 0, 1
+  grid "${AUG[@]}" --variants tsp_paper_nu7_la --seeds 1
+  for seed in 2 0 1; do grid "${AUG[@]}" --variants tsp_paper_nu7 --seeds "$seed"; done
 }
 section_paper() {
   for seed in 0 1 2; do
@@ -115,7 +119,7 @@ section_r32() {
     done
   done
 }
-for section in "${@:-e36 crt noaug noaug_la learnk probe paper bf16check e72 r32}"; do
+for section in "${@:-e36 crt noaug noaug_la learnk probe nu7 paper bf16check e72 r32}"; do
   for name in $section; do "section_$name"; done
 done
 echo "issue16 queue: done"
