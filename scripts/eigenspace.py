@@ -53,6 +53,16 @@ def by_third(values: np.ndarray, counts) -> dict:
     return out
 
 
+def run_label(cfg) -> str:
+    """The head as a reader tells runs apart: ``softmax``, ``cosine``, ``tsp kernel``, ``tsp paper nu=7``."""
+    if cfg.model.head != "tsp":
+        return cfg.model.head
+    options = cfg.model.head_kwargs
+    form = options.get("form", "kernel")
+    extra = f" nu={options['nu']:g}" if form == "paper" and "nu" in options else ""
+    return f"tsp {form}{extra}"
+
+
 def stratified(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(labels == k))[:per_class] for k in np.unique(labels)]
@@ -77,7 +87,7 @@ def main() -> int:
         cfg, data, train, test, centres = embeddings(run)
         regions = angular_regions(train, data.train_labels, centres)
         results = json.loads((run / "results.json").read_text())
-        name = f"{cfg.model.head} + {cfg.loss.name} (s{cfg.train.seed})"
+        name = f"{run_label(cfg)} + {cfg.loss.name} (s{cfg.train.seed})"
         summary = {key: by_third(regions[key], data.class_counts) for key, _ in MEASURES}
         everything[run.name] = {"name": name, "top1": results["top1"], "dim": int(centres.shape[1]),
                                 "classes": list(data.classes), "train_counts": list(map(int, data.class_counts)),

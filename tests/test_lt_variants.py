@@ -102,3 +102,16 @@ def test_paired_figure_refuses_unequal_seeds(tmp_path):
     with pytest.raises(ValueError, match="at least one"):
         paired_seeds_png([], tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
+
+
+def test_eigenspace_labels_tell_the_tsp_forms_apart():
+    spec = importlib.util.spec_from_file_location("eigenspace", ROOT / "scripts" / "eigenspace.py")
+    eigenspace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eigenspace)
+    labels = []
+    for name in ("softmax_la", "tsp_kernel_la", "tsp_paper_la", "tsp_paper_nu7_la"):
+        head, loss, overrides = lt_grid.variant(name)
+        data = apply_overrides(load_yaml(ROOT / "configs" / "lt_cpu_reduced.yaml"),
+                               [f"model.head={head}", f"loss.name={loss}", *overrides])
+        labels.append(eigenspace.run_label(load_config(data)))
+    assert labels == ["softmax", "tsp kernel", "tsp paper", "tsp paper nu=7"]
