@@ -229,3 +229,28 @@ def test_clinical_default_loss_is_logit_adjustment():
     for path in (cv.DEMO_CONFIG, cv.DEMO_CONFIG.parents[2] / "configs" / "cv_synth_full.yaml"):
         cfg = cv.load_config(load_yaml(path))
         assert (cfg.model.head, cfg.loss.name) == ("tsp", "logit_adjust"), path
+
+
+def _cv_compare():
+    import importlib.util
+
+    path = cv.DEMO_CONFIG.parents[2] / "scripts" / "cv_compare.py"
+    spec = importlib.util.spec_from_file_location("cv_compare", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(_cv_compare().VARIANTS))
+def test_every_cv_compare_variant_builds_on_the_demo_recipe(name):
+    """scripts/cv_compare.py's variants are --head/--loss/--set on the demo recipe: each must pass the strict
+    schema and build its model, so that a comparison never dies at its fifth variant."""
+    from pancls.config import apply_flags, apply_overrides
+    from pancls.schemas import build_model_and_loss
+
+    head, loss, extra = _cv_compare().VARIANTS[name]
+    data = apply_overrides(apply_flags(load_yaml(cv.DEMO_CONFIG), {"model.head": head, "loss.name": loss}), extra)
+    cfg = cv.load_config(data)
+    model, criterion = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
+    x = torch.zeros(2, len(cfg.preprocess.windows), *cfg.preprocess.size)
+    assert model.eval()(x).shape == (2, 6) and (cfg.model.head, cfg.loss.name) == (head, loss)
