@@ -250,13 +250,15 @@ def paired_seeds_png(panels: Sequence[Mapping], path, ylabel: str = "top-1 (%)")
 
     if not panels:
         raise ValueError("panels must hold at least one comparison")
+    for panel in panels:  # before a figure exists
+        lengths = [len(panel[key]) for key in ("a_values", "b_values", "seeds")]
+        if len(set(lengths)) != 1:
+            raise ValueError(f"{panel['title']}: a_values, b_values and seeds must be equally long; got "
+                             f"{lengths[0]}, {lengths[1]} and {lengths[2]}")
     plt = _pyplot()
     fig, axes = _panel_grid(plt, len(panels), 3, 3.6, 3.6)
     for ax, panel in zip(axes, panels, strict=True):
         a, b, seeds = list(panel["a_values"]), list(panel["b_values"]), list(panel["seeds"])
-        if not len(a) == len(b) == len(seeds):
-            raise ValueError(f"{panel['title']}: a_values, b_values and seeds must be equally long; got "
-                             f"{len(a)}, {len(b)} and {len(seeds)}")
         r = paired_difference(a, b)
         for seed, va, vb in zip(seeds, a, b, strict=True):
             ax.plot([0, 1], [va, vb], color="0.6", marker="o", zorder=1)
