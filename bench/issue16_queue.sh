@@ -4,16 +4,16 @@
 # cells and resumes a killed one from its last checkpoint (bit-exact).
 #   nohup nice -n 10 bash bench/issue16_queue.sh [SECTION ...] > runs/issue16_queue.log 2>&1 &
 # SECTIONs, in this order by default: e36 (item 1), crt (item 3: cRT stage 2 on the e36 softmax cells that still
-# have their last.pt), noaug (item 2), noaug_la (item 2 with logit adjustment), learnk (item 3: learned kappa), probe (item 3: seed 0 of a fixed scale
-# matched to the cosine head and of the paper form with nu = 7, both + LA), nu7 (the paper form with nu = 7: its
-# other seeds, with LA and CE; never beside a queue running probe), paper (item 1's paper form), bf16check
-# (seed 0 of e36's softmax and tSP again with bf16 autocast, to compare with their float32 cells), e72 (item 1:
-# the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32 (item 1: full ResNet-32 at
-# 30 epochs, bf16 + channels-last, about 30 min a cell). Never run two queues on the same section at once: they
-# would train the same cell into the same folder.
-# bf16 autocast on this CPU (AMX) trains ResNet-20 x 0.5 1.8x and ResNet-32 2.6x (with channels-last) faster than float32
-# (bench/train_step.py, one thread, README); the heads always compute in float32 (pancls.heads.in_float32), and both sides
-# of every pair use the same precision.
+# have their last.pt), noaug (item 2), noaug_la (item 2 with logit adjustment), learnk (item 3: learned kappa),
+# probe (item 3: a fixed scale matched to the cosine head and the paper form with nu = 7, both + LA), nu7 (the
+# paper form with nu = 7: its other seeds, with LA and CE; never beside a queue running probe), paper (item 1's
+# paper form), bf16check (seed 0 of e36's softmax and tSP again with bf16 autocast, against their float32
+# cells), e72 (item 1: the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32
+# (item 1: full ResNet-32 at 30 epochs, bf16 + channels-last, about 30 min a cell). Never run two queues on the
+# same section at once: they would train the same cell into the same folder.
+# bf16 autocast on this CPU (AMX) trains ResNet-20 x 0.5 1.8x and ResNet-32 2.6x (with channels-last) faster
+# than float32 (bench/train_step.py, one thread, README); the heads always compute in float32
+# (pancls.heads.in_float32), and both sides of every pair use the same precision.
 # A development session's checkout starts without runs/: finished cells are kept in bench/results/<grid>/ (their
 # results.json, committed) and put back before the grid runs, so only an unfinished cell starts over.
 set -euo pipefail

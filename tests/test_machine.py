@@ -13,22 +13,9 @@ def test_cpu_description_names_model_architecture_and_threads(monkeypatch):
 
 
 def test_cpu_model_reads_cpuinfo_and_falls_back(monkeypatch, tmp_path):
-    real = machine.Path
-
-    class FakePath(type(real())):
-        def read_text(self, *a, **k):
-            if str(self) == "/proc/cpuinfo":
-                return "processor\t: 0\nmodel name\t: Fake Xeon 1234\nflags\t: avx\n"
-            return real.read_text(self, *a, **k)
-
-    monkeypatch.setattr(machine, "Path", FakePath)
-    assert machine.cpu_model() == "Fake Xeon 1234"
-
-    class Unreadable(type(real())):
-        def read_text(self, *a, **k):
-            raise OSError("no procfs")
-
-    monkeypatch.setattr(machine, "Path", Unreadable)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Fake Xeon 1234\nflags\t: avx\n")
+    assert machine.cpu_model(cpuinfo) == "Fake Xeon 1234"
     monkeypatch.setattr(platform, "processor", lambda: "")
     monkeypatch.setattr(platform, "machine", lambda: "riscv64")
-    assert machine.cpu_model() == "riscv64"
+    assert machine.cpu_model(tmp_path / "no_procfs") == "riscv64"
