@@ -105,17 +105,25 @@ section_bf16check() {
 }
 # the lr steps at 160/200 and 180/200 of the run, as in LDAM-DRW (a later --epochs/--set overrides E36's)
 section_e72() {
-  for seed in 0 1 2; do
-    for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do
-      grid "${E72[@]}" --variants "$v" --seeds "$seed" --epochs 72 --set 'train.milestones=[58,65]' "${BF16[@]}"
+  # the most telling pair first (each head's best recipe at 36 epochs: softmax + LA and the paper form with
+  # nu = 7 + LA), over all seeds; then the same two with CE; then the kernel form
+  local pair seed v
+  for pair in "softmax_la tsp_paper_nu7_la" "softmax tsp_paper_nu7" "tsp_kernel_la tsp_kernel_s16"; do
+    for seed in 0 1 2; do
+      for v in $pair; do
+        grid "${E72[@]}" --variants "$v" --seeds "$seed" --epochs 72 --set 'train.milestones=[58,65]' "${BF16[@]}"
+      done
     done
   done
 }
-section_r32() {
-  for seed in 0 1 2; do
-    for v in softmax tsp_kernel_s16 softmax_la tsp_kernel_la; do
-      grid "${R32[@]}" --variants "$v" --seeds "$seed" --epochs 30 --set 'train.milestones=[24,27]' \
-        --set model.backbone=resnet32_cifar --set 'model.backbone_kwargs={}' "${BF16[@]}" --set train.channels_last=true
+section_r32() {  # in the order of section_e72
+  local pair seed v
+  for pair in "softmax_la tsp_paper_nu7_la" "softmax tsp_paper_nu7" "tsp_kernel_la tsp_kernel_s16"; do
+    for seed in 0 1 2; do
+      for v in $pair; do
+        grid "${R32[@]}" --variants "$v" --seeds "$seed" --epochs 30 --set 'train.milestones=[24,27]' \
+          --set model.backbone=resnet32_cifar --set 'model.backbone_kwargs={}' "${BF16[@]}" --set train.channels_last=true
+      done
     done
   done
 }

@@ -47,7 +47,12 @@ class Registry:
     def create(self, name: str, **kwargs: Any) -> Any:
         """Build ``name`` with ``kwargs``. Options are bound to the factory's signature first, so an unknown or
         missing option is a :class:`UserError` naming the accepted ones, while a ``TypeError`` raised inside
-        the factory (a bug) keeps its traceback."""
+        the factory (a bug) keeps its traceback. An unknown option is an
+        :class:`~pancls.validation.InvalidParameter` whose ``where`` is that option, so that a config boundary
+        names it by its key (``model.head_kwargs.form``: a recipe's options for one head, kept under
+        ``--head`` naming another)."""
+        from pancls.validation import InvalidParameter
+
         factory = self.get(name)
         signature = inspect.signature(factory)
         accepted = [p.name for p in signature.parameters.values()
@@ -55,11 +60,12 @@ class Registry:
         try:
             signature.bind(**kwargs)
         except TypeError as exc:
+            listed = f"; accepted: {', '.join(accepted) or 'none'}"
             unknown = [k for k in kwargs if k not in signature.parameters]
             if unknown:
-                hint = "".join(_suggest(k, accepted) for k in unknown[:1])
-                reason = f"unknown option(s) {', '.join(map(repr, unknown))}{hint}"
-            else:
-                reason = str(exc)
-            raise UserError(f"{self.kind} {name!r}: {reason}; accepted: {', '.join(accepted) or 'none'}") from None
+                hint = _suggest(unknown[0], accepted)
+                others = f" (and {', '.join(map(repr, unknown[1:]))})" if unknown[1:] else ""
+                raise InvalidParameter(f"not an option of {self.kind} {name!r}{hint}{others}{listed}",
+                                       unknown[0]) from None
+            raise UserError(f"{self.kind} {name!r}: {exc}{listed}") from None
         return factory(**kwargs)

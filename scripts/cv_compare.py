@@ -26,11 +26,13 @@ VARIANTS = {
     "softmax_la": ("softmax", "logit_adjust", []),
     "cosine": ("cosine", "ce", []),
     "cosine_la": ("cosine", "logit_adjust", []),
-    "tsp": ("tsp", "ce", []),
+    "tsp": ("tsp", "ce", []),  # the kernel form (TSPHead's default)
     "tsp_la": ("tsp", "logit_adjust", []),
-    # the paper form with nu = 7 (its logit width matched to the cosine head's; issue 16's best tSP recipe on
-    # CIFAR-10-LT, configs/lt_variants/tsp_paper_nu7_la.yaml)
-    "tsp_paper_nu7_la": ("tsp", "logit_adjust", ["model.head_kwargs.form=paper", "model.head_kwargs.nu=7.0"]),
+    # the paper form with nu = 7 (pancls.heads.tsp_paper_nu7: its logit width matched to the cosine head's),
+    # issue 16's best tSP recipe and the clinical default; the same network as head tsp with
+    # model.head_kwargs {form: paper, nu: 7.0}, the spelling of the results kept before the preset existed
+    "tsp_paper_nu7": ("tsp_paper_nu7", "ce", []),
+    "tsp_paper_nu7_la": ("tsp_paper_nu7", "logit_adjust", []),
 }
 
 

@@ -26,6 +26,7 @@ import torch
 from pancls.data import augment
 from pancls.eval.crowding import angular_regions
 from pancls.eval.diagnostics import class_terciles, extract_features
+from pancls.heads import HEADS, TSPHead
 from pancls.lt import load_run
 
 MEASURES = (("angle_to_centre_deg", "angle to own centre"), ("spread_deg", "spread"),
@@ -54,13 +55,13 @@ def by_third(values: np.ndarray, counts) -> dict:
 
 
 def run_label(cfg) -> str:
-    """The head as a reader tells runs apart: ``softmax``, ``cosine``, ``tsp kernel``, ``tsp paper nu=7``."""
-    if cfg.model.head != "tsp":
+    """The head as a reader tells runs apart: ``softmax``, ``cosine``, ``tsp kernel``, ``tsp paper nu=7``
+    (read from the head the config builds, so a preset and its spelled-out options get one label)."""
+    head = HEADS.create(cfg.model.head, in_features=2, num_classes=2, **cfg.model.head_kwargs)
+    if not isinstance(head, TSPHead):
         return cfg.model.head
-    options = cfg.model.head_kwargs
-    form = options.get("form", "kernel")
-    extra = f" nu={options['nu']:g}" if form == "paper" and "nu" in options else ""
-    return f"tsp {form}{extra}"
+    extra = f" nu={head.nu:g}" if head.form == "paper" and head.nu != 1 else ""
+    return f"tsp {head.form}{extra}"
 
 
 def stratified(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:

@@ -134,6 +134,11 @@ def test_refusals_are_one_line_exit_2(cohort, tmp_path, capsys):
     assert main(base + ["--folds", "5"]) == 2
     err = capsys.readouterr().err
     assert "5 folds need at least 5 patients" in err and "CP 4" in err
+    # a recipe's tSP options kept under --head softmax: named by their key, before anything is written
+    assert main(base + ["--head", "softmax", "--set", "model.head_kwargs={form: paper, nu: 7.0}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.head_kwargs.form: not an option of head 'softmax' (and 'nu')" in err and "\n" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_run_folder_of_another_manifest_is_refused(cohort, tmp_path, finished):
@@ -222,13 +227,23 @@ def test_resume_without_config_rereads_the_runs_own_config(finished, tmp_path, c
     assert len(err) == 1 and "config differs" in err[0] and str(run) in err[0]
 
 
-def test_clinical_default_loss_is_logit_adjustment():
-    """Issue 16's evidence sets the clinical defaults: the tSP head (the method under test) with logit adjustment,
-    in the dataclass default and in both shipped full-cohort recipes that a user starts from."""
-    assert cv.CVConfig().loss.name == "logit_adjust" and cv.CVConfig().model.head == "tsp"
+def test_clinical_defaults_follow_issue_16():
+    """Issue 16's evidence sets the clinical defaults: a tSP head (the method under test) in its best measured
+    form, the paper form with nu = 7, with logit adjustment, in the dataclass default and in both shipped
+    full-cohort recipes that a user starts from; and --head softmax works on each (no tSP-only options)."""
+    from pancls.config import apply_flags
+    from pancls.heads import TSPHead
+    from pancls.schemas import build_model_and_loss
+
+    expected = ("tsp_paper_nu7", "logit_adjust")
+    assert (cv.CVConfig().model.head, cv.CVConfig().loss.name) == expected
     for path in (cv.DEMO_CONFIG, cv.DEMO_CONFIG.parents[2] / "configs" / "cv_synth_full.yaml"):
         cfg = cv.load_config(load_yaml(path))
-        assert (cfg.model.head, cfg.loss.name) == ("tsp", "logit_adjust"), path
+        assert (cfg.model.head, cfg.loss.name) == expected, path
+        model, _ = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
+        assert isinstance(model.head, TSPHead) and (model.head.form, model.head.nu) == ("paper", 7.0)
+        softmax = cv.load_config(apply_flags(load_yaml(path), {"model.head": "softmax"}))
+        build_model_and_loss(cv.resolve_model(softmax), softmax.loss, [315, 82, 60, 45, 20, 8])
 
 
 def _cv_compare():

@@ -305,3 +305,22 @@ def test_tsp_kernel_top_logit_is_not_quantised_by_autocast():
     scale = float(head.scale)
     expected = 2 * scale / (1 + 16.0 * (1 - math.cos(angle)))
     assert top == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_nu7_preset_is_the_paper_form_with_nu_7_bit_for_bit():
+    """``tsp_paper_nu7`` builds exactly ``TSPHead(form="paper", nu=7)``: the same parameters from the same seed
+    (so runs of either spelling are the same network), and ``nu`` is its name's, not an option."""
+    torch.manual_seed(3)
+    preset = HEADS.create("tsp_paper_nu7", in_features=12, num_classes=5, dim=8)
+    torch.manual_seed(3)
+    spelled = HEADS.create("tsp", in_features=12, num_classes=5, dim=8, form="paper", nu=7.0)
+    assert (preset.form, preset.nu) == ("paper", 7.0)
+    assert preset.state_dict().keys() == spelled.state_dict().keys()
+    assert all(torch.equal(preset.state_dict()[k], spelled.state_dict()[k]) for k in preset.state_dict())
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(preset(x), spelled(x), rtol=0, atol=0)
+    # the logit width nu * log((1 + gamma) / gamma) at gamma = 0.01: 32.3, a cosine head's 2 s at s = 16
+    assert 7.0 * math.log(1.01 / 0.01) == pytest.approx(32.3, abs=0.05)
+    with pytest.raises(UserError, match=r"^nu: not an option of head 'tsp_paper_nu7'") as info:
+        HEADS.create("tsp_paper_nu7", in_features=12, num_classes=5, nu=1.0)
+    assert info.value.where == "nu"

@@ -114,4 +114,6 @@ def test_eigenspace_labels_tell_the_tsp_forms_apart():
         data = apply_overrides(load_yaml(ROOT / "configs" / "lt_cpu_reduced.yaml"),
                                [f"model.head={head}", f"loss.name={loss}", *overrides])
         labels.append(eigenspace.run_label(load_config(data)))
-    assert labels == ["softmax", "tsp kernel", "tsp paper", "tsp paper nu=7"]
+    preset = apply_overrides(load_yaml(ROOT / "configs" / "lt_cpu_reduced.yaml"), ["model.head=tsp_paper_nu7"])
+    labels.append(eigenspace.run_label(load_config(preset)))
+    assert labels == ["softmax", "tsp kernel", "tsp paper", "tsp paper nu=7", "tsp paper nu=7"]

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="dataset manifest CSV (default: the synthetic demo cohort)")
     p.add_argument("--folds", type=int, help="number of outer folds (default 4)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based); merge with `pancls report RUN`")
-    p.add_argument("--head", help="tsp (default), softmax, cosine")
+    p.add_argument("--head", help="tsp_paper_nu7 (default: the tSP paper form, nu = 7), tsp (its kernel form), "
+                   "softmax, cosine")
     p.add_argument("--loss", help="logit_adjust (default), ce, focal, cb, ldam, balanced_softmax")
     p.add_argument("--epochs", type=int, help="training epochs per fold")
     p.add_argument("--seed", type=int, help="split and training seed")

@@ -133,7 +133,8 @@ def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classe
                 raise UserError(f"this run was split with {key}={stored.get(key)}, not {value}; use a new --out "
                                 f"or the run's own setting", path)
         return stored
-    splits = make_splits(records, classes, folds, seed, inner_folds, root)
+    splits = make_splits(records, classes, folds, seed, inner_folds, root)  # a refusal here leaves no folder
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, splits)
     return splits
 

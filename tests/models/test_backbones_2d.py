@@ -64,7 +64,7 @@ def test_a_2d_classifier_with_a_tsp_head_trains_one_step():
 
 
 def test_unknown_options_are_refused_naming_the_accepted_ones():
-    with pytest.raises(UserError, match="unknown option.*'groups'.*accepted: in_channels, widen_factor, cardinality"):
+    with pytest.raises(UserError, match="groups: not an option of backbone 'resnext50_32x4d'; accepted: in_channels, widen_factor, cardinality"):
         BACKBONES.create("resnext50_32x4d", groups=32)
     with pytest.raises(UserError, match="cardinality"):
         BACKBONES.create("resnext50_32x4d", cardinality=0)
