@@ -10,6 +10,12 @@ Fold-parallel: --jobs N trains N folds at once on the CPU (one process each, cor
 --gpus 0,1,2,3 trains one fold per listed GPU. The parent writes splits.json once, merges when every fold is
 done, and names a failed fold with its last error line (the other folds still finish; --resume retrains only
 unfinished folds). See pancls/cv_parallel.py.
+
+Typical use:
+  pancls cv --folds 4 --out runs/cv-demo                             the synthetic demo cohort, CPU, minutes
+  pancls cv --config configs/cv_synth_full.yaml --manifest manifest.csv --out runs/cv   a hospital cohort (GPU)
+  pancls cv --resume --out runs/cv                                   continue a run from its own config
+  pancls cv ... --head softmax                                       the same folds with the linear softmax head
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, help="number of outer folds (default 4)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based); merge with `pancls report RUN`")
     p.add_argument("--head", help="tsp_paper_nu7 (default: the tSP paper form, nu = 7), tsp (its kernel form), "
-                   "softmax, cosine")
+                   "softmax (linear), cosine")
     p.add_argument("--loss", help="logit_adjust (default), ce, focal, cb, ldam, balanced_softmax")
     p.add_argument("--epochs", type=int, help="training epochs per fold")
     p.add_argument("--seed", type=int, help="split and training seed")

@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"n_max / n_min of the training set, e.g. 100 or 50; 1 = balanced ({_default('data.imbalance_ratio')})")
     p.add_argument("--construction", metavar="NAME",
                    help=f"ldam (the LDAM-DRW subset) or first ({_default('data.construction')})")
-    p.add_argument("--head", metavar="NAME", help=f"tsp, softmax (linear) or cosine ({_default('model.head')})")
+    p.add_argument("--head", metavar="NAME", help="tsp (kernel form), tsp_paper_nu7 (paper form, nu = 7), softmax "
+                   f"(linear) or cosine ({_default('model.head')})")
     p.add_argument("--loss", metavar="NAME",
                    help=f"ce, focal, cb, ldam, logit_adjust or balanced_softmax ({_default('loss.name')})")
     p.add_argument("--data", metavar="PATH",
