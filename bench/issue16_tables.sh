@@ -31,13 +31,17 @@ grid "cRT stage 2 on the frozen seed-s softmax backbone, 10 epochs, class-balanc
 grid "cRT stage 2, seeds 0-1 (stage 1 retrained on the Intel VM)" $R/issue16_r20_e36_crt crt "cRT" \
   --variants crt_softmax crt_tsp --seeds 0 1 --pairs crt_softmax:crt_tsp
 grid "Recipes for tSP (item 3), 36 epochs, against tSP + LA and softmax + LA" $R/issue16_r20_e36 recipes "36 ep" \
-  --variants softmax_la tsp_kernel_la tsp_kernel_learnk_la tsp_kernel_learnk tsp_kernel_fix16_la tsp_paper \
-  tsp_paper_la tsp_paper_nu7_la --seeds 0 1 2 --pairs tsp_kernel_la:tsp_kernel_learnk_la \
-  tsp_kernel_la:tsp_kernel_fix16_la softmax_la:tsp_kernel_fix16_la tsp_kernel_la:tsp_paper_la \
-  tsp_kernel_la:tsp_paper_nu7_la softmax_la:tsp_paper_nu7_la
+  --variants softmax softmax_la tsp_kernel_s16 tsp_kernel_la tsp_kernel_learnk_la tsp_kernel_learnk \
+  tsp_kernel_fix16_la tsp_paper tsp_paper_la tsp_paper_nu7 tsp_paper_nu7_la --seeds 0 1 2 \
+  --pairs tsp_kernel_la:tsp_kernel_learnk_la tsp_kernel_la:tsp_kernel_fix16_la softmax_la:tsp_kernel_fix16_la \
+  tsp_kernel_la:tsp_paper_la tsp_kernel_la:tsp_paper_nu7_la softmax_la:tsp_paper_nu7_la \
+  tsp_kernel_s16:tsp_paper_nu7 softmax:tsp_paper_nu7
 grid "bf16 autocast, 36 epochs, seed 0 (against the float32 cells of the first table)" $R/issue16_r20_e36_bf16 \
   bf16 "36 ep, bf16" --variants softmax tsp_kernel_s16 --seeds 0 --pairs softmax:tsp_kernel_s16
-grid "Reduced protocol, 72 epochs, bf16" $R/issue16_r20_e72_bf16 e72 "72 ep, bf16" "${MAIN[@]}"
-grid "ResNet-32, 30 epochs, bf16 + channels-last" $R/issue16_r32_e30_bf16 r32 "ResNet-32, 30 ep, bf16" "${MAIN[@]}"
+# the longer runs: each head's best recipe at 36 epochs first (bench/issue16_queue.sh runs them first)
+LONG=(--variants softmax_la tsp_paper_nu7_la softmax tsp_paper_nu7 tsp_kernel_la tsp_kernel_s16 --seeds 0 1 2
+      --pairs softmax_la:tsp_paper_nu7_la softmax:tsp_paper_nu7 softmax_la:tsp_kernel_la softmax:tsp_kernel_s16)
+grid "Reduced protocol, 72 epochs, bf16" $R/issue16_r20_e72_bf16 e72 "72 ep, bf16" "${LONG[@]}"
+grid "ResNet-32, 30 epochs, bf16 + channels-last" $R/issue16_r32_e30_bf16 r32 "ResNet-32, 30 ep, bf16" "${LONG[@]}"
 mv "$OUT.tmp" "$OUT"
 echo "wrote $OUT"
