@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Callable, Dict, List
 
 from pancls.errors import UserError
+from pancls.validation import InvalidParameter
 from pancls.validation import suggest as _suggest
 
 
@@ -51,8 +52,6 @@ class Registry:
         :class:`~pancls.validation.InvalidParameter` whose ``where`` is that option, so that a config boundary
         names it by its key (``model.head_kwargs.form``: a recipe's options for one head, kept under
         ``--head`` naming another)."""
-        from pancls.validation import InvalidParameter
-
         factory = self.get(name)
         signature = inspect.signature(factory)
         accepted = [p.name for p in signature.parameters.values()
