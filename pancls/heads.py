@@ -11,7 +11,12 @@ name      head
 linear    :class:`LinearHead`, the plain softmax classifier ``W x + b`` (alias ``softmax``)
 cosine    :class:`CosineHead`, cosine (vMF) softmax ``s * cos(w_k, x)``
 tsp       :class:`TSPHead`, the T-distributed spherical classifier (AAAI 2023), two forms
+tsp_p...  :func:`tsp_paper_nu7`, the preset ``TSPHead(form="paper", nu=7)``: the clinical default
 ========  =====================================================================================
+
+``summary()`` gives what a head learned in numbers: its scale, gamma or kappa and its logit width (the span
+between a logit at ``cos = 1`` and one at ``cos = -1``, which bounds how confident it can be); ``pancls lt``
+writes it into ``results.json``.
 
 Every head computes in float32, also inside a bf16/fp16 autocast region (:func:`in_float32`): the angular
 heads read a cosine next to 1, where bf16 has a step of 2^-8; a tSP kernel logit ``2 s / (1 + kappa (1 - cos))``
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +105,12 @@ class LinearHead(nn.Linear):
         """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
         return F.normalize(features, dim=1)
 
+    @torch.no_grad()
+    def summary(self) -> Dict[str, Any]:
+        """What the head learned, in numbers (see :meth:`TSPHead.summary`): a linear head's logits are unbounded,
+        so only its weight rows' mean norm."""
+        return {"head": "linear", "weight_norm_mean": float(self.weight.norm(dim=1).mean())}
+
 
 class CosineHead(nn.Module):
     """Cosine (von Mises-Fisher) softmax: ``logit_k = s * cos(w_k, x) = s * w_k . x / (||w_k|| ||x||)``.
@@ -145,6 +157,12 @@ class CosineHead(nn.Module):
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
         return F.normalize(features, dim=1)
+
+    @torch.no_grad()
+    def summary(self) -> Dict[str, Any]:
+        """The scale ``s`` and the logit width ``2 s`` (logits in ``[-s, s]``)."""
+        scale = float(self.scale)
+        return {"head": "cosine", "scale": scale, "logit_width": 2.0 * scale}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, scale={self.scale.item():.4g}, "
@@ -301,6 +319,22 @@ class TSPHead(nn.Module):
     def centres(self) -> torch.Tensor:
         """Unit class centres ``mu_k / ||mu_k||``, ``(K, dim)``, detached."""
         return F.normalize(self.mu, dim=1)
+
+    @torch.no_grad()
+    def summary(self) -> Dict[str, Any]:
+        """The learned scalars and the logit width, the difference between a logit at ``cos = 1`` and one at
+        ``cos = -1`` (what bounds how confident the head can be; a cosine head's is ``2 s``)::
+
+            kernel:  2 s - 2 s / (1 + 2 kappa)
+            paper:   nu * log((1 + gamma) / gamma)
+        """
+        if self.form == "kernel":
+            scale, kappa = float(self.scale), float(self.kappa)
+            return {"head": "tsp", "form": "kernel", "scale": scale, "kappa": kappa,
+                    "logit_width": 2.0 * scale - 2.0 * scale / (1.0 + 2.0 * kappa)}
+        gamma = float(self.gamma)
+        return {"head": "tsp", "form": "paper", "nu": self.nu, "gamma": gamma,
+                "logit_width": self.nu * math.log((1.0 + gamma) / gamma)}
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, num_classes={self.num_classes}, dim={self.dim}, form={self.form!r}"

@@ -215,6 +215,7 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
         **final,
         "crowding_mean_angle_deg": [float(a) for a in angles],
         "crowding_min_angle_deg": [float(a) for a in nearest],
+        "head": model.head.summary(),  # the learned scale / gamma / kappa and the logit width (pancls.heads)
         "class_counts": [int(c) for c in data.class_counts],
         "classes": list(data.classes),
         "best_epoch_on_test_set__not_reported": result.best_epoch_metrics,

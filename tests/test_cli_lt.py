@@ -1,5 +1,6 @@
 """`pancls lt` end to end: dry run on the real CIFAR-10 copy, and one clear line for every bad input."""
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from pancls.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(argv, capsys):
@@ -98,6 +101,18 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     assert (out / "crowding.png").read_bytes()[:4] == b"\x89PNG"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert "head: tsp" in (out / "config.yaml").read_text()
+    # the learned scale of the kernel form, as the last checkpoint holds it (s = 1 + softplus(rho))
+    rho = torch.load(out / "last.pt", weights_only=False)["model"]["head.rho"]
+    scale = 1 + torch.nn.functional.softplus(rho).item()
+    assert results["head"] == pytest.approx({"head": "tsp", "form": "kernel", "scale": scale, "kappa": 16.0,
+                                             "logit_width": 2 * scale - 2 * scale / 33})
+    # scripts/head_summary.py reads the same from the run folder (for runs older than the "head" entry)
+    spec = importlib.util.spec_from_file_location("head_summary", ROOT / "scripts" / "head_summary.py")
+    head_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head_summary)
+    row = head_summary.summarise(out)
+    assert row.pop("run") == "run" and row.pop("epochs_done") == 1 and row.pop("loss") == "logit_adjust"
+    assert row.pop("epochs") == 1 and row == pytest.approx(results["head"])
     inactive = results["provenance"]["inactive"]  # warmup_epochs 0, sampler none, progress false: idle keys
     assert {"train.warmup", "train.sampler_start_epoch", "train.progress_steps"} <= set(inactive)
     assert "warmup" not in results["provenance"]["config"]["train"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pancls.errors import UserError
 from pancls.eval.diagnostics import centre_parameter
-from pancls.heads import GAMMA_MIN, HEADS, CosineHead, TSPHead
+from pancls.heads import GAMMA_MIN, HEADS, CosineHead, LinearHead, TSPHead, tsp_paper_nu7
 
 TSP_FORMS = ("kernel", "paper")
 
@@ -210,6 +210,8 @@ def test_registry_builds_every_head_with_unit_centres(name):
     assert centres.shape[0] == 7 and centres.shape[1] == (head.dim if isinstance(head, TSPHead) else 20)
     torch.testing.assert_close(centres.norm(dim=1), torch.ones(7))
     assert not centres.requires_grad
+    summary = head.summary()
+    assert summary["head"] in HEADS.names() and all(isinstance(v, (str, float)) for v in summary.values())
 
 
 def test_unknown_form_names_form():
@@ -324,3 +326,29 @@ def test_the_nu7_preset_is_the_paper_form_with_nu_7_bit_for_bit():
     with pytest.raises(UserError, match=r"^nu: not an option of head 'tsp_paper_nu7'") as info:
         HEADS.create("tsp_paper_nu7", in_features=12, num_classes=5, nu=1.0)
     assert info.value.where == "nu"
+
+
+@pytest.mark.parametrize("name, options", [("cosine", {"scale": 9.0}), ("tsp", {"form": "kernel", "scale_init": 5.0}),
+                                           ("tsp", {"form": "paper", "gamma_init": 0.03}), ("tsp_paper_nu7", {})])
+def test_summary_logit_width_is_what_the_logits_span(name, options):
+    """summary()'s logit width is the logit of a feature on its centre minus that of the antipodal feature."""
+    head = HEADS.create(name, in_features=6, num_classes=3, **options)
+    if isinstance(head, TSPHead):
+        head = _identity_tsp(6, 3, **options) if name == "tsp" else tsp_paper_nu7(6, 3, dim=6, **options)
+        with torch.no_grad():
+            head.proj.weight.copy_(torch.eye(6))
+        centre = F.normalize(head.mu.detach(), dim=1)[0]
+    else:
+        centre = F.normalize(head.weight.detach(), dim=1)[0]
+    with torch.no_grad():
+        width = (head(centre[None]) - head(-centre[None]))[0, 0].item()
+    summary = head.summary()
+    assert summary["logit_width"] == pytest.approx(width, rel=1e-5)
+    if name == "tsp_paper_nu7":
+        assert (summary["form"], summary["nu"]) == ("paper", 7.0)
+        assert summary["logit_width"] == pytest.approx(7 * math.log(1.01 / 0.01), rel=1e-5)  # 32.3 at init
+
+
+def test_linear_summary_has_no_width():
+    head = LinearHead(5, 3)
+    assert set(head.summary()) == {"head", "weight_norm_mean"}
