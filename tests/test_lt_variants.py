@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,24 @@ _spec.loader.exec_module(lt_grid)
 def test_the_grid_knows_every_variant_file():
     assert lt_grid.VARIANTS == sorted(p.stem for p in (ROOT / "configs" / "lt_variants").glob("*.yaml"))
     assert {"softmax", "tsp_kernel_s16", "tsp_paper", "softmax_la", "tsp_kernel_la"} <= set(lt_grid.VARIANTS)
+
+
+def _shell_default(path: Path, name: str) -> list:
+    """The default of ``NAME=${NAME:-"a b c"}`` in a shell script, as a list of words."""
+    found = re.search(rf'^{name}=\$\{{{name}:-"([^"]*)"\}}', path.read_text(), flags=re.M)
+    assert found, f"no default for {name} in {path}"
+    return found.group(1).split()
+
+
+def test_the_gpu_script_and_the_queue_name_only_known_variants():
+    """A typo in a shell script's variant list would cost a GPU session or a night of CPU: they must exist."""
+    gpu = _shell_default(ROOT / "scripts" / "gpu_lt.sh", "VARIANTS")
+    assert gpu[:4] == ["softmax", "softmax_la", "tsp_paper_nu7", "tsp_paper_nu7_la"] and set(gpu) <= set(lt_grid.VARIANTS)
+    queue = (ROOT / "bench" / "issue16_queue.sh").read_text()
+    named = set(re.findall(r"--variants \"?([a-z0-9_]+)", queue)) | {
+        word for group in re.findall(r'for (?:v|pair) in ([^;]+);', queue) for word in re.findall(r"[a-z][a-z0-9_]+", group)}
+    named -= {"v", "pair", "seed"}
+    assert named and named <= set(lt_grid.VARIANTS), named - set(lt_grid.VARIANTS)
 
 
 def _stage1(folder: Path) -> dict:
