@@ -146,7 +146,10 @@ class CosineHead(nn.Module):
 
     @in_float32
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        return self.logit_of_cos(F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)))
+
+    def logit_of_cos(self, cos: torch.Tensor) -> torch.Tensor:
+        """The logit of a sample whose cosine to the class direction is ``cos``: ``s * cos``."""
         return self.scale * cos
 
     @torch.no_grad()
@@ -161,8 +164,7 @@ class CosineHead(nn.Module):
     @torch.no_grad()
     def summary(self) -> Dict[str, Any]:
         """The scale ``s`` and the logit width ``2 s`` (logits in ``[-s, s]``)."""
-        scale = float(self.scale)
-        return {"head": "cosine", "scale": scale, "logit_width": 2.0 * scale}
+        return {"head": "cosine", "scale": float(self.scale), "logit_width": _width(self)}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, scale={self.scale.item():.4g}, "
@@ -310,7 +312,10 @@ class TSPHead(nn.Module):
 
     @in_float32
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cos = self.cosines(features)
+        return self.logit_of_cos(self.cosines(features))
+
+    def logit_of_cos(self, cos: torch.Tensor) -> torch.Tensor:
+        """The logit of a sample whose embedding has cosine ``cos`` to the class centre (the class formulas)."""
         if self.form == "kernel":
             return 2.0 * self.scale / (1.0 + self.kappa * (1.0 - cos))
         return -self.nu * torch.log(self.gamma + 0.5 * (1.0 - cos))
@@ -329,12 +334,10 @@ class TSPHead(nn.Module):
             paper:   nu * log((1 + gamma) / gamma)
         """
         if self.form == "kernel":
-            scale, kappa = float(self.scale), float(self.kappa)
-            return {"head": "tsp", "form": "kernel", "scale": scale, "kappa": kappa,
-                    "logit_width": 2.0 * scale - 2.0 * scale / (1.0 + 2.0 * kappa)}
-        gamma = float(self.gamma)
-        return {"head": "tsp", "form": "paper", "nu": self.nu, "gamma": gamma,
-                "logit_width": self.nu * math.log((1.0 + gamma) / gamma)}
+            learned = {"form": "kernel", "scale": float(self.scale), "kappa": float(self.kappa)}
+        else:
+            learned = {"form": "paper", "nu": self.nu, "gamma": float(self.gamma)}
+        return {"head": "tsp", **learned, "logit_width": _width(self)}
 
     def extra_repr(self) -> str:
         text = f"in_features={self.in_features}, num_classes={self.num_classes}, dim={self.dim}, form={self.form!r}"
@@ -344,6 +347,12 @@ class TSPHead(nn.Module):
                     f"scale={self.scale.item():.4g}, learn_scale={learned}")
         learned = isinstance(self.theta, nn.Parameter)
         return text + f", gamma={self.gamma.item():.4g}, learn_gamma={learned}, nu={self.nu:g}"
+
+
+def _width(head: nn.Module) -> float:
+    """A head's logit width, ``logit(cos = 1) - logit(cos = -1)`` from its own ``logit_of_cos`` (in float64)."""
+    ends = head.logit_of_cos(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    return float(ends[0] - ends[1])
 
 
 def tsp_paper_nu7(in_features: int, num_classes: int, dim: int = 128, *, gamma_init: float | None = None,

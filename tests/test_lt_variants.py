@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,30 @@ def test_grid_needs_data_and_out_unless_kept(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         lt_grid.main()
     assert exc.value.code == 2 and "--kept" in capsys.readouterr().err
+
+
+def test_logit_profiles_follow_each_heads_formula(tmp_path):
+    """scripts/head_summary.py's profile is the head's own logit at each angle; the figure draws them from 0."""
+    from pancls.heads import HEADS
+    from pancls.report.figures import logit_profiles_png
+
+    spec = importlib.util.spec_from_file_location("head_summary", ROOT / "scripts" / "head_summary.py")
+    head_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head_summary)
+    paper = HEADS.create("tsp_paper_nu7", in_features=4, num_classes=3)
+    angles, logits = head_summary.profile(paper, points=7)
+    assert list(angles) == [0, 30, 60, 90, 120, 150, 180]
+    gamma = float(paper.gamma)
+    expected = [-7 * np.log(gamma + (1 - np.cos(np.radians(a))) / 2) for a in angles]
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    assert logits[0] - logits[-1] == pytest.approx(paper.summary()["logit_width"], rel=1e-6)
+    kernel = HEADS.create("tsp", in_features=4, num_classes=3, scale_init=4.0, kappa=2.0)
+    _, kernel_logits = head_summary.profile(kernel, points=3)  # 0, 90, 180 degrees
+    np.testing.assert_allclose(kernel_logits, [8.0, 8.0 / 3, 8.0 / 5], rtol=1e-6)
+    path = logit_profiles_png({"nu 7": (angles, logits)}, tmp_path / "p.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="at least one"):
+        logit_profiles_png({}, tmp_path / "q.png")
 
 
 def test_paired_figure_refuses_unequal_seeds(tmp_path):

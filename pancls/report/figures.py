@@ -273,3 +273,25 @@ def paired_seeds_png(panels: Sequence[Mapping], path, ylabel: str = "top-1 (%)")
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def logit_profiles_png(curves: Mapping[str, tuple], path, title: str = "") -> Path:
+    """How fast each head's logit falls with the angle to its class centre: ``curves`` maps a label to
+    ``(angles_deg, logits)``; each curve is drawn as ``logit(angle) - logit(0)``, so heads of different widths
+    share the axis (a head's ``logit_of_cos``, :mod:`pancls.heads`). A steep start spends the logit range on
+    samples already near their centre; a flat far field leaves hard samples little gradient."""
+    if not curves:
+        raise ValueError("curves must hold at least one head")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for label, (angles, logits) in curves.items():
+        logits = np.asarray(logits, dtype=float)
+        ax.plot(np.asarray(angles, dtype=float), logits - logits[0], label=label)
+    ax.set_xlabel("angle to the class centre (degrees)")
+    ax.set_ylabel("logit - logit at the centre")
+    ax.set_xlim(0, 180)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, path)
