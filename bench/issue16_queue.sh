@@ -8,8 +8,8 @@
 # probe (item 3: a fixed scale matched to the cosine head and the paper form with nu = 7, both + LA), nu7 (the
 # paper form with nu = 7: its other seeds, with LA and CE; never beside a queue running probe), paper (item 1's
 # paper form), bf16check (seed 0 of e36's softmax and tSP again with bf16 autocast, against their float32
-# cells), e72 (item 1: the reduced protocol at 72 epochs, bf16, about 25 min a cell on one free core), r32
-# (item 1: full ResNet-32 at 30 epochs, bf16 + channels-last, about 30 min a cell). Never run two queues on the
+# cells), e72 (item 1: the reduced protocol at 72 epochs, bf16, 16-20 min a cell beside another run), r32
+# (item 1: full ResNet-32 at 30 epochs, bf16 + channels-last, 19-29 min a cell). Never run two queues on the
 # same section at once: they would train the same cell into the same folder.
 # bf16 autocast on this CPU (AMX) trains ResNet-20 x 0.5 1.8x and ResNet-32 2.6x (with channels-last) faster
 # than float32 (bench/train_step.py, one thread, README); the heads always compute in float32
