@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pancls.errors import UserError
 from pancls.eval.diagnostics import centre_parameter
-from pancls.heads import GAMMA_MIN, HEADS, CosineHead, LinearHead, TSPHead, tsp_paper_nu7
+from pancls.heads import GAMMA_MIN, HEADS, CosineHead, LinearHead, TSPHead
 
 TSP_FORMS = ("kernel", "paper")
 
@@ -332,11 +332,11 @@ def test_the_nu7_preset_is_the_paper_form_with_nu_7_bit_for_bit():
                                            ("tsp", {"form": "paper", "gamma_init": 0.03}), ("tsp_paper_nu7", {})])
 def test_summary_logit_width_is_what_the_logits_span(name, options):
     """summary()'s logit width is the logit of a feature on its centre minus that of the antipodal feature."""
-    head = HEADS.create(name, in_features=6, num_classes=3, **options)
+    dim = {"dim": 6} if name.startswith("tsp") else {}
+    head = HEADS.create(name, in_features=6, num_classes=3, **dim, **options)
     if isinstance(head, TSPHead):
-        head = _identity_tsp(6, 3, **options) if name == "tsp" else tsp_paper_nu7(6, 3, dim=6, **options)
         with torch.no_grad():
-            head.proj.weight.copy_(torch.eye(6))
+            head.proj.weight.copy_(torch.eye(6))  # the identity projection: a feature on mu_k has cos_k = 1
         centre = F.normalize(head.mu.detach(), dim=1)[0]
     else:
         centre = F.normalize(head.weight.detach(), dim=1)[0]
