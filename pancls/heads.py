@@ -83,7 +83,21 @@ def _scalar(value: float, learnable: bool, module: nn.Module, name: str) -> None
         module.register_buffer(name, tensor)
 
 
-class LinearHead(nn.Linear):
+class _WeightRowDirections:
+    """The eigenspace API of a head whose class directions are its ``weight`` rows (linear, cosine): centres
+    ``w_k / ||w_k||`` and the features' own directions."""
+
+    @torch.no_grad()
+    def centres(self) -> torch.Tensor:
+        """Unit class directions, ``(K, in_features)``, detached."""
+        return F.normalize(self.weight, dim=1)
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
+        return F.normalize(features, dim=1)
+
+
+class LinearHead(_WeightRowDirections, nn.Linear):
     """Plain softmax classifier: ``logit_k = w_k . x + b_k``.
 
     Its centres are the normalised weight rows ``w_k / ||w_k||``.
@@ -97,22 +111,13 @@ class LinearHead(nn.Linear):
         return super().forward(features)
 
     @torch.no_grad()
-    def centres(self) -> torch.Tensor:
-        """Unit class directions, ``(K, in_features)``, detached."""
-        return F.normalize(self.weight, dim=1)
-
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
-        return F.normalize(features, dim=1)
-
-    @torch.no_grad()
     def summary(self) -> Dict[str, Any]:
         """What the head learned, in numbers (see :meth:`TSPHead.summary`): a linear head's logits are unbounded,
         so only its weight rows' mean norm."""
         return {"head": "linear", "weight_norm_mean": float(self.weight.norm(dim=1).mean())}
 
 
-class CosineHead(nn.Module):
+class CosineHead(_WeightRowDirections, nn.Module):
     """Cosine (von Mises-Fisher) softmax: ``logit_k = s * cos(w_k, x) = s * w_k . x / (||w_k|| ||x||)``.
 
     The softmax of these logits is the posterior of K vMF components with equal concentration ``s``
@@ -151,15 +156,6 @@ class CosineHead(nn.Module):
     def logit_of_cos(self, cos: torch.Tensor) -> torch.Tensor:
         """The logit of a sample whose cosine to the class direction is ``cos``: ``s * cos``."""
         return self.scale * cos
-
-    @torch.no_grad()
-    def centres(self) -> torch.Tensor:
-        """Unit class directions, ``(K, in_features)``, detached."""
-        return F.normalize(self.weight, dim=1)
-
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """The features' directions ``x / ||x||``, the space of :meth:`centres`."""
-        return F.normalize(features, dim=1)
 
     @torch.no_grad()
     def summary(self) -> Dict[str, Any]:
