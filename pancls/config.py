@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence, Type, TypeVar
 
 import yaml
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.validation import InvalidParameter, check_choice
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError as exc:
         raise UserError(f"cannot read config: not UTF-8 text (byte {exc.start}: {exc.reason})", path) from None
     except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read config: {str(exc).splitlines()[0]}", path) from None
+        raise UserError(f"cannot read config: {exception_text(exc, path)}", path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

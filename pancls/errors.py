@@ -24,6 +24,20 @@ def one_line(text: object, escape: bool = False) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in joined)
 
 
+def exception_text(exc: BaseException, *paths: str | os.PathLike) -> str:
+    """``"<Type>: <first line of its message>"`` (the type alone for an empty message), for a reason built from a
+    library's exception. Each of ``paths`` (as given and resolved) becomes ``<file>`` in it: readers such as
+    nibabel repeat the path in their messages, and a reason can reach output files (``pancls predict``'s error
+    column, ingest's inventory) where an input path, which may name the patient, must not; the
+    :class:`UserError` carrying the reason names the file in its ``where`` for the terminal."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    spelled = {os.fspath(p) for p in paths} | {os.path.abspath(os.fspath(p)) for p in paths}
+    for name in sorted((n for n in spelled if n), key=len, reverse=True):
+        text = text.replace(name, "<file>")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class UserError(Exception):
     """A problem with the user's input, reported as one line: ``<where>: <reason>``.
 

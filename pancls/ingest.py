@@ -317,19 +317,22 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
         raise UserError(f"unknown label key {label_key!r}; expected one of {', '.join(LABEL_KEYS)}", "--label-key")
     finder = (MaskFinder(None if masks is None else Path(masks), sheet)
               if masks is not None or (sheet is not None and sheet.has_mask_column) else None)
+    private = Path(out) / PRIVATE_DIR
+    if secret_file is not None:  # a refused secret file leaves no output folder behind
+        secret = load_or_create_secret(private, insecure=insecure_ids, file=secret_file)
     out = writable_folder(out)
     writable_folder(out / "images")
-    private = out / PRIVATE_DIR
     writable_folder(private, "private folder")
     os.chmod(private, 0o700)
-    secret = load_or_create_secret(private, insecure=insecure_ids, file=secret_file)
+    if secret_file is None:  # the dataset's own, in .private/ (made on first use)
+        secret = load_or_create_secret(private, insecure=insecure_ids)
     if config.selection.min_slices is None:
         config = dataclasses.replace(config, selection=dataclasses.replace(config.selection,
                                                                            min_slices=INGEST_MIN_SLICES))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
                sheet=sheet, masks=finder, label_key=label_key)
     with _exclusive(private), signals_unwind(), routed():
-        for folder in (out, out / "images"):
+        for folder in (out, out / "images", out / "masks", private):  # every folder ingest writes atomically into
             remove_stale_temps(folder)
         tmp = run.unpacked
         shutil.rmtree(tmp, ignore_errors=True)  # zip archives unpacked by a killed run

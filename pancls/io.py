@@ -72,6 +72,50 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def owned_temp_dir(prefix: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A private (0700) temporary folder ``<parent>/<prefix><random>``, removed when the block ends.
+
+    A process killed with SIGKILL cannot remove its folder (for ``pancls predict``: DICOM unpacked from a zip,
+    patient data), so on entry this removes the folders of the same ``prefix`` that belong to this user and that
+    no running process holds: each live folder is held by an exclusive ``flock`` on its ``.lock`` file, which the
+    kernel releases when its process dies (a pid test would not survive containers sharing a temp folder). A
+    folder without its lock file is left alone for a minute (its owner may be creating it). ``parent`` defaults
+    to the system temp folder."""
+    import fcntl
+    import shutil
+    import time
+
+    parent = Path(parent or tempfile.gettempdir())
+    for entry in parent.glob(f"{prefix}*"):
+        try:
+            if entry.is_symlink() or not entry.is_dir() or entry.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(entry / ".lock", os.O_RDWR)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - entry.stat().st_mtime > 60:
+                    shutil.rmtree(entry, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a running process's folder
+            os.close(fd)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        os.close(fd)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+
+
 def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create ``path`` (with parents) and check a file can be written in it; UserError naming it otherwise.
 
@@ -83,12 +127,23 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
         raise UserError(f"the {what} exists and is not a folder", path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".pancls-write-test.", dir=path)
+    except OSError as exc:
+        raise UserError(f"cannot write into the {what}: {exc.strerror or exc}", path) from None
+    _probe_write(path, f"the {what}")
+    return path
+
+
+def _probe_write(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: the only test that holds for root, read-only mounts, NFS and ACLs
+    (``os.access`` answers yes to root on a read-only filesystem)."""
+    from pancls.errors import UserError
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pancls-write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"cannot write into the {what}: {exc.strerror or exc}", path) from None
-    return path
+        raise UserError(f"cannot write into {what}: {exc.strerror or exc}", folder) from None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -115,6 +170,22 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """The JSON content of ``path``; a missing, unreadable or invalid file is a :class:`~pancls.errors.UserError`
+    naming it (``what``: what the file is, e.g. "run file"), so that a damaged run folder gives one line."""
+    from pancls.errors import UserError, exception_text
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} not found", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"the {what} is damaged: not valid JSON ({exception_text(exc, path)})", path) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the {what} ({exception_text(exc, path)})", path) from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` (made :func:`json_safe`) as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
@@ -134,8 +205,7 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "the folder") -
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} does not exist", folder)
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{what} is not writable", folder)
+    _probe_write(folder, what)
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:

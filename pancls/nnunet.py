@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.io import atomic_write_json, atomic_write_text
 
 FILE_ENDING = ".nii.gz"
@@ -230,4 +230,4 @@ def load_splits(path: Path) -> Tuple[Path, Dict[str, Any]]:
     except FileNotFoundError:
         raise UserError("not found (give a `pancls cv` run's splits.json)", path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read the splits ({type(exc).__name__}: {exc})", path) from None
+        raise UserError(f"cannot read the splits ({exception_text(exc, path)})", path) from None

@@ -29,7 +29,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 
 #: Relative tolerance on the training spacing range before a study is flagged (rounding of headers).
 SPACING_TOLERANCE = 0.05
@@ -110,6 +109,7 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     from pancls import __version__
     from pancls.config import load_yaml
     from pancls.cv import FOLD_DONE, load_config, resolve_model, run_config_path
+    from pancls.io import read_json
     from pancls.lt import resolve_device
     from pancls.models import create_model
     from pancls.train.checkpoint import load_checkpoint
@@ -121,14 +121,21 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     missing = [str(p.relative_to(run)) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"not a complete pancls cv run folder (missing {', '.join(missing)})", run)
-    metadata = json.loads((run / "configs" / "metadata.json").read_text(encoding="utf-8"))
+    metadata = read_json(run / "configs" / "metadata.json", "run's metadata")
+    if not isinstance(metadata, dict):
+        raise UserError("the run's metadata is damaged: not a JSON object", run / "configs" / "metadata.json")
     trained_with = metadata.get("pancls_version", "0")
     if _version_tuple(trained_with) > _version_tuple(__version__):
         raise UserError(f"the run was written by pancls {trained_with}, newer than this pancls {__version__}; "
                         "upgrade pancls to use it", run)
     config_text = run_config_path(run).read_bytes()
     cfg = load_config(load_yaml(run_config_path(run)))
-    classes = list(json.loads((run / "classes.json").read_text(encoding="utf-8"))["classes"])
+    classes = (read_json(run / "classes.json", "run's class list") or {})
+    classes = classes.get("classes") if isinstance(classes, dict) else None
+    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
+            or len(set(classes)) != len(classes)):
+        raise UserError("the run's class list is damaged: 'classes' must list two or more distinct names",
+                        run / "classes.json")
     if fold is not None and not 0 <= fold < cfg.cv.folds:
         raise UserError(f"the run has folds 0..{cfg.cv.folds - 1}, not {fold}", "--fold")
     wanted = [fold] if fold is not None else list(range(cfg.cv.folds))
@@ -142,7 +149,9 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     folds = []
     for k in wanted:
         fold_dir = run / f"fold_{k}"
-        record = json.loads((fold_dir / FOLD_DONE).read_text(encoding="utf-8"))
+        record = read_json(fold_dir / FOLD_DONE, "fold record")
+        if not isinstance(record, dict):
+            raise UserError("the fold record is damaged: not a JSON object", fold_dir / FOLD_DONE)
         name = fold_checkpoint(fold_dir, record)
         state = load_checkpoint(fold_dir / name, map_location="cpu")
         weights = state.get("model") if isinstance(state, dict) else None
@@ -150,7 +159,11 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
             raise UserError("not a pancls checkpoint (no 'model' state dict of tensors)", fold_dir / name)
         model = create_model(net_cfg.backbone, net_cfg.head, len(classes), backbone_kwargs=net_cfg.backbone_kwargs,
                              head_kwargs=net_cfg.head_kwargs)
-        result = model.load_state_dict(weights, strict=False)
+        try:
+            result = model.load_state_dict(weights, strict=False)
+        except RuntimeError as exc:  # a tensor of another shape (strict=False only forgives missing/extra keys)
+            raise UserError(f"the checkpoint does not fit the run's network ({exception_text(exc)})",
+                            fold_dir / name) from None
         if result.missing_keys or result.unexpected_keys:
             raise UserError(f"the checkpoint does not fit the run's network ({len(result.missing_keys)} missing "
                             f"keys, e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, "
@@ -266,7 +279,7 @@ def _manifest_studies(index: int, path: Path) -> List[Study]:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+        raise UserError(f"cannot read the CSV ({exception_text(exc, path)})", path) from None
     if "image" not in table.columns:
         raise UserError(f"a manifest for predict needs an 'image' column (found: {', '.join(table.columns)})", path)
     base = path.resolve().parent
@@ -293,8 +306,7 @@ def failure_text(exc: BaseException, where: bool = True) -> str:
     happened."""
     if isinstance(exc, UserError):
         return " ".join((str(exc) if where else exc.reason).split())
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"internal error ({type(exc).__name__}: {first}); please report it with the input's description"
+    return f"internal error ({exception_text(exc)}); please report it with the input's description"
 
 
 def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=None, policy=None,
@@ -341,7 +353,9 @@ def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=N
 
 
 def input_checksum(files: Sequence[Path]) -> str:
-    """sha256 over the bytes of the input files in sorted order (names are not hashed)."""
+    """sha256 over the bytes of the input files in sorted order (names are not hashed). An unkeyed digest of
+    files that carry the patient's name and UIDs: anyone holding the files can link a result to them, so it is
+    written only with the identifiers (``--keep-ids``)."""
     h = hashlib.sha256()
     for f in sorted(Path(f) for f in files):
         with open(f, "rb") as fh:
@@ -454,6 +468,7 @@ class Preprocessor:
 
         from pancls.ct.mask import onto_grid, read_mask
         from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
+        from pancls.ingest import MASK_REORIENTED
 
         labels, affine, _ = read_mask(mask)
         on, how = onto_grid(labels, affine, img.shape, img.affine, AFFINE_ATOL_MM)
@@ -462,7 +477,11 @@ class Preprocessor:
                             "drawn on this series", mask)
         out = nib.Nifti1Image(np.asarray(on, dtype=np.int16), img.affine, header=img.header)
         # noted unless the file as given is on the grid (a NIfTI with the image's shape and affine)
-        return self._loaded(out, "mask"), [] if grid_mismatch(img, mask) is None else ["mask_reoriented"]
+        notes = [] if grid_mismatch(img, mask) is None else [MASK_REORIENTED]
+        lost = int(np.count_nonzero(labels)) - int(np.count_nonzero(on))
+        if lost:  # marked beyond the image's extent: drawn on a longer series? (ingest notes it too)
+            notes.append(f"mask_voxels_outside_image:{lost}")
+        return self._loaded(out, "mask"), notes
 
     def __call__(self, volume, mask: Optional[Path]):
         """``(tensor (C, *size), notes)`` for one study."""
@@ -523,7 +542,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
                                 "model trained with roi 'centre'/'box'")
             volume = study.load()
             base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
-            base["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
+            if keep_ids:  # a digest of files that hold the patient's name and UIDs links a result to them
+                base["ids"]["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
             x, notes = pre(volume, study.mask)
             base["quality_flags"] += notes
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
@@ -546,7 +566,7 @@ def _base_fields(loaded: LoadedRun, study: Study, keep_ids: bool) -> Dict[str, A
         base["patient_id"] = study.patient_id
     if study.series:
         base["series"] = dict(study.series)
-    base.update(quality_flags=list(study.flags), input_sha256=None, model_id=loaded.model_id,
+    base.update(quality_flags=list(study.flags), model_id=loaded.model_id,
                 config_sha256=loaded.config_sha256, pancls_version=__version__,
                 mask_used=study.mask is not None and loaded.requires_mask)
     if keep_ids:
@@ -568,14 +588,14 @@ def _prediction(loaded: LoadedRun, out: Dict[str, np.ndarray], row: int) -> Dict
 
 # ------------------------------------------------------------------------------------------- output
 CSV_FIXED = ["input", "study", "kind", "patient_id", "status", "predicted", "agreement", "n_folds"]
-CSV_TAIL = ["quality_flags", "series_number", "input_sha256", "model_id", "config_sha256", "pancls_version", "error"]
+CSV_TAIL = ["quality_flags", "series_number", "model_id", "config_sha256", "pancls_version", "error"]
 
 
 def to_csv(results: Sequence[Dict[str, Any]], classes: Sequence[str]) -> str:
     buf = io.StringIO()
     columns = [*CSV_FIXED, *[f"p_{c}" for c in classes], *[f"spread_{c}" for c in classes], *CSV_TAIL]
     if any("ids" in r for r in results):
-        columns += ["source", "study_instance_uid", "series_instance_uid"]
+        columns += ["source", "study_instance_uid", "series_instance_uid", "input_sha256"]
     w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in results:
@@ -595,10 +615,13 @@ def write_results(path: Path, loaded: LoadedRun, results: Sequence[Dict[str, Any
     from pancls.io import atomic_write_json, atomic_write_text
 
     path = Path(path)
-    if path.suffix.lower() == ".csv":
-        atomic_write_text(path, to_csv(results, loaded.classes))
-    else:
-        atomic_write_json(path, {"model": loaded.info(), "studies": list(results)})
+    try:
+        if path.suffix.lower() == ".csv":
+            atomic_write_text(path, to_csv(results, loaded.classes))
+        else:
+            atomic_write_json(path, {"model": loaded.info(), "studies": list(results)})
+    except OSError as exc:  # checked writable before any work; a full disk or a vanished folder since
+        raise UserError(f"cannot write the results ({exception_text(exc, path)})", path) from None
 
 
 def check_output_path(path: Optional[Path]) -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from pancls.io import atomic_save, atomic_write_json, atomic_write_text
+from pancls.io import atomic_save, atomic_write_json, atomic_write_text, owned_temp_dir, read_json
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -61,3 +61,47 @@ def test_json_safe_turns_numpy_and_torch_into_plain_json(tmp_path):
     assert json_safe(value) == expected and type(json_safe(value)["1"]) is int
     atomic_write_json(tmp_path / "x.json", value)
     assert json.loads((tmp_path / "x.json").read_text()) == expected
+
+
+def test_owned_temp_dir_removes_what_a_killed_process_left_and_spares_a_live_one(tmp_path):
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    # a process that made its folder, locked it and was killed with SIGKILL (the kernel dropped its lock)
+    code = ("import sys; from pancls.io import owned_temp_dir\n"
+            "with owned_temp_dir('pancls-x-', sys.argv[1]) as d:\n"
+            "    (d / 'slice.dcm').write_bytes(b'patient data'); print(d, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    killed = tmp_path / proc.stdout.readline().strip()
+    proc.kill()
+    proc.wait()
+    assert (killed / "slice.dcm").exists()
+    # a live one: its lock is held (here by an open file description of this process)
+    live = tmp_path / "pancls-x-live"
+    live.mkdir()
+    fd = os.open(live / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    other = tmp_path / "other-prefix-1"
+    other.mkdir()
+    try:
+        with owned_temp_dir("pancls-x-", tmp_path) as mine:
+            assert mine.is_dir() and oct(mine.stat().st_mode & 0o777) == "0o700"
+            assert not killed.exists() and live.is_dir() and other.is_dir()
+        assert not mine.exists()
+    finally:
+        os.close(fd)
+
+
+def test_read_json_names_the_file_and_the_problem(tmp_path):
+    from pancls.errors import UserError
+
+    bad = tmp_path / "fold.json"
+    bad.write_text('{"temperature": 1.')
+    with pytest.raises(UserError, match="fold record is damaged: not valid JSON") as info:
+        read_json(bad, "fold record")
+    assert info.value.where == str(bad) and str(tmp_path) not in info.value.reason
+    with pytest.raises(UserError, match="fold record not found"):
+        read_json(tmp_path / "absent.json", "fold record")

@@ -63,7 +63,7 @@ def test_the_ensemble_is_the_mean_of_the_folds(runs, ct_data, tmp_path, capsys):
     assert study["predicted"] == classes[int(per_fold.mean(0).argmax())]
     # the fields a reader needs, and the provenance
     assert study["status"] == "ok" and study["mask_used"] is True and study["n_folds"] == 4
-    assert len(study["input_sha256"]) == 64 and study["model_id"] == ens["model"]["model_id"]
+    assert study["model_id"] == ens["model"]["model_id"] and "ids" not in study
     assert ens["model"]["requires_mask"] is True and ens["model"]["checkpoints"][0].startswith("fold_0/")
     # the fixture is 3 mm isotropic, the tiny training cohort 4 x 4 x 4.5 mm: flagged
     assert any(f.startswith("spacing_outside_training_range") for f in study["quality_flags"])
@@ -133,10 +133,22 @@ def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, caps
         assert not leaked, leaked
         assert "gap of 25.00 mm" in text  # the reason is there, only the path is not
     assert "DOE_JOHN" in capsys.readouterr().err  # the operator's terminal names the folder
+    # nor a digest of the input files (they hold the name and UIDs: whoever has them could link the result)
+    from pancls.predict import input_checksum
+
+    digest = input_checksum([p for p in (series / "S21570" / "S2010").iterdir()])
+    assert digest not in (tmp_path / "plain.json").read_text() + (tmp_path / "plain.csv").read_text()
+    # a reader's message that repeats the path (nibabel's) loses it in the output files
+    empty = tmp_path / "DOE_JANE.nii.gz"
+    empty.write_bytes(b"")
+    out = tmp_path / "empty.json"
+    assert main(["predict", str(empty), "--model", str(runs["centre"]), "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "DOE_JANE" not in text and "cannot read NIfTI" in text and "<file>" in text, text
     keep = tmp_path / "keep.json"
     assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(keep), "--keep-ids"]) == 0
     kept = json.loads(keep.read_text())["studies"][0]["ids"]
-    assert kept["series_instance_uid"] in ids and kept["source"] == str(series)
+    assert kept["series_instance_uid"] in ids and kept["source"] == str(series) and kept["input_sha256"] == digest
 
 
 def test_the_sr_reads_back_with_codes_and_references(runs, ct_data, tmp_path, capsys):
@@ -209,6 +221,27 @@ def test_a_mask_on_another_grid_is_refused(runs, ct_data, tmp_path, capsys):
     assert "not on the image's voxel grid" in got["studies"][0]["error"]
 
 
+def test_a_mask_beyond_the_image_is_flagged_and_one_without_orientation_refused(runs, ct_data, tmp_path, capsys):
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    mask = nib.load(ct_data / "abdomen" / "pancreas_mask.nii.gz")
+    data = np.asarray(mask.dataobj)
+    longer = np.zeros(data.shape[:2] + (data.shape[2] + 3,), data.dtype)
+    longer[..., : data.shape[2]] = data
+    longer[:5, :5, -2:] = 1  # 50 voxels on two slices the image does not have
+    nib.save(nib.Nifti1Image(longer, mask.affine), tmp_path / "longer.nii.gz")
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "longer.nii.gz", "--model", runs["mask"])
+    assert code == 0 and "mask_voxels_outside_image:50" in got["studies"][0]["quality_flags"]
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", ct_data / "abdomen" / "pancreas_mask.nii.gz",
+                                "--model", runs["mask"])
+    assert code == 0 and not any(f.startswith("mask_") for f in got["studies"][0]["quality_flags"])
+    unknown = nib.Nifti1Image(data, mask.affine)
+    unknown.set_sform(None, code=0)
+    unknown.set_qform(None, code=0)
+    nib.save(unknown, tmp_path / "unknown.nii.gz")
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "unknown.nii.gz", "--model", runs["mask"])
+    assert code == 1 and "orientation is unknown" in got["studies"][0]["error"]
+
+
 def _shift(mm):
     m = np.zeros((4, 4))
     m[0, 3] = mm
@@ -223,7 +256,9 @@ def test_non_image_dicom_is_a_failed_row_not_a_crash(runs, ct_data, tmp_path, ca
     assert "no DICOM image series" in got["studies"][0]["error"]
 
 
-@pytest.mark.parametrize("damage", ["incomplete", "newer", "not_a_state_dict", "wrong_network"])
+@pytest.mark.parametrize("damage", ["incomplete", "newer", "not_a_state_dict", "wrong_network", "metadata_json",
+                                    "classes_json", "fold_json", "classes_not_a_list", "fewer_classes",
+                                    "empty_checkpoint"])
 def test_a_bad_model_folder_is_one_line_exit_2(runs, ct_data, tmp_path, capsys, damage):
     import torch
 
@@ -241,12 +276,27 @@ def test_a_bad_model_folder_is_one_line_exit_2(runs, ct_data, tmp_path, capsys, 
         torch.save({"model": [1, 2, 3]}, run / "fold_0" / "best.pt")
         torch.save({"model": [1, 2, 3]}, run / "fold_0" / "last.pt")
         expected = "not a pancls checkpoint"
-    else:
+    elif damage == "wrong_network":
         for name in ("best.pt", "last.pt"):
             state = torch.load(run / "fold_0" / name, weights_only=True)
             state["model"] = {k + ".extra": v for k, v in state["model"].items()}
             torch.save(state, run / "fold_0" / name)
         expected = "does not fit the run's network"
+    elif damage.endswith("_json"):  # a file cut short (a copy interrupted, a full disk)
+        file = {"metadata_json": run / "configs" / "metadata.json", "classes_json": run / "classes.json",
+                "fold_json": run / "fold_2" / "fold.json"}[damage]
+        file.write_text(file.read_text()[:10])
+        expected = "damaged: not valid JSON"
+    elif damage == "classes_not_a_list":
+        (run / "classes.json").write_text('{"classes": 3}')
+        expected = "class list is damaged"
+    elif damage == "fewer_classes":  # names that parse, but not the network's six outputs
+        (run / "classes.json").write_text('{"classes": ["PDAC", "IPMN", "CP"]}')
+        expected = "does not fit the run's network"
+    else:
+        for name in ("best.pt", "last.pt"):
+            (run / "fold_0" / name).write_bytes(b"")
+        expected = "checkpoint is damaged"
     out = tmp_path / "p.json"
     code = main(["predict", str(ct_data / "abdomen" / "example_ct_sm.nii.gz"), "--model", str(run), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -255,14 +305,16 @@ def test_a_bad_model_folder_is_one_line_exit_2(runs, ct_data, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("case", ["suffix", "missing_folder", "mask_with_two_inputs", "missing_input",
-                                  "sr_missing_parent"])
+                                  "sr_missing_parent", "unwritable_folder"])
 def test_bad_invocations_are_one_line_exit_2(runs, ct_data, tmp_path, capsys, case):
     image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
     args = {"suffix": [str(image), "--out", str(tmp_path / "p.txt")],
             "missing_folder": [str(image), "--out", str(tmp_path / "nope" / "p.json")],
             "mask_with_two_inputs": [str(image), str(image), "--mask", str(ct_data / "abdomen" / "pancreas_mask.nii.gz")],
             "missing_input": [str(tmp_path / "absent.nii.gz")],
-            "sr_missing_parent": [str(image), "--sr", str(tmp_path / "nope" / "sr")]}[case]
+            "sr_missing_parent": [str(image), "--sr", str(tmp_path / "nope" / "sr")],
+            # no one can create a file in /proc, root included (for whom os.access says yes)
+            "unwritable_folder": [str(image), "--out", "/proc/p.json"]}[case]
     code = main(["predict", *args, "--model", str(runs["centre"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("pancls predict: error:")

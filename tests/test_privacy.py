@@ -71,6 +71,19 @@ def test_ingest_refuses_an_empty_secret_unless_insecure(ct_data: Path, tmp_path:
     empty.write_text("")
     with pytest.raises(UserError, match="--insecure-ids"):
         ingest([ct_data / "jpeg2000"], tmp_path / "out", SHORT, progress=False, err=io.StringIO(), secret_file=empty)
+    assert not (tmp_path / "out").exists()  # the refusal came before any folder was made
     report = ingest([ct_data / "jpeg2000"], tmp_path / "out", SHORT, progress=False, err=io.StringIO(),
                     secret_file=empty, insecure_ids=True)
     assert report.converted == 1
+
+
+def test_a_rerun_removes_temporary_files_a_kill_left_in_every_folder_ingest_writes(ct_data: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    ingest([ct_data / "jpeg2000"], out, SHORT, progress=False, err=io.StringIO())
+    (out / "masks").mkdir()
+    left = [out / "masks" / ".case.nii.gz.0123abcd.tmp.nii.gz", out / ".private" / ".keys.csv.0123abcd.tmp.csv",
+            out / "images" / ".case.nii.gz.0123abcd.tmp.nii.gz", out / ".manifest.csv.0123abcd.tmp.csv"]
+    for file in left:
+        file.write_bytes(b"half")
+    ingest([ct_data / "jpeg2000"], out, SHORT, progress=False, err=io.StringIO())
+    assert [f for f in left if f.exists()] == []

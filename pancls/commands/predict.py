@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -41,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from pancls import predict
     from pancls.errors import UserError
     from pancls.ingest import load_config
+    from pancls.io import owned_temp_dir
 
     predict.check_output_path(args.out)
     if args.batch_size is not None and args.batch_size < 1:
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if message:  # the terminal gets the file too; output files only the reason (paths may identify)
             print(f"pancls predict: input {result['input']} ({study.kind}): {message}", file=err, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="pancls-predict-inputs-") as tmp:  # zip archives unpack here
+    with owned_temp_dir("pancls-predict-inputs-") as tmp:  # zip archives unpack here; a rerun removes a killed run's
         studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
                                           Path(tmp), progress=True)
         results = predict.predict(loaded, studies, keep_ids=args.keep_ids, batch_size=args.batch_size,

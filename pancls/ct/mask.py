@@ -22,8 +22,9 @@ import nibabel as nib
 import numpy as np
 
 from pancls.ct.itk import ITK_SUFFIXES, read_itk
+from pancls.ct.nifti import orientation_codes
 from pancls.ct.scan import NIFTI_SUFFIXES
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 
 MASK_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
@@ -47,6 +48,7 @@ def read_mask(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray, str]:
     try:
         if lower.endswith(NIFTI_SUFFIXES):
             img = nib.load(path)
+            orientation_codes(img, path)
             data, affine, kind = np.asanyarray(img.dataobj), np.asarray(img.affine, float), "nifti"
         elif lower.endswith(ITK_SUFFIXES):
             data, affine, kind = (*read_itk(path), "itk")
@@ -55,7 +57,7 @@ def read_mask(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray, str]:
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - each reader raises its own types for a bad file
-        raise UserError(f"cannot read the mask: {type(exc).__name__}: {exc}", path) from None
+        raise UserError(f"cannot read the mask: {exception_text(exc, path)}", path) from None
     data = np.asarray(data)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from pancls.ct.volume import INT16_MAX, INT16_MIN, Volume
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.io import atomic_save
 
 #: qform/sform code of every NIfTI pancls writes: 1, scanner anatomical coordinates
@@ -31,7 +31,7 @@ def load_nifti(path: str | os.PathLike) -> Volume:
     except FileNotFoundError:
         raise UserError("file not found", path) from None
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad or truncated file
-        raise UserError(f"cannot read NIfTI: {type(exc).__name__}: {exc}", path) from None
+        raise UserError(f"cannot read NIfTI: {exception_text(exc, path)}", path) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UserError(f"not a NIfTI image ({type(img).__name__})", path)
     shape = img.shape
@@ -39,16 +39,22 @@ def load_nifti(path: str | os.PathLike) -> Volume:
         shape = shape[:3]
     if len(shape) != 3:
         raise UserError(f"expected a 3D volume, got shape {tuple(img.shape)}", path)
-    header = img.header
-    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
-    if sform_code == 0 and qform_code == 0:
-        raise UserError("neither sform nor qform is set: the voxel-to-world orientation is unknown", path)
+    sform_code, qform_code = orientation_codes(img, path)
     affine = _checked_affine(img.affine, path)
     try:
         data = np.asarray(img.dataobj, dtype=np.float64).reshape(shape)
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt gzip streams surface here
-        raise UserError(f"cannot read voxel data: {type(exc).__name__}: {exc}", path) from None
+        raise UserError(f"cannot read voxel data: {exception_text(exc, path)}", path) from None
     return _hu_volume(data, affine, path, {"source": "nifti", "sform_code": sform_code, "qform_code": qform_code})
+
+
+def orientation_codes(img, path: Path) -> tuple[int, int]:
+    """``(sform_code, qform_code)`` of a NIfTI image; :class:`UserError` when both are 0 (nibabel then makes up
+    an affine from the voxel sizes alone: the orientation is unknown, not RAS)."""
+    sform_code, qform_code = int(img.header["sform_code"]), int(img.header["qform_code"])
+    if sform_code == 0 and qform_code == 0:
+        raise UserError("neither sform nor qform is set: the voxel-to-world orientation is unknown", path)
+    return sform_code, qform_code
 
 
 def load_image(path: str | os.PathLike) -> Volume:

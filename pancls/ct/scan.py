@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 from pancls.ct.capture import collecting
 from pancls.ct.functional import functional_value
 from pancls.ct.geometry import check_orientation, iop_normal, median, slice_normal
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.privacy import keyed_id, session_secret
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -356,7 +356,7 @@ def _extract_zip(path: Path, target: Path) -> None:
             zf.extractall(target)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
         # a corrupt member (zlib.error, CRC), unsupported compression or an encrypted member
-        raise UserError(f"bad zip archive: {type(exc).__name__}: {exc}", path) from None
+        raise UserError(f"bad zip archive: {exception_text(exc, path)}", path) from None
     except OSError as exc:
         raise UserError(f"cannot extract zip archive: {exc.strerror or exc}", path) from None
 
@@ -429,13 +429,14 @@ def _read_header(path: Path) -> Instance | SkippedFile:
     try:
         header = read_dicom_header(path)
     except Exception as exc:  # pydicom raises many types on corrupt input; the batch must go on
-        return SkippedFile(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})", problem=True)
+        return SkippedFile(path, f"unreadable DICOM header ({exception_text(exc, path)})", problem=True)
     try:
         return _instance(path, header)
     except _Skip as skip:
         return skip.file
     except Exception as exc:  # noqa: BLE001 - converting a damaged element raises anything
-        return SkippedFile(path, f"unreadable DICOM header value ({type(exc).__name__}: {exc})", problem=True)
+        return SkippedFile(path, f"unreadable DICOM header value ({exception_text(exc, path)})",
+                           problem=True)
 
 
 class _Skip(Exception):

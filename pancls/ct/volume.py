@@ -59,7 +59,7 @@ from pancls.ct.geometry import (
     resample_stack,
 )
 from pancls.ct.scan import PIXEL_DATA, Header, default_workers, parallel_map, read_dicom_header
-from pancls.errors import UserError, one_line
+from pancls.errors import UserError, exception_text, one_line
 from pancls.io import quiet_worker
 
 # GeometryPolicy is re-exported: callers configure build_volume from this one module.
@@ -303,7 +303,7 @@ def _read_header(path: Path) -> Header:
     try:
         return read_dicom_header(path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise UserError(f"cannot read DICOM file: {exc}", path) from None
+        raise UserError(f"cannot read DICOM file: {exception_text(exc, path)}", path) from None
 
 
 def _native_stored(fh: BinaryIO, ds: Dataset, value_length: int) -> np.ndarray:
@@ -398,7 +398,7 @@ def _decode_into(out: np.ndarray, path: Path, header: Header, targets: list[tupl
     try:
         pixels = stored() if stored is not None else _stored_values(path, header)
     except Exception as exc:  # noqa: BLE001 - any decoder failure on user data is a bad file, not a bug
-        raise UserError(f"cannot decode pixel data: {type(exc).__name__}: {exc}", path) from None
+        raise UserError(f"cannot decode pixel data: {exception_text(exc, path)}", path) from None
     pixels = pixels.reshape((-1,) + pixels.shape[-2:])
     if pixels.shape[1:] != targets[0][1].shape or len(pixels) <= max(fr.index for _, fr in targets):
         raise UserError(f"decoded pixel data has shape {pixels.shape}, the header says "

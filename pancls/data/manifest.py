@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pancls.data.classes import check_classes
-from pancls.errors import UserError, one_line
+from pancls.errors import UserError, exception_text, one_line
 
 REQUIRED_COLUMNS = ("patient_id", "image", "label")
 #: Image and mask must share the voxel grid; affines may differ by float noise from a NIfTI round trip.
@@ -286,7 +286,7 @@ def read_csv_rows(path: Path, what: str = "manifest", delimiter: str = ","
     except FileNotFoundError:
         raise UserError(f"{what} not found", path) from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"cannot read the {what}: {exc}", path) from None
+        raise UserError(f"cannot read the {what}: {exception_text(exc, path)}", path) from None
     if header is None:
         raise UserError(f"the {what} is empty (no header line)", path)
     return header, rows

@@ -54,7 +54,7 @@ def load_medicalnet_weights(net: nn.Module, path: str, depth: int) -> None:
     """Load a local MedicalNet-layout file into a MONAI ResNet (classification layer ignored), or refuse."""
     import torch
 
-    from pancls.errors import UserError
+    from pancls.errors import UserError, exception_text
     from pancls.models.weights import describe_mismatch
 
     try:
@@ -62,7 +62,7 @@ def load_medicalnet_weights(net: nn.Module, path: str, depth: int) -> None:
     except FileNotFoundError:
         raise UserError("pretrained weights file not found", path) from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"cannot read pretrained weights ({type(exc).__name__}: {str(exc).splitlines()[0]})", path) from None
+        raise UserError(f"cannot read pretrained weights ({exception_text(exc, path)})", path) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

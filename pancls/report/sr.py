@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 
 SCHEME = "99PANCLS"
 #: Type 2 attributes of the Patient and General Study modules emptied unless keep_ids.
@@ -108,7 +108,7 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
                 warnings.simplefilter("ignore", UserWarning)
                 sr = build_sr(study.dicom_headers, result, loaded.classes, loaded.model_id, keep_ids=keep_ids)
         except (ValueError, TypeError, AttributeError) as exc:
-            result["sr"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            result["sr"] = f"failed: {exception_text(exc)}"
             continue
         atomic_save(folder / name, lambda tmp, sr=sr: sr.save_as(tmp, enforce_file_format=True))
         result["sr"] = name

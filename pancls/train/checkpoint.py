@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping
 import numpy as np
 import torch
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.io import atomic_save
 
 
@@ -46,7 +46,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
-        raise UserError(f"checkpoint is damaged or not a pancls checkpoint ({str(exc).splitlines()[0]})", path) from None
+        raise UserError(f"checkpoint is damaged or not a pancls checkpoint ({exception_text(exc, path)})",
+                        path) from None
 
 
 def capture_rng_state() -> Dict[str, Any]:

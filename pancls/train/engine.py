@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from pancls import distributed
 from pancls.config import to_dict
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 from pancls.io import atomic_write_text, json_safe
 from pancls.train.checkpoint import (
     capture_rng_state,
@@ -381,7 +381,7 @@ class _Run:
             self.model.load_state_dict(ckpt["model"])
             self.loss_fn.load_state_dict(ckpt["loss"])
         except RuntimeError as exc:
-            raise UserError(f"the checkpoint does not fit this model or loss ({str(exc).splitlines()[0]})",
+            raise UserError(f"the checkpoint does not fit this model or loss ({exception_text(exc)})",
                             self.ckpt_path) from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
