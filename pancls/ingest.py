@@ -465,6 +465,7 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
     run.origin = result.origin
     jobs: List[Job] = []
     reasons_by_source: Dict[Path, List[str]] = {src: [] for src in sources}
+    refused_by_source: Dict[Path, int] = {src: 0 for src in sources}
     used_sources = set()
     unreadable: Dict[Path, List[str]] = {}
     for skip in result.skipped:
@@ -505,14 +506,17 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
                           "status": "refused" if skip.problem else "skipped", "reason": skip.reason})
         if skip.problem or src == skip.path:  # a damaged DICOM, or a file the user named that is unusable
             run.problem(skip.path, skip.reason)
+            refused_by_source[src] += 1
         else:
             report.skipped += 1
             reasons_by_source[src].append(skip.reason)
     for src in sources:
         if src.is_dir() and src not in used_sources:
             found = sorted(set(reasons_by_source[src]))
-            run.problem(src, "no usable series" + (f" (found: {'; '.join(found[:5])}"
-                                                   f"{'; ...' if len(found) > 5 else ''})" if found else " (no files)"))
+            refused = refused_by_source[src]
+            what = ([f"{refused} damaged file(s) refused, each named above"] if refused else []) + found[:5]
+            run.problem(src, "no usable series" + (f" (found: {'; '.join(what)}{'; ...' if len(found) > 5 else ''})"
+                                                   if what else " (no files)"))
     return jobs
 
 

@@ -361,3 +361,15 @@ def test_default_min_slices_skips_short_series_with_the_reason(ct_data: Path, ca
     assert any(r.startswith("10 slice(s), fewer than min_slices=20") for r in short)  # S2010
     assert any(r.startswith("1 slice(s), fewer than min_slices=20") for r in short)  # the JPEG 2000 study
     assert len(_csv(tmp_path / "out" / "manifest.csv")) == 1
+
+
+def test_a_folder_of_damaged_files_says_so_not_no_files(ct_data: Path, capsys, tmp_path: Path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("I10", "I20"):
+        data = (ct_data / "series_ct" / "S21570" / "S2010" / name).read_bytes()
+        (folder / name).write_bytes(data[:600])  # cut inside the header
+    code = main(["ingest", str(folder), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 3, err  # each damaged file, then the folder
+    assert "no usable series" in err[-1] and "2 damaged file(s) refused" in err[-1] and "no files" not in err[-1]

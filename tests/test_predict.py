@@ -188,8 +188,9 @@ def test_no_sr_for_an_anonymised_study_without_uids(runs, ct_data, tmp_path, cap
     # the abdominal fixture's UIDs are blanked: its SR could not be attached to any study
     code, got, captured = predict_json(tmp_path, capsys, ct_data / "abdomen" / "dicom_series", "--model",
                                        runs["centre"], "--sr", tmp_path / "sr")
-    assert code == 0 and got["studies"][0]["status"] == "ok"
+    assert code == 1 and got["studies"][0]["status"] == "ok"  # predicted, but an output asked for is missing
     assert got["studies"][0]["sr"].startswith("failed") and "StudyInstanceUID" in got["studies"][0]["sr"]
+    assert "1 DICOM SR(s) not written" in captured.err
     assert not list((tmp_path / "sr").glob("*.dcm"))
 
 

@@ -9,8 +9,8 @@ Typical use:
   pancls predict --model runs/cv ct.nii.gz --mask lesion.nii.gz          a mask-ROI model needs the mask
   pancls predict --model runs/cv /pacs/export/ --sr sr_out/               + one DICOM SR per study
 
-Exit status: 0 every study predicted, 1 some failed (one line each on stderr, and a row in the output),
-2 a problem with the command itself (model folder, output path, arguments).
+Exit status: 0 every study predicted (and, with --sr, its SR written), 1 some failed (one line each on stderr,
+and a row in the output), 2 a problem with the command itself (model folder, output path, arguments).
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
             from pancls.report.sr import write_study_srs
 
             write_study_srs(args.sr, loaded, studies, results, keep_ids=args.keep_ids)
-            for r in results:
-                if str(r.get("sr", "")).startswith("failed"):
-                    print(f"pancls predict: input {r['input']} study {r['study']}: DICOM SR {r['sr']}", file=err)
+    sr_failed = [r for r in results if str(r.get("sr", "")).startswith("failed")]  # asked for and not written
+    for r in sr_failed:
+        print(f"pancls predict: input {r['input']} study {r['study']}: DICOM SR {r['sr']}", file=err)
     if args.out is None:
         print(json.dumps({"model": loaded.info(), "studies": results}, indent=2))
     else:
@@ -77,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     failed = sum(r["status"] != "ok" for r in results)
     print(f"pancls predict: {len(results) - failed} of {len(results)} studies predicted"
-          + (f", {failed} failed" if failed else ""), file=err)
-    return 1 if failed else 0
+          + (f", {failed} failed" if failed else "") + (f"; {len(sr_failed)} DICOM SR(s) not written" if sr_failed
+                                                         else ""), file=err)
+    return 1 if failed or sr_failed else 0
