@@ -259,6 +259,10 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
         study.load = (lambda s=chosen: build_volume(s.paths, policy, headers=s.headers))
     if not studies:
         found = sorted({s.reason for s in result.skipped})
+        nifti = [p for p in source.rglob("*") if _is_nifti(p)] if source.is_dir() else []
+        if nifti:  # give NIfTI files themselves, or a manifest: a folder is read as a DICOM study
+            found.insert(0, f"{len(nifti)} NIfTI/NRRD/MetaImage file(s): give each as INPUT, or list them in a "
+                                 "manifest CSV")
         raise UserError("no DICOM image series found" + (f" ({'; '.join(found[:3])})" if found else ""), source)
     return studies
 
@@ -290,9 +294,11 @@ def _manifest_studies(index: int, path: Path) -> List[Study]:
         study = _nifti_study(index, image, mask, kind="manifest")
         study.study = number
         study.patient_id = row.get("patient_id") or None
-        for key, file in (("image", image), ("mask", mask)):
-            if file is not None and not file.is_file():
-                study.error = f"row {number + 1}: {key} file not found ({row[key]})"
+        missing = [(key, row[key]) for key, file in (("image", image), ("mask", mask))
+                   if file is not None and not file.is_file()]
+        if missing:  # the paths go to the terminal (where) only: a CSV's paths may name the patient
+            study.error = UserError(f"row {number + 1}: {' and '.join(k for k, _ in missing)} file(s) not found",
+                                    "; ".join(v for _, v in missing))
         studies.append(study)
     if not studies:
         raise UserError("the manifest has no rows", path)

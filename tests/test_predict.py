@@ -84,6 +84,25 @@ def test_a_mask_model_refuses_a_study_without_mask_and_the_batch_goes_on(runs, c
     assert "1 of 3 studies predicted, 2 failed" in captured.err
 
 
+def test_missing_manifest_files_are_all_named_on_the_terminal_only(runs, ct_data, tmp_path, capsys):
+    manifest = tmp_path / "batch.csv"
+    pd.DataFrame({"image": ["DOE_JOHN/ct.nii.gz", str(ct_data / "abdomen" / "example_ct_sm.nii.gz")],
+                  "mask": ["DOE_JOHN/lesion.nii.gz", ""]}).to_csv(manifest, index=False)
+    code, got, captured = predict_json(tmp_path, capsys, manifest, "--model", runs["centre"])
+    assert code == 1 and [s["status"] for s in got["studies"]] == ["failed", "ok"]
+    assert "row 2: image and mask file(s) not found" in got["studies"][0]["error"]
+    assert "DOE_JOHN" not in json.dumps(got)  # a CSV's paths may name the patient
+    assert "DOE_JOHN/ct.nii.gz; DOE_JOHN/lesion.nii.gz" in captured.err
+
+
+def test_a_folder_of_nifti_files_is_pointed_to_the_right_input(runs, ct_data, tmp_path, capsys):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    shutil.copy(ct_data / "abdomen" / "example_ct_sm.nii.gz", folder)
+    code, got, _ = predict_json(tmp_path, capsys, folder, "--model", runs["centre"])
+    assert code == 1 and "no DICOM image series found (1 NIfTI/NRRD/MetaImage file(s)" in got["studies"][0]["error"]
+
+
 def test_a_centre_model_predicts_dicom_like_its_ingested_nifti(runs, ct_data, tmp_path, capsys):
     run = runs["centre"]
     code, from_dicom, _ = predict_json(tmp_path, capsys, ct_data / "series_ct", "--model", run)
