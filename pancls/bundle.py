@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -137,38 +136,47 @@ def _version_of(package: str) -> str:
 
 def export(run: Path, out: Path, fold=None, force: bool = False) -> Dict[str, Any]:
     """Write the bundle of ``run`` into ``out`` (complete or not at all: built beside it, then renamed)."""
-    from pancls.io import atomic_write_json, atomic_write_text
+    from pancls.io import check_writable_folder, owned_temp_dir
     from pancls.predict import load_run
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", out)
+    target, source = out.resolve(), Path(run).resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise UserError("is the run folder, inside it or holds it (--force would delete the run); choose a folder "
+                        "of its own", out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError("the folder is not empty; choose another --out or pass --force to replace it", out)
-    if not out.resolve().parent.is_dir():
-        raise UserError("the parent folder does not exist", out.resolve().parent)
+    check_writable_folder(target.parent, "the --out's parent folder")
     loaded = load_run(run, fold=fold, device="cpu")
-    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
-    try:
-        for sub in ("configs", "models", "docs"):
-            (build / sub).mkdir()
-        atomic_write_json(build / "configs" / "metadata.json", bundle_metadata(loaded))
-        atomic_write_json(build / "configs" / "inference.json", inference_config(loaded))
-        scripted = to_torchscript(loaded)
-        scripted.save(str(build / "models" / "model.ts"))
-        torch.save(scripted.state_dict(), build / "models" / "model.pt")
-        card = Path(run) / "MODEL_CARD.md"
-        readme = card.read_text(encoding="utf-8") if card.exists() else "# pancls model\n"
-        atomic_write_text(build / "docs" / "README.md", readme + _usage(loaded))
-        atomic_write_text(build / "docs" / "license.txt",
-                          "Research use only; not a medical device. Weights: the run owners' terms.\n")
+    # built beside out; a build a kill left (a folder of that prefix no process holds) is removed on the next export
+    with owned_temp_dir(f".{out.name}.bundle-", target.parent) as build:
+        _write_bundle(build, loaded, Path(run))
+        (build / ".lock").unlink()
+        build.chmod(0o755)  # an ordinary folder to share, not mkdtemp's 0700
         if out.exists():
             shutil.rmtree(out)
         build.rename(out)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return {"out": str(out), "model_id": loaded.model_id, "folds": [f.fold for f in loaded.folds]}
+
+
+def _write_bundle(build: Path, loaded, run: Path) -> None:
+    """The bundle's files into the empty folder ``build``."""
+    from pancls.io import atomic_write_json, atomic_write_text
+
+    for sub in ("configs", "models", "docs"):
+        (build / sub).mkdir()
+    atomic_write_json(build / "configs" / "metadata.json", bundle_metadata(loaded))
+    atomic_write_json(build / "configs" / "inference.json", inference_config(loaded))
+    scripted = to_torchscript(loaded)
+    scripted.save(str(build / "models" / "model.ts"))
+    torch.save(scripted.state_dict(), build / "models" / "model.pt")
+    card = run / "MODEL_CARD.md"
+    readme = card.read_text(encoding="utf-8") if card.exists() else "# pancls model\n"
+    atomic_write_text(build / "docs" / "README.md", readme + _usage(loaded))
+    atomic_write_text(build / "docs" / "license.txt",
+                      "Research use only; not a medical device. Weights: the run owners' terms.\n")
 
 
 def _usage(loaded) -> str:

@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Type, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, Type, TypeVar
 
 import yaml
 
@@ -172,3 +172,27 @@ def dump_yaml(obj: Any, path: str | os.PathLike) -> None:
     from pancls.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+#: Config keys (dotted) holding a file or folder path, read relative to the working directory: the data file of
+#: `pancls lt`, the manifest and folders of `pancls cv`, pretrained backbone weights and a run to start the backbone
+#: from, of both.
+PATH_KEYS = ("data.path", "data.train_list", "data.eval_list", "data.manifest", "data.root", "data.cache_dir",
+             "model.backbone_kwargs.pretrained", "model.init_backbone_from")
+
+
+def absolute_paths(data: dict, keys: Iterable[str] = PATH_KEYS) -> dict:
+    """Make each relative path under ``keys`` of a config mapping absolute (``os.path.abspath``: against the
+    working directory, ``..`` folded), in place; returns it.
+
+    The resolved ``config.yaml`` a command writes, and the config a resumed run is compared with, then name a
+    file the same way however it was typed: ``cifar10.npz`` from the data folder and ``/data/cifar10.npz`` are
+    one file, not "a different config". Keys that are missing, empty or not text are left alone."""
+    for key in keys:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(name), str) and node[name]:
+            node[name] = os.path.abspath(node[name])
+    return data

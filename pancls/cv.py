@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,10 +37,11 @@ from pancls.config import dump_yaml, from_dict, load_yaml, to_dict
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import AugmentConfig, PreprocessConfig
 from pancls.errors import UserError
-from pancls.io import atomic_write_json, atomic_write_text, remove_stale_temps
+from pancls.io import atomic_write_json, atomic_write_text, check_creatable, read_json, remove_stale_temps
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.checkpoint import refuse_unresumed
 from pancls.train.engine import RESUMABLE_KEYS, TrainConfig
+from pancls.validation import check_scalar
 
 #: The demo recipe that ``pancls cv`` runs without ``--config`` (shipped inside the package).
 DEMO_CONFIG = Path(__file__).parent / "recipes" / "cv_demo_cpu.yaml"
@@ -69,6 +69,11 @@ class CVSplitConfig:
     select_metric: Literal["balanced_accuracy", "macro_f1", "top1"] = "balanced_accuracy"
     temperature: bool = True  # fit a temperature on the inner validation split
     bootstrap: int = 1000  # patient-level bootstrap resamples for the pooled intervals
+
+    def __post_init__(self):  # refused when the config is read, not after every fold has trained
+        check_scalar(self.folds, "folds", int, min_val=2)
+        check_scalar(self.inner_folds, "inner_folds", int, min_val=2)
+        check_scalar(self.bootstrap, "bootstrap", int, min_val=10)  # an interval from fewer is not one
 
 
 @dataclass
@@ -163,8 +168,9 @@ def _loader(dataset, batch_size: int, num_workers: int, sampler=None, batch_samp
 
 # ---------------------------------------------------------------------------------------------- folds
 #: train keys that may differ between a run and its resumption (the engine's resumable keys, less eval_every:
-#: here it decides which epochs the inner selection sees)
-_RESUMABLE_TRAIN_KEYS = tuple(sorted(RESUMABLE_KEYS - {"eval_every"}))
+#: here it decides which epochs the inner selection sees; less epochs: folds finished at the old length would be
+#: pooled with folds trained to the new one, and the report would give every fold the new length)
+_RESUMABLE_TRAIN_KEYS = tuple(sorted(RESUMABLE_KEYS - {"eval_every", "epochs"}))
 
 
 def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] = None,
@@ -196,10 +202,10 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
             return {}
         missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
         if fold is not None and not summary:
-            return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
+            return read_json(out / f"fold_{fold}" / FOLD_DONE, "fold record")
         if missing:
             log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
-            return json.loads((out / f"fold_{fold}" / FOLD_DONE).read_text())
+            return read_json(out / f"fold_{fold}" / FOLD_DONE, "fold record")
         return summarise(out, cfg=cfg, records=records, log=log)
 
 
@@ -214,15 +220,17 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
 
     ctx = ctx or Context()
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", out)
+    if ctx.is_main:
+        check_creatable(out, "run folder")
     check_fold(fold, cfg.cv.folds)
     config_path = run_config_path(out)
     exists = ctx.broadcast(config_path.exists())
     refuse_unresumed(exists, out, resume, what="cv run", kept=" (finished folds are kept)")
     if exists:
-        stored = to_dict(load_config(load_yaml(config_path)))
-        mine = to_dict(cfg)
+        from pancls.config import absolute_paths
+
+        stored = absolute_paths(to_dict(load_config(load_yaml(config_path))))  # a run written before paths were
+        mine = absolute_paths(to_dict(cfg))  # made absolute, and a library caller's relative ones: one spelling
         for key in _RESUMABLE_TRAIN_KEYS:
             stored["train"].pop(key), mine["train"].pop(key)
         if stored != mine:
@@ -306,11 +314,8 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     fold_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         remove_stale_temps(fold_dir)  # a killed run's half-written checkpoint (only this fold's process writes here)
-    parts = fold_records(records, splits, k)
+    parts = fold_records(records, splits, k)  # every class has training patients (make_splits refuses otherwise)
     counts = np.bincount([r["label"] for r in parts["train"]], minlength=len(classes))
-    if (counts == 0).any():
-        absent = [classes[i] for i in np.flatnonzero(counts == 0)]
-        raise UserError(f"fold {k}: no training patient of class {', '.join(absent)}; lower --folds", "--folds")
     cache = cache_root(cfg) / "preprocessed"
     seed = cfg.train.seed + 1000 * k
     # each rank draws its own augmentations (rank 0 those of a single process)
@@ -437,7 +442,9 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         if not run_config_path(out).exists():
             raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
         cfg = load_config(load_yaml(run_config_path(out)))
-    splits = json.loads((out / "splits.json").read_text())
+    splits = read_json(out / "splits.json", "run's splits")
+    if not isinstance(splits, dict) or not isinstance(splits.get("classes"), list):
+        raise UserError("the run's splits are damaged: no class list", out / "splits.json")
     classes = splits["classes"]
     K = len(classes)
     missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
@@ -448,7 +455,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         table, y, p, _ = read_predictions(out / f"fold_{k}" / "predictions.csv", classes)
         tables.append(table)
         per_fold.append({"fold": k, "metrics": clinical.clinical_metrics(y, p, classes)})
-        fold_records_.append(json.loads((out / f"fold_{k}" / FOLD_DONE).read_text()))
+        fold_records_.append(read_json(out / f"fold_{k}" / FOLD_DONE, "fold record"))
     oof = pd.concat(tables, ignore_index=True)
     atomic_write_text(out / "oof_predictions.csv", oof.to_csv(index=False, lineterminator="\n"))
     index = {c: i for i, c in enumerate(classes)}
@@ -461,8 +468,13 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
     boot = dict(n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
 
     # Baselines on the same splits: majority class of each fold's training patients; intensity statistics.
-    if records is None:
-        _, records = load_records(cfg, log)
+    if records is None:  # read again (pancls report): the manifest must still be the one the run was split from
+        from pancls.data.splits import manifest_fingerprint
+
+        manifest, records = load_records(cfg, log)
+        if manifest_fingerprint(records, manifest.root) != splits.get("manifest_sha256"):
+            raise UserError("the manifest changed since this run was split (its rows differ from splits.json's "
+                            "fingerprint); restore the manifest the run was made with", cfg.data.manifest or out)
     feats = intensity_features(cfg, records)
     labels_all = np.array([r["label"] for r in records])
     base_major, base_intensity = np.zeros((len(oof), K)), np.zeros((len(oof), K))
@@ -476,7 +488,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         base_intensity[dest] = clinical.intensity_baseline(feats[train_rows], labels_all[train_rows],
                                                            feats[test_rows], K, seed=cfg.cv.seed)
 
-    counts = json.loads((out / "classes.json").read_text())["patients_per_class"]
+    counts = read_json(out / "classes.json", "run's class list")["patients_per_class"]
     summary = {
         "classes": classes, "class_counts": counts, "folds": cfg.cv.folds,
         "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "loss": cfg.loss.name,

@@ -208,6 +208,23 @@ def check_writable_folder(folder: str | os.PathLike, what: str = "the folder") -
     _probe_write(folder, what)
 
 
+def check_creatable(path: str | os.PathLike, what: str = "output folder") -> None:
+    """Refuse, before any work and without creating anything, a folder ``path`` that cannot be made or written
+    into: the folder itself when it exists, else its nearest existing parent, gets a test write (for commands
+    whose refusals must leave no folder behind, such as ``pancls cv``)."""
+    from pancls.errors import UserError
+
+    path = Path(os.path.abspath(path))
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the {what} exists and is not a folder", path)
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the {what}: {existing} is not a folder", path)
+    _probe_write(existing, f"the {what}" if existing == path else f"the {what}'s parent folder")
+
+
 def file_identity(path: str | os.PathLike) -> tuple[str, int, int]:
     """``(resolved path, size in bytes, mtime in ns)`` of ``path``: what tells a rerun that a file was replaced
     or rewritten without reading it (ingest's source fingerprints, the preprocessing cache's item keys).

@@ -264,7 +264,7 @@ def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> 
     """Resume a run whose checkpoint spells a path another way (a run started before the commands stored paths
     absolute: ``cifar10.npz`` then, ``/data/cifar10.npz`` now): where both name the same file, keep the stored
     spelling in ``run_config`` (in place), so that the resume compares files, not strings."""
-    from pancls.commands.common import PATH_KEYS
+    from pancls.config import PATH_KEYS
     from pancls.train.checkpoint import load_checkpoint
 
     stored = load_checkpoint(checkpoint).get("config") or {}

@@ -169,7 +169,11 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
                             f"keys, e.g. {result.missing_keys[:3]}; {len(result.unexpected_keys)} unexpected, "
                             f"e.g. {result.unexpected_keys[:3]})", fold_dir / name)
         digest.update((fold_dir / name).read_bytes())
-        folds.append(FoldModel(k, model.eval().to(device), float(record.get("temperature", 1.0)), name))
+        temperature = record.get("temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < 1e6:
+            raise UserError(f"the fold record is damaged: temperature {temperature!r} is not a number > 0",
+                            fold_dir / FOLD_DONE)
+        folds.append(FoldModel(k, model.eval().to(device), float(temperature), name))
     from pancls.bundle import FoldEnsemble
 
     ensemble = FoldEnsemble([f.model for f in folds], [f.temperature for f in folds]).eval().to(device)

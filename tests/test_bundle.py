@@ -82,3 +82,40 @@ def test_export_refusals_leave_nothing_behind(cv_runs, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no half-built bundle beside it
+
+
+def test_export_never_replaces_its_own_run_and_checks_what_it_loads(cv_runs, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cv_runs["centre"], run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, run / "fold_0", tmp_path):  # the run, inside it, or holding it: --force would delete it
+        assert main(["export", str(run), "--out", str(out), "--force"]) == 2
+        assert "would delete the run" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # an unwritable place is refused before the models load (no one creates files in /proc, root included)
+    assert main(["export", str(run), "--out", "/proc/pancls_bundle"]) == 2
+    assert "cannot write into the --out's parent folder" in capsys.readouterr().err
+    # a temperature that is not a number > 0 (0 gave a bundle returning NaN)
+    record = json.loads((run / "fold_1" / "fold.json").read_text())
+    for bad in (0, None, "1.2", -1.0):
+        (run / "fold_1" / "fold.json").write_text(json.dumps(dict(record, temperature=bad)))
+        assert main(["export", str(run), "--out", str(tmp_path / "b")]) == 2
+        assert "temperature" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_removes_a_build_a_kill_left(cv_runs, tmp_path):
+    import os
+    import stat
+
+    left = tmp_path / ".b.bundle-abc123"  # what a SIGKILL mid-export leaves (its lock died with the process)
+    (left / "models").mkdir(parents=True)
+    (left / ".lock").touch()
+    (left / "models" / "model.ts").write_bytes(b"half")
+    assert main(["export", str(cv_runs["centre"]), "--out", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert not (tmp_path / "b" / ".lock").exists()
+    assert stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o755

@@ -269,3 +269,82 @@ def test_every_cv_compare_variant_builds_on_the_demo_recipe(name):
     model, criterion = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
     x = torch.zeros(2, len(cfg.preprocess.windows), *cfg.preprocess.size)
     assert model.eval()(x).shape == (2, 6) and (cfg.model.head, cfg.loss.name) == (head, loss)
+
+
+def test_a_damaged_or_changed_run_folder_is_one_line_for_report_and_resume(finished, cohort, tmp_path, capsys):
+    """A JSON file cut short (splits, a fold record), a manifest changed since the split, a resume that would
+    relabel finished folds with another length: one line, exit 2, nothing rewritten."""
+    import shutil
+
+    def copy(name):
+        shutil.copytree(finished[0], tmp_path / name)
+        return tmp_path / name
+
+    for name, file in (("splits", "splits.json"), ("fold", "fold_2/fold.json")):
+        run = copy(name)
+        (run / file).write_text((run / file).read_text()[:20])
+        for args in (["report", str(run)], ["cv", "--resume", "--out", str(run)]):
+            assert main(args) == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pancls")]
+            assert len(err) == 1 and "damaged: not valid JSON" in err[0] and file.split("/")[-1] in err[0], err
+    # the manifest's rows changed since the split: report refuses instead of a KeyError
+    run = copy("manifest")
+    cfg = load_yaml(run / "configs" / "config.yaml")
+    table = pd.read_csv(cohort / "manifest.csv")
+    table.loc[0, "patient_id"] = "NEW0001"  # a patient the splits do not know
+    (cohort / "manifest_grown.csv").write_text(table.to_csv(index=False))
+    cfg["data"]["manifest"] = str(cohort / "manifest_grown.csv")
+    from pancls.config import dump_yaml
+
+    dump_yaml(cfg, run / "configs" / "config.yaml")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the manifest changed since this run was split" in err[0]
+    # another length on resume would pool folds of two lengths under one label
+    run = copy("epochs")
+    assert main(["cv", "--resume", "--out", str(run), "--epochs", "20"]) == 2
+    assert "config differs" in capsys.readouterr().err
+
+
+def test_splits_that_cannot_train_every_fold_are_refused_before_the_folder(cohort, tmp_path):
+    from pancls.data.classes import DEFAULT_CLASSES
+    from pancls.data.manifest import load_manifest
+    from pancls.data.splits import load_or_make_splits
+
+    manifest = load_manifest(cohort / "manifest.csv", DEFAULT_CLASSES)
+    records, classes = manifest.records(), list(manifest.classes)
+    # the default five inner folds on a cohort with four CP patients, three of them training patients per fold
+    with pytest.raises(UserError, match="cannot be split into 5 inner folds") as info:
+        load_or_make_splits(tmp_path / "a", records, classes, 4, 0, 5, manifest.root)
+    assert info.value.where == "cv.inner_folds" and "lower cv.inner_folds" in info.value.reason
+    # a fold column that puts every CP patient into fold 0: fold 0 would train without CP
+    cp = classes.index("CP")
+    placed = [dict(r, fold=0 if r["label"] == cp else i % 4) for i, r in enumerate(records)]
+    seen = {r["fold"] for r in placed}
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(UserError, match="fold 0: no training patient of class CP; the manifest's fold column"):
+        load_or_make_splits(tmp_path / "b", placed, classes, 4, 0, 2, manifest.root)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_config_values_that_would_fail_after_training_are_refused_when_read(tmp_path, capsys):
+    for value in ("0", "-3"):
+        assert main(["cv", "--out", str(tmp_path / "r"), "--set", f"cv.bootstrap={value}"]) == 2
+        assert "cv.bootstrap: must be an integer >= 10" in capsys.readouterr().err
+    assert main(["cv", "--out", "/proc/pancls_run"]) == 2  # no one can create a folder there, root included
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write into the run folder's parent folder" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_manifest_path_is_stored_absolute(cohort, tmp_path, monkeypatch):
+    """A run started with a relative --manifest resumes from any folder, and with the path spelled out."""
+    import argparse
+
+    from pancls.commands import cv as cv_command
+
+    parser = argparse.ArgumentParser()
+    cv_command.add_arguments(parser)
+    monkeypatch.chdir(cohort)
+    args = parser.parse_args(["--manifest", "manifest.csv", "--out", str(tmp_path / "r")])
+    assert cv_command.build_config(args).data.manifest == str(cohort / "manifest.csv")

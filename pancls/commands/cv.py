@@ -56,6 +56,7 @@ def build_config(args: argparse.Namespace):
     """The recipe (--config; with --resume the run's own configs/config.yaml; else the packaged demo) with the
     flags on top (:func:`pancls.commands.common.starting_recipe`)."""
     from pancls.commands.common import starting_recipe
+    from pancls.config import absolute_paths
     from pancls.cv import DEMO_CONFIG, load_config, run_config_path
 
     data = starting_recipe(args.config, args.resume, run_config_path(args.out), DEMO_CONFIG)
@@ -64,6 +65,7 @@ def build_config(args: argparse.Namespace):
              "cv.seed": args.seed, "device": args.device}
     apply_flags(data, flags)
     apply_overrides(data, args.overrides)
+    absolute_paths(data)  # a resume from another folder, or with the manifest spelled out, is the same run
     return load_config(data)
 
 

@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from pancls.commands.common import absolute_paths, starting_recipe
-from pancls.config import apply_flags, apply_overrides
+from pancls.commands.common import starting_recipe
+from pancls.config import absolute_paths, apply_flags, apply_overrides
 
 #: The config defaults the flags fall back to without --config (pancls.lt.LTConfig's; a test keeps them equal,
 #: so that --help need not import torch to show them).

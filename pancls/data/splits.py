@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from pancls.errors import UserError
-from pancls.io import atomic_write_json
+from pancls.errors import UserError, exception_text
+from pancls.io import atomic_write_json, read_json
 
 SPLITS = "splits.json"
 SPLITS_VERSION = 1
@@ -97,7 +97,20 @@ def make_splits(records: Sequence[Dict[str, Any]], classes: Sequence[str], folds
     for k in range(folds):
         train_p = [p for p in patients if test[p] != k]
         train_y = [label_of[p] for p in train_p]
-        inner_k = _group_kfold(train_p, train_y, inner_folds, seed + 1000 + k)
+        per_class = Counter(train_y)
+        absent = [classes[c] for c in range(len(classes)) if not per_class[c]]
+        if absent:  # refused here, before the run folder exists, not when fold k starts training
+            fix = ("the manifest's fold column puts every such patient in that fold" if given
+                   else "lower --folds")
+            raise UserError(f"fold {k}: no training patient of class {', '.join(absent)}; {fix}",
+                            "manifest fold" if given else "--folds")
+        try:
+            inner_k = _group_kfold(train_p, train_y, inner_folds, seed + 1000 + k)
+        except ValueError as exc:  # scikit-learn: too few patients per class for n_splits groups
+            counts = ", ".join(f"{classes[c]} {per_class[c]}" for c in range(len(classes)))
+            raise UserError(f"fold {k}'s training patients (per class: {counts}) cannot be split into "
+                            f"{inner_folds} inner folds ({exception_text(exc)}); lower cv.inner_folds",
+                            "cv.inner_folds") from None
         inner[str(k)] = sorted(p for p, f in zip(train_p, inner_k, strict=True) if f == 0)
     return {
         "version": SPLITS_VERSION,
@@ -124,7 +137,9 @@ def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classe
     path = run_dir / SPLITS
     current = manifest_fingerprint(records, root)
     if path.exists():
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = read_json(path, "run's splits")
+        if not isinstance(stored, dict):
+            raise UserError("the run's splits are damaged: not a JSON object", path)
         if stored.get("manifest_sha256") != current:
             raise UserError("this run folder was split from a different manifest (its content changed since); "
                             "use a new --out, or restore the manifest the run was made with", path)
