@@ -136,7 +136,7 @@ def _version_of(package: str) -> str:
 
 def export(run: Path, out: Path, fold=None, force: bool = False) -> Dict[str, Any]:
     """Write the bundle of ``run`` into ``out`` (complete or not at all: built beside it, then renamed)."""
-    from pancls.io import check_writable_folder, owned_temp_dir
+    from pancls.io import check_writable_folder, owned_temp_dir, publish_temp_dir
     from pancls.predict import load_run
 
     out = Path(out)
@@ -153,11 +153,9 @@ def export(run: Path, out: Path, fold=None, force: bool = False) -> Dict[str, An
     # built beside out; a build a kill left (a folder of that prefix no process holds) is removed on the next export
     with owned_temp_dir(f".{out.name}.bundle-", target.parent) as build:
         _write_bundle(build, loaded, Path(run))
-        (build / ".lock").unlink()
-        build.chmod(0o755)  # an ordinary folder to share, not mkdtemp's 0700
         if out.exists():
             shutil.rmtree(out)
-        build.rename(out)
+        publish_temp_dir(build, out)
     return {"out": str(out), "model_id": loaded.model_id, "folds": [f.fold for f in loaded.folds]}
 
 

@@ -116,6 +116,17 @@ def owned_temp_dir(prefix: str, parent: str | os.PathLike | None = None) -> Iter
         os.close(fd)
 
 
+def publish_temp_dir(build: Path, out: Path) -> None:
+    """Move a finished :func:`owned_temp_dir` folder onto ``out`` (missing or an empty folder): its lock file
+    dropped, the permissions a folder made by ``os.mkdir`` would have (not mkdtemp's 0700), one rename, so the
+    result appears whole or not at all."""
+    (build / ".lock").unlink(missing_ok=True)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    build.chmod(0o777 & ~umask)
+    os.replace(build, out)
+
+
 def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Create ``path`` (with parents) and check a file can be written in it; UserError naming it otherwise.
 

@@ -21,7 +21,7 @@ import torch
 from pancls.config import dump_yaml, from_dict
 from pancls.data.images import ImageAugmentConfig
 from pancls.errors import UserError
-from pancls.io import atomic_write_json
+from pancls.io import atomic_write_json, remove_stale_temps
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.engine import TrainConfig
 from pancls.validation import check_choice, check_scalar
@@ -182,6 +182,8 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
 
     out_dir.mkdir(parents=True, exist_ok=True)
     refuse_unresumed(has_checkpoint, out_dir, resume)  # before config.yaml is written
+    if ctx.is_main:
+        remove_stale_temps(out_dir)  # a checkpoint or results file a killed run was writing
     if ctx.is_main and not has_checkpoint:  # a resumed run keeps its config until fit() checked it
         dump_yaml(cfg, run_config_path(out_dir))
     if ctx.is_main:
@@ -267,7 +269,7 @@ def _keep_stored_path_spelling(run_config: Dict[str, Any], checkpoint: Path) -> 
     from pancls.config import PATH_KEYS
     from pancls.train.checkpoint import load_checkpoint
 
-    stored = load_checkpoint(checkpoint).get("config") or {}
+    stored = load_checkpoint(checkpoint, required=("config",))["config"] or {}  # fit() checks the rest
     for key in PATH_KEYS:
         *sections, name = key.split(".")
         node: Any = run_config

@@ -29,7 +29,8 @@ Checked with nnunetv2 2.6.2 on the synthetic cohort: ``verify_dataset_integrity`
 ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` preprocesses every case and takes over ``splits_final.json``.
 
 The whole dataset is written into a temporary folder beside ``OUT`` and renamed onto it at the end: an
-interrupted export leaves no half-written dataset.
+interrupted export leaves no half-written dataset, and the folder a SIGKILL leaves (with ``--copy``, copies of
+the images) is removed by the next export (:func:`pancls.io.owned_temp_dir`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ import io
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from pancls.errors import UserError, exception_text
-from pancls.io import atomic_write_json, atomic_write_text
+from pancls.io import atomic_write_json, atomic_write_text, owned_temp_dir, publish_temp_dir
 
 FILE_ENDING = ".nii.gz"
 CHANNEL_NAMES = {"0": "CT"}  # "CT": nnU-Net's global foreground-intensity normalisation, what HU volumes need
@@ -110,15 +110,14 @@ def _fold_of(manifest, splits: Optional[Dict[str, Any]], splits_path: Optional[P
 
 
 def check_out(out: Path) -> None:
-    """Refuse an --out that exists and is not an empty folder; the parent must be writable."""
-    from pancls.io import check_writable_folder
+    """Refuse an --out that exists and is not an empty folder, or whose folder cannot be made or written; creates
+    nothing (the export makes the parent once the manifest was read)."""
+    from pancls.io import check_creatable
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError("exists and is not an empty folder; choose a new --out (nothing was written)", out)
-    parent = Path(os.path.abspath(out)).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    check_writable_folder(parent, "the folder of --out")
+    check_creatable(Path(os.path.abspath(out)).parent, "folder of --out")
 
 
 def export(manifest, out: Path, splits: Optional[Dict[str, Any]] = None, splits_path: Optional[Path] = None,
@@ -166,10 +165,10 @@ def export(manifest, out: Path, splits: Optional[Dict[str, Any]] = None, splits_
             img = nib.load(source)
             nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), target)
 
-    # os.mkdir, not mkdtemp: the dataset gets the umask's permissions (mkdtemp's 0700 would stay after the rename)
-    tmp = Path(os.path.abspath(out)).parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
+    parent = Path(os.path.abspath(out)).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    # built beside out and renamed onto it; a build a kill left (patient images, with --copy) goes on the next export
+    with owned_temp_dir(f".{out.name}.nnunet-", parent) as tmp:
         (tmp / "imagesTr").mkdir()
         values = set()
         if has_masks:
@@ -197,10 +196,7 @@ def export(manifest, out: Path, splits: Optional[Dict[str, Any]] = None, splits_
         for case, row, pid in zip(ids, rows, patients, strict=True):
             writer.writerow([case, pid, row["label"], *([fold_of[pid]] if fold_of is not None else [])])
         atomic_write_text(tmp / "cases.csv", text.getvalue())
-        os.replace(tmp, out)  # onto a missing or empty folder: the dataset appears whole or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish_temp_dir(tmp, out)  # onto a missing or empty folder: the dataset appears whole or not at all
 
     if not DATASET_NAME.match(out.name):
         log(f"note: nnU-Net finds datasets as $nnUNet_raw/DatasetNNN_Name (e.g. Dataset501_Pancreas); rename {out.name} "

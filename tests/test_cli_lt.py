@@ -59,6 +59,30 @@ def test_missing_and_corrupt_archives(tmp_path, capsys):
     assert code == 2 and "cifar-10-python.tar.gz" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_refused_run_leaves_no_folder(cifar10_npz, tmp_path, capsys):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an npz")
+    for argv in (["--data", str(garbage)], ["--data", str(cifar10_npz), "--head", "tps"],
+                 ["--data", str(cifar10_npz), "--out", "/proc/pancls_lt"]):
+        out = tmp_path / "r"
+        code, _, err = _run(["lt", "--out", str(out), *argv, "--device", "cpu"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("foreign", [{"model": {}}, torch.zeros(2)])
+def test_resume_from_another_programs_checkpoint_is_one_line(foreign, cifar10_npz, tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    torch.save(foreign, run / "last.pt")
+    left = run / ".last.pt.1a2b3c4d.tmp.pt"  # what a SIGKILL during a checkpoint write leaves
+    left.write_bytes(b"half")
+    code, _, err = _run(["lt", "--resume", "--out", str(run), "--data", str(cifar10_npz), "--device", "cpu",
+                         "--set", "model.backbone=resnet20_cifar"], capsys)
+    assert code == 2 and "not a pancls checkpoint" in err and len(err.strip().splitlines()) == 1, err
+    assert not left.exists()
+
+
 def test_console_script_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "pancls", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "lt" in proc.stdout and "ingest" in proc.stdout

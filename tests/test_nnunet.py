@@ -155,6 +155,26 @@ def test_refusals_are_one_line_and_write_nothing(cohort, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "1 of 24 rows have no mask (first: CSV line 3)" in err
     assert not fresh.exists()
+    # the same refusal under a folder that does not exist yet: nothing made on the way
+    assert main(["export-nnunet", str(ds), "--out", str(tmp_path / "new" / "a" / "Dataset504_Z")]) == 2
+    assert not (tmp_path / "new").exists() and "rows have no mask" in capsys.readouterr().err
+    # a parent that is a file, or where no one can write (/proc, root included): one line, no traceback
+    (tmp_path / "typo.yaml").write_text("x")
+    for out in (tmp_path / "typo.yaml" / "Dataset505_Z", Path("/proc/x/Dataset505_Z")):
+        assert main(["export-nnunet", str(cohort), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "folder of --out" in err[0], err
+
+
+def test_a_rerun_removes_the_build_a_kill_left(cohort, tmp_path, capsys):
+    left = tmp_path / ".Dataset506_K.nnunet-abc123"  # a SIGKILL mid-export: its lock died with it
+    (left / "imagesTr").mkdir(parents=True)
+    (left / ".lock").touch()
+    (left / "imagesTr" / "case_000_0000.nii.gz").write_bytes(b"copied patient image")
+    assert main(["export-nnunet", str(cohort), "--out", str(tmp_path / "Dataset506_K"), "--copy"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset506_K"]
+    assert not (tmp_path / "Dataset506_K" / ".lock").exists()
+    assert oct(os.stat(tmp_path / "Dataset506_K").st_mode & 0o777) != "0o700"
 
 
 def test_mask_labels_follow_nnunet_rules():

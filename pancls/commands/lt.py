@@ -77,14 +77,14 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pancls import lt
     from pancls.distributed import is_main_process
-    from pancls.io import writable_folder
+    from pancls.io import check_creatable
 
     cfg = build_config(args)
     lt.resolve_device(cfg.device)  # a dry run too: "cuda" on a machine without one is refused now, not later
     if args.dry_run:
         print(json.dumps(lt.dry_run(cfg)))
         return 0
-    writable_folder(args.out, "run folder")
+    check_creatable(args.out, "run folder")  # made once data and model are built: a refusal leaves no folder
     results = lt.run(cfg, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr))
     if not is_main_process():  # torchrun: rank 0 prints the result
         return 0

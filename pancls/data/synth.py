@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -50,7 +51,7 @@ from pancls.config import from_dict, load_yaml
 from pancls.ct.nifti import save_nifti
 from pancls.data.classes import DEFAULT_CLASSES
 from pancls.errors import UserError
-from pancls.io import atomic_write_json, atomic_write_text, writable_folder
+from pancls.io import atomic_write_json, atomic_write_text, remove_stale_temps, writable_folder
 from pancls.validation import InvalidParameter, check_scalar
 
 #: Patients per class at the paper's scale (530). PDAC and CP from the paper's text; the others assumed.
@@ -702,9 +703,26 @@ def generate_dataset(out: str | os.PathLike, config: SynthConfig, scale: float =
     patients already on disk. A folder holding a dataset made with other parameters is refused unless
     ``force`` (which regenerates everything).
     """
-    from tqdm import tqdm
+    import fcntl
 
     out = writable_folder(out)
+    # one writer at a time (fold processes of `pancls cv` each ask for the demo cohort: the others wait, then skip
+    # what is on disk); under the lock, what a killed run was writing is a leftover and goes
+    with open(out / ".synth.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for folder in (out, out / "images", out / "masks"):
+            remove_stale_temps(folder)
+        if (out / "dicom").is_dir():  # synth_dicom's series folders being built (hidden siblings)
+            for left in (out / "dicom").glob(".*"):
+                if left.is_dir():
+                    shutil.rmtree(left, ignore_errors=True)
+        return _generate(out, config, scale, force, workers, progress)
+
+
+def _generate(out: Path, config: SynthConfig, scale: float, force: bool, workers: Optional[int],
+              progress: bool) -> dict:
+    from tqdm import tqdm
+
     params = _params(config, scale)
     params_path = out / "synth.json"
     if params_path.exists() and not force:

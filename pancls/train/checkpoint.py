@@ -14,7 +14,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,16 +38,27 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     atomic_save(path, lambda tmp: torch.save(dict(state), tmp))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; a missing or damaged file is a UserError."""
+#: what a checkpoint must hold to resume a run (:func:`save_checkpoint` writes them)
+RESUME_KEYS = ("config", "epoch", "global_step", "model", "loss", "optimizer", "scaler", "schedule", "history",
+               "best", "last_eval", "rng")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    required: Sequence[str] = ("model",)) -> Dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; a missing or damaged file, or one that is not a
+    mapping holding the ``required`` keys (another program's ``.pt``), is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError("checkpoint not found", path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         raise UserError(f"checkpoint is damaged or not a pancls checkpoint ({exception_text(exc, path)})",
                         path) from None
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise UserError(f"not a pancls checkpoint (no {', '.join(map(repr, missing))})", path)
+    return state
 
 
 def capture_rng_state() -> Dict[str, Any]:

@@ -62,6 +62,7 @@ from pancls.config import to_dict
 from pancls.errors import UserError, exception_text
 from pancls.io import atomic_write_text, json_safe
 from pancls.train.checkpoint import (
+    RESUME_KEYS,
     capture_rng_state,
     check_same_config,
     config_hash,
@@ -367,7 +368,7 @@ class _Run:
     def _resume(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         try:
-            ckpt = load_checkpoint(self.ckpt_path)
+            ckpt = load_checkpoint(self.ckpt_path, required=RESUME_KEYS)
         except UserError as exc:
             if ctx.active and not self.ckpt_path.exists():
                 raise UserError(f"rank {ctx.rank} cannot read the checkpoint rank 0 sees; a distributed run's "

@@ -217,7 +217,8 @@ def test_rerun_skips_and_other_parameters_are_refused(dataset):
     assert before == {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
     with pytest.raises(UserError, match="other parameters"):
         generate_dataset(out, SynthConfig(counts=config.counts, min_per_class=1, seed=4), progress=False)
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary leftovers
+    # no temporary leftovers (.synth.lock stays: the one-writer lock)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != ".synth.lock"]
 
 
 def test_dicom_subset_matches_nifti(dataset):
@@ -345,3 +346,16 @@ def test_quiet_worker_restores_the_default_signal_handlers():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_a_rerun_removes_what_a_killed_run_was_writing(tmp_path):
+    argv = ["synth", "--out", str(tmp_path / "s"), "--scale", "0.02", "--size", "32", "32", "32", "--workers", "1",
+            "--dicom-subset", "0", "--no-progress"]
+    assert main(argv) == 0
+    left = [tmp_path / "s" / "images" / ".SYN0001.nii.gz.1a2b3c4d.tmp.nii.gz",
+            tmp_path / "s" / ".manifest.csv.0badf00d.tmp.csv", tmp_path / "s" / "dicom" / ".SYN0001.x1y2z3" / "IM1"]
+    for file in left:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"half")
+    assert main(argv) == 0
+    assert [f for f in left if f.exists()] == [] and not (tmp_path / "s" / "dicom" / ".SYN0001.x1y2z3").exists()
