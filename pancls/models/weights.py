@@ -47,7 +47,7 @@ def load_backbone_from(net: nn.Module, source: str, key: str = "model.init_backb
     path = Path(source)
     if path.is_dir():
         path = path / "last.pt"
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, required=())  # refused below, naming the config key
     weights = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(weights, dict):
         raise UserError(f"{key}: not a pancls checkpoint (it holds no 'model' weights)", path)
