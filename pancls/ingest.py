@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
-from pancls.ct.mask import onto_grid, read_mask
+from pancls.ct.mask import axes_reordered, onto_grid, read_mask
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
 from pancls.ct.select import Decision, SelectionRules, select_series
@@ -639,7 +639,8 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
         if grid_mismatch(img, nib.Nifti1Image(labels, affine)) is not None:
             marked = int(np.count_nonzero(labels))
             labels, how = onto_grid(labels, affine, shape, img.affine, AFFINE_ATOL_MM)
-            flag = MASK_RESAMPLED if how == "resampled" else MASK_REORIENTED
+            flag = (MASK_RESAMPLED if how == "resampled" else
+                    MASK_REORIENTED if axes_reordered(affine, img.affine) else None)  # else only cropped
             lost = marked - int(np.count_nonzero(labels))
             if how == "reoriented" and lost > 0:
                 job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"),

@@ -476,8 +476,8 @@ class Preprocessor:
         import nibabel as nib
         import numpy as np
 
-        from pancls.ct.mask import onto_grid, read_mask
-        from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
+        from pancls.ct.mask import axes_reordered, onto_grid, read_mask
+        from pancls.data.manifest import AFFINE_ATOL_MM
         from pancls.ingest import MASK_REORIENTED
 
         labels, affine, _ = read_mask(mask)
@@ -486,8 +486,8 @@ class Preprocessor:
             raise UserError("the mask is not on the image's voxel grid (it would need resampling): give the mask "
                             "drawn on this series", mask)
         out = nib.Nifti1Image(np.asarray(on, dtype=np.int16), img.affine, header=img.header)
-        # noted unless the file as given is on the grid (a NIfTI with the image's shape and affine)
-        notes = [] if grid_mismatch(img, mask) is None else [MASK_REORIENTED]
+        # noted when its axes had to be reordered (not for a mask that only covers another extent)
+        notes = [MASK_REORIENTED] if axes_reordered(affine, img.affine) else []
         lost = int(np.count_nonzero(labels)) - int(np.count_nonzero(on))
         if lost:  # marked beyond the image's extent: drawn on a longer series? (ingest notes it too)
             notes.append(f"mask_voxels_outside_image:{lost}")

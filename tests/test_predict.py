@@ -250,10 +250,21 @@ def test_a_mask_beyond_the_image_is_flagged_and_one_without_orientation_refused(
     longer[:5, :5, -2:] = 1  # 50 voxels on two slices the image does not have
     nib.save(nib.Nifti1Image(longer, mask.affine), tmp_path / "longer.nii.gz")
     code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "longer.nii.gz", "--model", runs["mask"])
-    assert code == 0 and "mask_voxels_outside_image:50" in got["studies"][0]["quality_flags"]
+    flags = got["studies"][0]["quality_flags"]
+    assert code == 0 and "mask_voxels_outside_image:50" in flags and "mask_reoriented" not in flags  # same axes
     code, got, _ = predict_json(tmp_path, capsys, image, "--mask", ct_data / "abdomen" / "pancreas_mask.nii.gz",
                                 "--model", runs["mask"])
     assert code == 0 and not any(f.startswith("mask_") for f in got["studies"][0]["quality_flags"])
+    with_own_mask = got["studies"][0]["probabilities"]
+    # cropped to its labels' bounding box, as a DICOM SEG stores it: the same voxels, nothing to report
+    lo, hi = np.argwhere(data).min(0), np.argwhere(data).max(0) + 1
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    cropped = nib.Nifti1Image(data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], mask.affine @ shift)
+    nib.save(cropped, tmp_path / "cropped.nii.gz")
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "cropped.nii.gz", "--model", runs["mask"])
+    assert code == 0 and not any(f.startswith("mask_") for f in got["studies"][0]["quality_flags"])
+    assert got["studies"][0]["probabilities"] == with_own_mask
     unknown = nib.Nifti1Image(data, mask.affine)
     unknown.set_sform(None, code=0)
     unknown.set_qform(None, code=0)

@@ -119,3 +119,10 @@ def onto_grid(labels: np.ndarray, affine: np.ndarray, shape: Tuple[int, int, int
     idx = nearest[:, inside].astype(np.intp)
     out[inside] = labels[idx[0], idx[1], idx[2]]
     return out.reshape(shape), "reoriented" if same_voxels and offset_mm <= tolerance_mm else "resampled"
+
+
+def axes_reordered(affine: np.ndarray, target_affine: np.ndarray, atol: float = 1e-4) -> bool:
+    """True when a mask's voxel axes run in another order or direction than the target grid's (what
+    ``"reoriented"`` of :func:`onto_grid` had to undo); False for a mask on the same axes that only covers another
+    extent (a DICOM SEG cropped to its segments, a mask longer than the series): no reordering to report."""
+    return not np.allclose(np.asarray(affine, float)[:3, :3], np.asarray(target_affine, float)[:3, :3], atol=atol)
