@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence
 import numpy as np
 import torch
 
-from pancls.config import dump_yaml, from_dict, load_yaml, to_dict
+from pancls.config import absolute_paths, dump_yaml, from_dict, load_yaml, to_dict
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import AugmentConfig, PreprocessConfig
 from pancls.errors import UserError
@@ -227,8 +227,6 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     exists = ctx.broadcast(config_path.exists())
     refuse_unresumed(exists, out, resume, what="cv run", kept=" (finished folds are kept)")
     if exists:
-        from pancls.config import absolute_paths
-
         stored = absolute_paths(to_dict(load_config(load_yaml(config_path))))  # a run written before paths were
         mine = absolute_paths(to_dict(cfg))  # made absolute, and a library caller's relative ones: one spelling
         for key in _RESUMABLE_TRAIN_KEYS:
