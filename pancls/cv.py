@@ -431,6 +431,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
     and the model card. Re-runnable on a finished run folder (``pancls report RUN``)."""
     import pandas as pd
 
+    from pancls.data.splits import read_splits
     from pancls.eval import clinical
     from pancls.report import figures
     from pancls.report.html import write_report
@@ -440,9 +441,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         if not run_config_path(out).exists():
             raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
         cfg = load_config(load_yaml(run_config_path(out)))
-    splits = read_json(out / "splits.json", "run's splits")
-    if not isinstance(splits, dict) or not isinstance(splits.get("classes"), list):
-        raise UserError("the run's splits are damaged: no class list", out / "splits.json")
+    splits = read_splits(out / "splits.json")
     classes = splits["classes"]
     K = len(classes)
     missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
@@ -453,7 +452,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         table, y, p, _ = read_predictions(out / f"fold_{k}" / "predictions.csv", classes)
         tables.append(table)
         per_fold.append({"fold": k, "metrics": clinical.clinical_metrics(y, p, classes)})
-        fold_records_.append(read_json(out / f"fold_{k}" / FOLD_DONE, "fold record"))
+        fold_records_.append(read_json(out / f"fold_{k}" / FOLD_DONE, "fold record", dict))
     oof = pd.concat(tables, ignore_index=True)
     atomic_write_text(out / "oof_predictions.csv", oof.to_csv(index=False, lineterminator="\n"))
     index = {c: i for i, c in enumerate(classes)}
@@ -486,7 +485,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         base_intensity[dest] = clinical.intensity_baseline(feats[train_rows], labels_all[train_rows],
                                                            feats[test_rows], K, seed=cfg.cv.seed)
 
-    counts = read_json(out / "classes.json", "run's class list")["patients_per_class"]
+    counts = read_json(out / "classes.json", "run's class list", dict)["patients_per_class"]
     summary = {
         "classes": classes, "class_counts": counts, "folds": cfg.cv.folds,
         "model": {"backbone": cfg.model.backbone, "head": cfg.model.head, "loss": cfg.loss.name,

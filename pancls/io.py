@@ -181,20 +181,25 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """The JSON content of ``path``; a missing, unreadable or invalid file is a :class:`~pancls.errors.UserError`
-    naming it (``what``: what the file is, e.g. "run file"), so that a damaged run folder gives one line."""
+def read_json(path: str | os.PathLike, what: str = "file", expect: type | None = None) -> Any:
+    """The JSON content of ``path``; a missing, unreadable or invalid file, or (with ``expect``, e.g. ``dict``)
+    content of another type, is a :class:`~pancls.errors.UserError` naming it (``what``: what the file is, e.g.
+    "fold record"), so that a damaged run folder gives one line."""
     from pancls.errors import UserError, exception_text
 
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{what} not found", path) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"the {what} is damaged: not valid JSON ({exception_text(exc, path)})", path) from None
     except OSError as exc:
         raise UserError(f"cannot read the {what} ({exception_text(exc, path)})", path) from None
+    if expect is not None and not isinstance(content, expect):
+        kind = "a JSON object" if expect is dict else f"JSON of type {expect.__name__}"
+        raise UserError(f"the {what} is damaged: not {kind}", path)
+    return content
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

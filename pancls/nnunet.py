@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 import shutil
@@ -45,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pancls.errors import UserError, exception_text
+from pancls.errors import UserError
 from pancls.io import atomic_write_json, atomic_write_text, owned_temp_dir, publish_temp_dir
 
 FILE_ENDING = ".nii.gz"
@@ -218,12 +217,11 @@ def export(manifest, out: Path, splits: Optional[Dict[str, Any]] = None, splits_
 
 def load_splits(path: Path) -> Tuple[Path, Dict[str, Any]]:
     """``(file, content)`` of a ``pancls cv`` run's ``splits.json`` (a run folder stands for its splits.json)."""
+    from pancls.data.splits import read_splits
+
     path = Path(path)
     if path.is_dir():
         path = path / "splits.json"
-    try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError("not found (give a `pancls cv` run's splits.json)", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read the splits ({exception_text(exc, path)})", path) from None
+    if not path.is_file():
+        raise UserError("not found (give a `pancls cv` run's splits.json)", path)
+    return path, read_splits(path)

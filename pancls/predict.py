@@ -121,17 +121,14 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     missing = [str(p.relative_to(run)) for p in needed if not p.is_file()]
     if missing:
         raise UserError(f"not a complete pancls cv run folder (missing {', '.join(missing)})", run)
-    metadata = read_json(run / "configs" / "metadata.json", "run's metadata")
-    if not isinstance(metadata, dict):
-        raise UserError("the run's metadata is damaged: not a JSON object", run / "configs" / "metadata.json")
+    metadata = read_json(run / "configs" / "metadata.json", "run's metadata", dict)
     trained_with = metadata.get("pancls_version", "0")
     if _version_tuple(trained_with) > _version_tuple(__version__):
         raise UserError(f"the run was written by pancls {trained_with}, newer than this pancls {__version__}; "
                         "upgrade pancls to use it", run)
     config_text = run_config_path(run).read_bytes()
     cfg = load_config(load_yaml(run_config_path(run)))
-    classes = (read_json(run / "classes.json", "run's class list") or {})
-    classes = classes.get("classes") if isinstance(classes, dict) else None
+    classes = read_json(run / "classes.json", "run's class list", dict).get("classes")
     if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
             or len(set(classes)) != len(classes)):
         raise UserError("the run's class list is damaged: 'classes' must list two or more distinct names",
@@ -149,12 +146,9 @@ def load_run(run: Path, fold: Optional[int] = None, device: str = "auto") -> Loa
     folds = []
     for k in wanted:
         fold_dir = run / f"fold_{k}"
-        record = read_json(fold_dir / FOLD_DONE, "fold record")
-        if not isinstance(record, dict):
-            raise UserError("the fold record is damaged: not a JSON object", fold_dir / FOLD_DONE)
+        record = read_json(fold_dir / FOLD_DONE, "fold record", dict)
         name = fold_checkpoint(fold_dir, record)
-        state = load_checkpoint(fold_dir / name, map_location="cpu")
-        weights = state.get("model") if isinstance(state, dict) else None
+        weights = load_checkpoint(fold_dir / name, map_location="cpu")["model"]
         if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
             raise UserError("not a pancls checkpoint (no 'model' state dict of tensors)", fold_dir / name)
         model = create_model(net_cfg.backbone, net_cfg.head, len(classes), backbone_kwargs=net_cfg.backbone_kwargs,

@@ -137,9 +137,7 @@ def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classe
     path = run_dir / SPLITS
     current = manifest_fingerprint(records, root)
     if path.exists():
-        stored = read_json(path, "run's splits")
-        if not isinstance(stored, dict):
-            raise UserError("the run's splits are damaged: not a JSON object", path)
+        stored = read_splits(path)
         if stored.get("manifest_sha256") != current:
             raise UserError("this run folder was split from a different manifest (its content changed since); "
                             "use a new --out, or restore the manifest the run was made with", path)
@@ -151,6 +149,14 @@ def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classe
     splits = make_splits(records, classes, folds, seed, inner_folds, root)  # a refusal here leaves no folder
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, splits)
+    return splits
+
+
+def read_splits(path: Path) -> Dict[str, Any]:
+    """A ``splits.json`` (of this module's :func:`make_splits`); one line when it is missing or damaged."""
+    splits = read_json(path, "run's splits", dict)
+    if not isinstance(splits.get("classes"), list) or not isinstance(splits.get("test_fold"), dict):
+        raise UserError("the run's splits are damaged: no class list or test folds", path)
     return splits
 
 
