@@ -95,9 +95,10 @@ def session(device: torch.device) -> Iterator[Tuple[Context, torch.device]]:
     """Join torchrun's process group for the duration of a run; yields ``(context, device)``.
 
     Under torchrun (``WORLD_SIZE`` > 1) the backend is ``nccl`` for a CUDA ``device`` and ``gloo`` otherwise;
-    a CUDA process gets GPU ``LOCAL_RANK`` (``cuda:LOCAL_RANK``). The group is destroyed on the way out. A group
-    that already exists (a caller that initialised it, e.g. a test with ``torch.multiprocessing.spawn``) is used
-    and left alone; without torchrun the context is single-process and ``device`` is returned unchanged.
+    a CUDA process gets GPU ``LOCAL_RANK`` (``cuda:LOCAL_RANK``). The group is destroyed on the way out, after a
+    barrier when the body ended normally. A group that already exists (a caller that initialised it, e.g. a test
+    with ``torch.multiprocessing.spawn``) is used and left alone; without torchrun the context is single-process
+    and ``device`` is returned unchanged.
     """
     device = torch.device(device)
     if dist.is_available() and dist.is_initialized():
@@ -122,6 +123,11 @@ def session(device: torch.device) -> Iterator[Tuple[Context, torch.device]]:
     try:
         ctx = context()
         yield ctx, _rank_device(device, ctx)
+        # every rank is done with the group before any tears it down: a rank that closes its connections while
+        # a peer is still between its last collective and its own teardown can abort the peer (gloo, SIGABRT
+        # "terminate called without an active exception", seen once in CI). Not on an exception: the peers may
+        # be gone, and a barrier would wait for them until the timeout.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
