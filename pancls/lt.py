@@ -184,9 +184,11 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     refuse_unresumed(has_checkpoint, out_dir, resume)  # before config.yaml is written
     if ctx.is_main:
         remove_stale_temps(out_dir)  # a checkpoint or results file a killed run was writing
-    if ctx.is_main and not has_checkpoint:  # a resumed run keeps its config until fit() checked it
+    # a resumed run keeps its config and classes until fit() checked that the config is the run's own (a refused
+    # resume with another dataset left classes.json rewritten); the same config gives the same classes
+    if ctx.is_main and not has_checkpoint:
         dump_yaml(cfg, run_config_path(out_dir))
-    if ctx.is_main:
+    if ctx.is_main and not (has_checkpoint and (out_dir / "classes.json").exists()):
         atomic_write_json(out_dir / "classes.json", {"classes": list(data.classes),
                                                      "train_counts": list(map(int, data.class_counts))})
 

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from pancls.errors import UserError
-from pancls.validation import InvalidParameter
+from pancls.validation import InvalidParameter, check_choice
 from pancls.validation import suggest as _suggest
 
 
@@ -38,12 +38,11 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._factories
 
-    def get(self, name: str) -> Callable[..., Any]:
-        try:
-            return self._factories[name]
-        except KeyError:
-            raise UserError(f"unknown {self.kind} {name!r}{_suggest(name, self.names())}; choose one of: "
-                            f"{', '.join(self.names())}") from None
+    def get(self, name: str, where: Optional[str] = None) -> Callable[..., Any]:
+        """The factory of ``name``; an unknown name is an :class:`~pancls.validation.InvalidParameter` naming
+        ``where`` (the config key or argument it came from), listing the known names, suggesting the closest."""
+        check_choice(name, where, self.names(), what=self.kind)
+        return self._factories[name]
 
     def create(self, name: str, **kwargs: Any) -> Any:
         """Build ``name`` with ``kwargs``. Options are bound to the factory's signature first, so an unknown or

@@ -23,6 +23,13 @@ class ModelConfig:
     #: train the head only: backbone weights and BatchNorm statistics stay as they are
     freeze_backbone: bool = False
 
+    def __post_init__(self) -> None:  # an unknown name is refused when the config is read, named by its key
+        from pancls.heads import HEADS
+        from pancls.models import BACKBONES
+
+        BACKBONES.get(self.backbone, "backbone")
+        HEADS.get(self.head, "head")
+
 
 @dataclass
 class LossConfig:
@@ -30,6 +37,11 @@ class LossConfig:
 
     name: str = "ce"
     kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pancls.losses import LOSSES
+
+        LOSSES.get(self.name, "name")
 
 
 def build_model_and_loss(model: ModelConfig, loss: LossConfig, class_counts: Sequence[int], init_weights: bool = True):

@@ -101,12 +101,15 @@ def check_scalar(x: Any, name: str, target_type: type | tuple = numbers.Real, *,
     return x
 
 
-def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
-    """``value`` if it is one of ``choices``, else :class:`InvalidParameter` listing them with a suggestion."""
+def check_choice(value: Any, name: Optional[str], choices: Collection[str], what: Optional[str] = None) -> str:
+    """``value`` if it is one of ``choices``, else :class:`InvalidParameter` listing them with a suggestion.
+
+    ``what`` names the kind of value in the message (``unknown head 'tps'``); default: the last part of ``name``.
+    """
     if value in choices:
         return value
     ordered: List[str] = list(choices)
-    what = str(name).rsplit(".", 1)[-1].replace("_", " ")
+    what = what or str(name).rsplit(".", 1)[-1].replace("_", " ")
     raise InvalidParameter(f"unknown {what} {value!r}{suggest(str(value), ordered)}; choose one of: "
                            f"{', '.join(map(str, ordered))}", name)
 

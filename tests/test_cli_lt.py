@@ -39,8 +39,10 @@ def test_dry_run_prints_one_json_line(cifar10_npz, tmp_path, capsys):
     [
         (["--dataset", "cifar10", "--imbalance-ratio", "0.5"], "imbalance_ratio"),
         (["--dataset", "svhn"], "svhn"),
-        (["--dataset", "cifar10", "--head", "nonsense"], "unknown head 'nonsense'"),
-        (["--dataset", "cifar10", "--loss", "nonsense"], "unknown loss 'nonsense'"),
+        # refused when the config is read, naming the key the flag sets
+        (["--dataset", "cifar10", "--head", "tps"], "model.head: unknown head 'tps' (did you mean 'tsp'?)"),
+        (["--dataset", "cifar10", "--loss", "nonsense"], "loss.name: unknown loss 'nonsense'"),
+        (["--dataset", "cifar10", "--set", "model.backbone=resnet3"], "model.backbone: unknown backbone 'resnet3'"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, needle, cifar10_npz, tmp_path, capsys):
@@ -147,6 +149,11 @@ def test_short_training_writes_a_complete_run_folder(cifar10_npz, tmp_path, caps
     code, _, err = _run(argv[:-2] + ["--set", "train.lr=0.5", "--resume"], capsys)  # another recipe
     assert code == 2 and "lr" in err
     assert "lr: 0.1" in (out / "config.yaml").read_text()  # the refused resume did not touch the run
+    classes = (out / "classes.json").read_bytes()
+    other = [a if a != "100" else "200" for a in argv]  # another training set: other class counts
+    code, _, err = _run(other + ["--resume"], capsys)
+    assert code == 2 and "imbalance_ratio" in err
+    assert (out / "classes.json").read_bytes() == classes  # nor its classes.json
     code, stdout, err = _run(argv + ["--resume"], capsys)  # finished: resuming is a no-op
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["top1"] == results["top1"]
     assert f"path: {cifar10_npz}\n" in (out / "config.yaml").read_text()  # stored absolute

@@ -20,6 +20,9 @@ def test_create_and_unknown_name_lists_choices():
     assert info.value.where == "y"
     with pytest.raises(UserError, match="did you mean 'a'"):
         reg.get("aa")
+    with pytest.raises(UserError, match=r"^model\.thing: unknown thing 'b'; choose one of: a$") as info:
+        reg.get("b", "model.thing")
+    assert isinstance(info.value, ValueError)  # an InvalidParameter: what a Python caller expects too
     with pytest.raises(ValueError):
         reg.register("a")(make_a)
 
