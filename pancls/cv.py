@@ -248,7 +248,8 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     # creates the folder once the splits exist: a refusal (too few patients for the folds) writes nothing
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root)
     dump_yaml(cfg, config_path)
-    atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.class_counts()})
+    atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.patient_counts(),
+                                             "studies_per_class": manifest.class_counts()})
     write_metadata(out, cfg, classes, records)
     ctx.broadcast(classes), ctx.broadcast(splits)
     return records, classes, splits
@@ -367,9 +368,15 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     else:
         selected_epoch, checkpoint = cfg.train.epochs, CHECKPOINT
     val = predict_logits(model, val_loader, device, cfg.train.amp)
+    test = predict_logits(model, test_loader, device, cfg.train.amp, features=True)
+    for name, part in (("inner validation", val), ("test", test)):  # a diverged network: not a prediction
+        bad = int((~np.isfinite(part["logits"])).any(axis=1).sum())
+        if bad:
+            raise UserError(f"fold {k}: the model's outputs are not finite numbers for {bad} of "
+                            f"{len(part['logits'])} {name} studies (training diverged); start a new run with a lower "
+                            "train.lr, or without mixed precision (train.amp: off)", fold_dir)
     val_y = np.array([r["label"] for r in parts["val"]])
     temperature = fit_temperature(val["logits"], val_y) if cfg.cv.temperature else 1.0
-    test = predict_logits(model, test_loader, device, cfg.train.amp, features=True)
     write_predictions(fold_dir / "predictions.csv", parts["test"], test["logits"], temperature, classes, k)
     np.save(fold_dir / "test_features.npy", test["features"].astype(np.float32))
     record = {
@@ -447,22 +454,28 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
     missing = [k for k in range(cfg.cv.folds) if not (out / f"fold_{k}" / FOLD_DONE).exists()]
     if missing:
         raise UserError(f"folds {missing} are not finished; train them with `pancls cv --resume --fold k`", out)
-    tables, per_fold, fold_records_ = [], [], []
+    tables, per_fold, fold_records_, calibrated = [], [], [], []
     for k in range(cfg.cv.folds):
-        table, y, p, _ = read_predictions(out / f"fold_{k}" / "predictions.csv", classes)
+        table, y, _, z = read_predictions(out / f"fold_{k}" / "predictions.csv", classes)
+        record = read_json(out / f"fold_{k}" / FOLD_DONE, "fold record", dict)
+        # from the logits and the fold's temperature: the CSV's p_ columns are rounded to 6 decimals, and rows
+        # tied at 0.000000 would change top-2
+        p = clinical.softmax(z, record.get("temperature", 1.0))
         tables.append(table)
+        calibrated.append(p)
         per_fold.append({"fold": k, "metrics": clinical.clinical_metrics(y, p, classes)})
-        fold_records_.append(read_json(out / f"fold_{k}" / FOLD_DONE, "fold record", dict))
+        fold_records_.append(record)
     oof = pd.concat(tables, ignore_index=True)
     atomic_write_text(out / "oof_predictions.csv", oof.to_csv(index=False, lineterminator="\n"))
     index = {c: i for i, c in enumerate(classes)}
     y = oof["label"].map(index).to_numpy()
-    probs = oof[[f"p_{c}" for c in classes]].to_numpy()
+    probs = np.concatenate(calibrated)
     logits = oof[[f"logit_{c}" for c in classes]].to_numpy()
     groups = oof["patient_id"].astype(str).to_numpy()
     raw = clinical.softmax(logits, 1.0)
     headline = ("balanced_accuracy", "macro_f1", "top1", "top2", "mcc")
-    boot = dict(n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed)
+    # patient-level, paired (one seed for the model and the baselines), per class too (sensitivity, specificity)
+    boot = dict(n_boot=cfg.cv.bootstrap, seed=cfg.cv.seed, metrics=(*headline, "brier", "ece"), per_class=True)
 
     # Baselines on the same splits: majority class of each fold's training patients; intensity statistics.
     if records is None:  # read again (pancls report): the manifest must still be the one the run was split from
@@ -481,7 +494,8 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         train_rows = [i for i, r in enumerate(records) if splits["test_fold"][r["patient_id"]] != k]
         dest = np.flatnonzero(oof["fold"].to_numpy() == k)
         assert len(dest) == len(test_rows), "predictions.csv does not match the splits"
-        base_major[dest] = clinical.majority_baseline(labels_all[train_rows], labels_all[test_rows], K)
+        train_patients = {records[i]["patient_id"]: records[i]["label"] for i in train_rows}  # the majority of
+        base_major[dest] = clinical.majority_baseline(list(train_patients.values()), labels_all[test_rows], K)
         base_intensity[dest] = clinical.intensity_baseline(feats[train_rows], labels_all[train_rows],
                                                            feats[test_rows], K, seed=cfg.cv.seed)
 
@@ -494,19 +508,21 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         "selection": f"{cfg.cv.select} on {cfg.cv.select_metric} of the {INNER_SELECTED_ON}; "
                      f"temperature {'fitted on the same split' if cfg.cv.temperature else 'off'}",
         "roi": cfg.preprocess.roi,
-        # temperature scaling leaves every argmax, hence every rank metric, unchanged; only calibration differs
+        # temperature scaling leaves every row's ranking of the classes (argmax, top-k) unchanged, hence every
+        # metric of the headline; calibration (Brier, ECE) and the pooled one-vs-rest AUC, which ranks rows of
+        # folds with different temperatures against each other, differ
         "pooled": clinical.clinical_metrics(y, raw, classes),
         "pooled_calibrated": clinical.clinical_metrics(y, probs, classes),
-        "intervals": clinical.bootstrap_intervals(y, probs, groups, classes, metrics=headline, **boot),
+        "intervals": clinical.bootstrap_intervals(y, raw, groups, classes, **boot),
+        "intervals_calibrated": clinical.bootstrap_intervals(y, probs, groups, classes, **boot),
         "per_fold": per_fold,
         "across_folds": clinical.mean_sd_across_folds([f["metrics"] for f in per_fold], headline),
         "folds_detail": fold_records_,
         "baselines": {
             "majority": {"pooled": clinical.clinical_metrics(y, base_major, classes),
-                         "intervals": clinical.bootstrap_intervals(y, base_major, groups, classes, metrics=headline, **boot)},
+                         "intervals": clinical.bootstrap_intervals(y, base_major, groups, classes, **boot)},
             "intensity": {"pooled": clinical.clinical_metrics(y, base_intensity, classes),
-                          "intervals": clinical.bootstrap_intervals(y, base_intensity, groups, classes,
-                                                                    metrics=headline, **boot)},
+                          "intervals": clinical.bootstrap_intervals(y, base_intensity, groups, classes, **boot)},
         },
         "collapsed_folds": [f["fold"] for f in per_fold if f["metrics"]["collapsed"]],
         "machine": _machine(),
@@ -524,11 +540,14 @@ def _figures(out, summary, y, probs, raw, oof, classes, counts, folds, figures) 
 
     fig_dir = out / "figures"
     fig_dir.mkdir(exist_ok=True)
-    pooled = summary["pooled"]
+    pooled, recall = summary["pooled"], summary["intervals"]["per_class"]
     made = {
         "confusion": figures.confusion_matrix_png(pooled["confusion"], classes, fig_dir / "confusion.png"),
         "recall_vs_size": figures.recall_vs_size_png(
-            {c: pooled["per_class"][c]["sensitivity"] for c in classes}, counts, fig_dir / "recall_vs_size.png"),
+            {c: recall[c]["sensitivity"]["estimate"] for c in classes}, counts, fig_dir / "recall_vs_size.png",
+            intervals={c: (recall[c]["sensitivity"]["lo"], recall[c]["sensitivity"]["hi"]) for c in classes},
+            interval_name="patient bootstrap 95 % CI", size_name="patients"),
+        # the output predict gives (after each fold's temperature), as the report's per-class AUC
         "roc": figures.roc_png(y, probs, classes, fig_dir / "roc.png"),
         "reliability": figures.reliability_png(y, raw, fig_dir / "reliability.png", probs_after=probs),
     }
@@ -536,9 +555,13 @@ def _figures(out, summary, y, probs, raw, oof, classes, counts, folds, figures) 
     plot_crowding(angles, [counts[c] for c in classes], classes, fig_dir / "crowding.png",
                   "class-centre crowding, mean over folds (higher = less crowded)")
     made["crowding"] = fig_dir / "crowding.png"
-    feats = np.concatenate([np.load(out / f"fold_{k}" / "test_features.npy") for k in range(len(folds))])
-    if len(feats) >= 10:
-        made["embedding"] = figures.embedding_png(feats, y, classes, fig_dir / "embedding.png")
+    # one panel per fold: each fold's network has its own feature space, and one t-SNE of the four together
+    # would place folds, not classes, apart
+    fold_of = oof["fold"].to_numpy()
+    panels = {f"fold {k}": (np.load(out / f"fold_{k}" / "test_features.npy"), y[fold_of == k])
+              for k in range(len(folds))}
+    if min(len(v[1]) for v in panels.values()) >= 10:
+        made["embedding"] = figures.embeddings_side_by_side_png(panels, classes, fig_dir / "embedding.png")
     return {k: str(Path(v).relative_to(out)) for k, v in made.items()}
 
 
@@ -593,15 +616,37 @@ ROI_POLICY = {
 }
 
 
+def _interval(b: Optional[Dict[str, Any]]) -> str:
+    """``0.612 [0.550, 0.670]`` of a :func:`~pancls.eval.clinical.bootstrap_intervals` entry (n/a where undefined)."""
+    def num(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    b = b or {}
+    return f"{num(b.get('estimate'))} [{num(b.get('lo'))}, {num(b.get('hi'))}]"
+
+
+def _recall_rows(s: Dict[str, Any]):
+    """Per class: ``(name, patients, model, all-majority, intensity)`` recall with patient-bootstrap intervals
+    (runs summarised before per-class intervals existed: the point estimates alone)."""
+    def recall(intervals, pooled, c):
+        if "per_class" in intervals:
+            return _interval(intervals["per_class"][c]["sensitivity"])
+        value = pooled["per_class"][c]["sensitivity"]
+        return "n/a" if value is None else f"{value:.3f}"
+
+    base = s["baselines"]
+    return [(c, s["class_counts"][c], recall(s["intervals"], s["pooled"], c),
+             *(recall(base[b]["intervals"], base[b]["pooled"], c) for b in ("majority", "intensity")))
+            for c in s["classes"]]
+
+
 def model_card(cfg: CVConfig, s: Dict[str, Any]) -> str:
     iv, pooled, base = s["intervals"], s["pooled"], s["baselines"]
 
     def ci(m, block=iv):
-        b = block.get(m, {})
-        return f"{b.get('estimate', float('nan')):.3f} [{b.get('lo', float('nan')):.3f}, {b.get('hi', float('nan')):.3f}]"
+        return _interval(block.get(m))
 
-    counts = s["class_counts"]
-    rows = "\n".join(f"| {c} | {counts[c]} | {pooled['per_class'][c]['sensitivity']:.3f} |" for c in s["classes"])
+    rows = "\n".join(f"| {c} | {n} | {m} | {a} | {i} |" for c, n, m, a, i in _recall_rows(s))
     return f"""# Model card — pancls cv run
 
 **Intended use**: research on pancreatic lesion subtype classification from abdominal CT. **Not a medical
@@ -611,9 +656,9 @@ device**; not for diagnosis or treatment decisions.
 {cfg.model.backbone} (3D, MONAI) + `{cfg.model.head}` head, loss `{cfg.loss.name}`, {cfg.train.epochs} epochs,
 {cfg.cv.folds}-fold patient-grouped stratified cross-validation. Selection: {s['selection']}.
 
-## Data
-| class | patients | out-of-fold sensitivity |
-|---|---|---|
+## Data and per-class recall (out of fold, 95 % patient-level bootstrap intervals)
+| class | patients | model | all-majority baseline | intensity baseline |
+|---|---|---|---|---|
 {rows}
 
 Preprocessing: spacing {cfg.preprocess.spacing} mm, windows {cfg.preprocess.windows} (W/L, HU), ROI `{cfg.preprocess.roi}`
@@ -654,8 +699,7 @@ def _machine() -> str:
 def headline(s: Dict[str, Any], out: Path) -> str:
     """The few lines ``pancls cv`` prints at the end: headline metrics with intervals beside the baselines."""
     def cell(block, m):
-        b = block.get(m, {})
-        return f"{b.get('estimate', float('nan')):.3f} [{b.get('lo', float('nan')):.3f}, {b.get('hi', float('nan')):.3f}]"
+        return _interval(block.get(m))
 
     base = s["baselines"]
     lines = [f"pancls cv: {s['folds']} folds, {sum(s['class_counts'].values())} patients, "
@@ -666,9 +710,9 @@ def headline(s: Dict[str, Any], out: Path) -> str:
                     ("top2", "top-2")):
         lines.append(f"{name:<20}{cell(s['intervals'], m):<24}{cell(base['majority']['intervals'], m):<24}"
                      f"{cell(base['intensity']['intervals'], m):<24}")
-    recall = "  ".join(f"{c} {s['pooled']['per_class'][c]['sensitivity']:.2f} (n={s['class_counts'][c]})"
-                       for c in s["classes"])
-    lines.append(f"recall per class: {recall}")
+    lines.append(f"{'recall, 95% CI':<20}{'model':<24}{'all-majority':<24}{'intensity LR':<24}patients")
+    for c, n, model, major, intensity in _recall_rows(s):
+        lines.append(f"{c:<20}{model:<24}{major:<24}{intensity:<24}{n}")
     lines.append(f"ECE {s['pooled_calibrated']['ece']:.3f} (before temperature {s['pooled']['ece']:.3f}); "
                  f"collapsed folds: {s['collapsed_folds'] or 'none'}; report: {Path(out) / 'report.html'}")
     return "\n".join(lines)

@@ -58,12 +58,21 @@ def _ci(block: dict, metric: str) -> str:
     return f"{b['estimate']:.3f} [{b['lo']:.3f}, {b['hi']:.3f}]" if b else "—"
 
 
-def _recall(pooled: dict, cls: str) -> str:
-    c = pooled["per_class"].get(cls)
-    if not c:
-        return "—"
-    lo, hi = c["sensitivity_ci"]
-    return f"{c['sensitivity']:.2f} [{lo:.2f}, {hi:.2f}]"
+def _recall(block: dict, cls: str) -> str:
+    """A class's recall with its patient-bootstrap interval; a summary written before those existed: Wilson."""
+    boot = block["intervals"].get("per_class", {}).get(cls, {}).get("sensitivity")
+    if boot:
+        lo, hi, value = boot["lo"], boot["hi"], boot["estimate"]
+    else:
+        c = block["pooled"]["per_class"].get(cls)
+        if not c:
+            return "—"
+        value, (lo, hi) = c["sensitivity"], c["sensitivity_ci"]
+    return "—" if value is None else f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _recall_interval(s: dict) -> str:
+    return "patient-level bootstrap" if "per_class" in s["intervals"] else "Wilson"
 
 
 def table(summaries: dict) -> str:
@@ -72,19 +81,19 @@ def table(summaries: dict) -> str:
     for name, s in summaries.items():
         cal = s.get("pooled_calibrated") or s["pooled"]
         rows.append(f"| {name} | {_ci(s['intervals'], 'balanced_accuracy')} | {_ci(s['intervals'], 'macro_f1')} | "
-                    f"{_recall(s['pooled'], 'CP')} | {_recall(s['pooled'], 'ASC')} | {cal['ece']:.3f} | "
+                    f"{_recall(s, 'CP')} | {_recall(s, 'ASC')} | {cal['ece']:.3f} | "
                     f"{s['collapsed_folds'] or 'none'} |")
     any_s = next(iter(summaries.values()))
     for base in ("majority", "intensity"):
         b = any_s["baselines"][base]
         rows.append(f"| *baseline: {base}* | {_ci(b['intervals'], 'balanced_accuracy')} | "
-                    f"{_ci(b['intervals'], 'macro_f1')} | {_recall(b['pooled'], 'CP')} | "
-                    f"{_recall(b['pooled'], 'ASC')} | {b['pooled']['ece']:.3f} | "
+                    f"{_ci(b['intervals'], 'macro_f1')} | {_recall(b, 'CP')} | "
+                    f"{_recall(b, 'ASC')} | {b['pooled']['ece']:.3f} | "
                     f"{'collapsed' if b['pooled']['collapsed'] else ''} |")
     m = any_s["model"]
     rows.append(f"\n{any_s['folds']} folds, {sum(any_s['class_counts'].values())} patients, {m['backbone']}, "
                 f"{m['epochs']} epochs, machine: {any_s['machine']}; intervals: 95 % patient-level bootstrap "
-                "(balanced accuracy, macro-F1) and Wilson (recall).")
+                f"(balanced accuracy, macro-F1) and {_recall_interval(any_s)} (recall).")
     return "\n".join(rows)
 
 

@@ -75,6 +75,34 @@ def test_selection_and_temperature_come_from_the_inner_split_only(finished):
     assert summary["baselines"]["majority"]["pooled"]["collapsed"] is True  # one class for everyone
 
 
+def test_per_class_recall_has_patient_intervals_and_the_baselines_beside_it(finished, cohort):
+    """The clinical rule for every headline number, per class too: an interval (patient bootstrap, paired with
+    the baselines') and the all-majority baseline beside it, in summary.json, the terminal and the model card."""
+    run, summary, _, _ = finished
+    manifest = pd.read_csv(cohort / "manifest.csv", dtype={"patient_id": str})
+    patients = manifest.drop_duplicates("patient_id")["label"].value_counts()
+    assert summary["class_counts"] == {c: int(patients.get(c, 0)) for c in summary["classes"]}
+    major = summary["baselines"]["majority"]
+    for c in summary["classes"]:
+        for name in ("sensitivity", "specificity"):
+            b = summary["intervals"]["per_class"][c][name]
+            assert b["estimate"] == pytest.approx(summary["pooled"]["per_class"][c][name])
+            assert b["lo"] <= b["estimate"] <= b["hi"]
+        to_majority = c == major["pooled"]["collapsed_to"]
+        assert major["intervals"]["per_class"][c]["sensitivity"]["estimate"] == (1.0 if to_majority else 0.0)
+    # the calibrated row's intervals: rank metrics as the raw row's, calibration its own
+    cal = summary["intervals_calibrated"]
+    assert cal["top2"] == summary["intervals"]["top2"]
+    assert cal["ece"]["estimate"] == pytest.approx(summary["pooled_calibrated"]["ece"])
+    text = cv.headline(summary, run)
+    rows = [line for line in text.splitlines() if line.split(" ")[0] in summary["classes"]]
+    assert len(rows) == len(summary["classes"]) and all(row.count("[") == 3 for row in rows)
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| class | patients | model | all-majority baseline | intensity baseline |" in card
+    assert (run / "figures" / "embedding.png").is_file() == (min(np.bincount(
+        pd.read_csv(run / "oof_predictions.csv")["fold"])) >= 10)  # one t-SNE panel per fold
+
+
 def test_roi_policy_is_recorded(finished):
     run, *_ = finished
     meta = json.loads((run / "configs" / "metadata.json").read_text())
@@ -162,6 +190,27 @@ def test_nan_loss_stops_the_fold_and_names_the_epoch(config, cohort, tmp_path):
                                       "train.momentum": 0.9})
     with pytest.raises(UserError, match=r"fold 0: training diverged: the mean loss of epoch \d"):
         cv.run(cfg, tmp_path / "run", fold=0, log=lambda _: None)
+    assert not (tmp_path / "run" / "fold_0" / "fold.json").exists()
+
+
+def test_non_finite_outputs_stop_the_fold_instead_of_scoring_as_class_0(config, cohort, tmp_path, monkeypatch):
+    """A network whose training loss stayed finite can still output NaN for a study (the engine's check is
+    on the loss): the fold stops with one line, and no predictions.csv scores those rows as PDAC."""
+    from pancls.train import engine
+
+    real = engine.predict_logits
+
+    def broken(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["logits"][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(engine, "predict_logits", broken)
+    cfg = config(cohort, tmp_path, **{"train.epochs": 1, "train.warmup_epochs": 0})
+    with pytest.raises(UserError, match=r"fold 0: the model's outputs are not finite numbers for 1 of \d+ "
+                                        r"inner validation studies \(training diverged\)"):
+        cv.run(cfg, tmp_path / "run", fold=0, log=lambda _: None)
+    assert not (tmp_path / "run" / "fold_0" / "predictions.csv").exists()
     assert not (tmp_path / "run" / "fold_0" / "fold.json").exists()
 
 

@@ -98,6 +98,12 @@ class Manifest:
         counts = self.table["label"].value_counts()
         return {name: int(counts.get(name, 0)) for name in self.classes}
 
+    def patient_counts(self) -> Dict[str, int]:
+        """Number of patients per class, in class order, zero included (a patient has one label: the manifest
+        check refuses two)."""
+        counts = self.table.drop_duplicates("patient_id")["label"].value_counts()
+        return {name: int(counts.get(name, 0)) for name in self.classes}
+
     def patients(self) -> List[str]:
         """Patient ids in order of first appearance (folds must split by patient, not by volume)."""
         return list(dict.fromkeys(self.table["patient_id"]))

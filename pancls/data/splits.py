@@ -112,6 +112,14 @@ def make_splits(records: Sequence[Dict[str, Any]], classes: Sequence[str], folds
                             f"{inner_folds} inner folds ({exception_text(exc)}); lower cv.inner_folds",
                             "cv.inner_folds") from None
         inner[str(k)] = sorted(p for p, f in zip(train_p, inner_k, strict=True) if f == 0)
+        left = Counter(label_of[p] for p, f in zip(train_p, inner_k, strict=True) if f != 0)
+        gone = [c for c in range(len(classes)) if not left[c]]
+        if gone:  # the model would train without the class
+            counts = ", ".join(f"{classes[c]} {per_class[c]}" for c in gone)
+            raise UserError(f"fold {k}: the inner validation split takes every training patient of class "
+                            f"{', '.join(classes[c] for c in gone)} (fold {k} trains on {counts}); lower "
+                            f"{'--folds' if not given else 'cv.inner_folds'} or add patients of the class",
+                            "manifest fold" if given else "--folds")
     return {
         "version": SPLITS_VERSION,
         "folds": folds,

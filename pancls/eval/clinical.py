@@ -23,7 +23,9 @@ Point metrics (scikit-learn underneath)
       ECE = sum_m |B_m| / N * | acc(B_m) - conf(B_m) |
 
 * per class k, one-vs-rest: sensitivity ``TP / (TP + FN)`` and specificity ``TN / (TN + FP)``, each
-  with a 95 % Wilson score interval, and the one-vs-rest ROC AUC of ``p_ik``.
+  with a 95 % Wilson score interval, and the one-vs-rest ROC AUC of ``p_ik``. Wilson treats every row as
+  an independent trial: right when each patient has one row; with several studies per patient it is too
+  narrow, and the patient-level bootstrap below (``per_class=True``) is the interval to report.
 * collapse: the model predicts one class for at least 90 % of the cases (``COLLAPSE_SHARE``).
 
 Wilson score interval (Wilson 1927; recommended by Brown, Cai & DasGupta, "Interval Estimation for a
@@ -38,7 +40,10 @@ the predicted class.
 
 Bootstrap intervals are patient-level (Efron & Tibshirani, "An Introduction to the Bootstrap",
 1993, percentile method): the unique patients are resampled with replacement and every row of a
-drawn patient enters the resample, so the several scans of one patient move together.
+drawn patient enters the resample, so the several scans of one patient move together. Per class they
+cover sensitivity ``TP_k / t_k`` and specificity ``TN_k / (N - t_k)`` of each resampled confusion matrix;
+a resample without a case of class k leaves its sensitivity undefined, and such resamples are dropped
+(``n_boot`` counts the defined ones).
 
 Baselines: *majority* predicts the training set's most frequent class for every case (the
 "all-PDAC" classifier); *intensity* is a logistic regression on a few intensity statistics of the
@@ -172,11 +177,20 @@ def brier_score(probs, y_true) -> float:
 
 
 def _check(y_true, probs, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Labels as int64 and probabilities as float64 with missing (NaN) entries read as 0."""
+    """Labels as int64 and probabilities as float64 with missing (NaN) entries read as 0.
+
+    A NaN entry stands for a class the model had no output for; a row with no finite probability at all,
+    or an infinite one, is a broken model output (a diverged network), refused: read as zeros, its argmax
+    would score it as a prediction of class 0."""
     y = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    p = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+    p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape != (y.shape[0], num_classes):
         raise ValueError(f"probabilities of shape {p.shape} do not match {y.shape[0]} labels and {num_classes} classes")
+    broken = np.isinf(p).any(axis=1) | np.isnan(p).all(axis=1) if p.size else np.zeros(0, dtype=bool)
+    if broken.any():
+        raise ValueError(f"{int(broken.sum())} of {len(p)} rows hold no finite probabilities (first: row "
+                         f"{int(np.flatnonzero(broken)[0])}); a model output that is not a number cannot be scored")
+    p = np.nan_to_num(p, nan=0.0)
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"labels must lie in 0..{num_classes - 1}")
     return y, p
@@ -317,6 +331,7 @@ def bootstrap_intervals(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    per_class: bool = False,
 ) -> Dict[str, Dict[str, object]]:
     """Patient-level percentile bootstrap intervals of pooled metrics.
 
@@ -340,12 +355,16 @@ def bootstrap_intervals(
         Seed of the ``numpy.random.Generator``; equal seeds give equal intervals.
     alpha : float
         The interval is the ``[alpha/2, 1 - alpha/2]`` percentile range of the resampled values.
+    per_class : bool
+        Also the sensitivity and specificity of every class, from the same resamples (so a model's and a
+        baseline's intervals computed with the same ``seed`` are paired).
 
     Returns
     -------
     dict
         ``{metric: {"estimate", "lo", "hi", "n_boot"}}``; ``estimate`` is the metric on the full data,
-        ``n_boot`` the number of resamples where the metric was defined.
+        ``n_boot`` the number of resamples where the metric was defined. With ``per_class``, also
+        ``"per_class": {class: {"sensitivity": {...}, "specificity": {...}}}`` in the same form.
     """
     unknown = [m for m in metrics if m not in BOOTSTRAP_METRICS]
     if unknown:
@@ -390,6 +409,9 @@ def bootstrap_intervals(
         vals = _metrics_from_confusion(cm)
         n = cm.sum(axis=(1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
+            tp, t, pr = np.diagonal(cm, axis1=1, axis2=2), cm.sum(axis=2), cm.sum(axis=1)
+            vals["sensitivity"] = tp / t  # (B, K); NaN where a resample holds no case of the class
+            vals["specificity"] = (n[:, None] - t - pr + tp) / (n[:, None] - t)
             vals["top2"] = parts["top2"][:, 0] / n
             vals["top5"] = parts["top5"][:, 0] / n
             vals["brier"] = parts["brier"][:, 0] / n
@@ -403,12 +425,16 @@ def bootstrap_intervals(
     W = np.bincount(offsets, minlength=n_boot * n_groups).reshape(n_boot, n_groups).astype(np.float64)
     boot = evaluate(W)
 
-    out: Dict[str, Dict[str, object]] = {}
-    for m in metrics:
-        v = boot[m][np.isfinite(boot[m])]
+    def interval(values: np.ndarray, point: float) -> Dict[str, object]:
+        v = values[np.isfinite(values)]
         lo, hi = (np.quantile(v, [alpha / 2, 1 - alpha / 2]) if v.size else (np.nan, np.nan))
-        out[m] = {"estimate": _none_if_nan(estimate[m][0]), "lo": _none_if_nan(lo), "hi": _none_if_nan(hi),
-                  "n_boot": int(v.size)}
+        return {"estimate": _none_if_nan(point), "lo": _none_if_nan(lo), "hi": _none_if_nan(hi),
+                "n_boot": int(v.size)}
+
+    out: Dict[str, Dict[str, object]] = {m: interval(boot[m], estimate[m][0]) for m in metrics}
+    if per_class:
+        out["per_class"] = {name: {m: interval(boot[m][:, k], estimate[m][0, k])
+                                   for m in ("sensitivity", "specificity")} for k, name in enumerate(classes)}
     return out
 
 

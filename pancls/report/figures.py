@@ -4,7 +4,7 @@ Every function writes ``path`` atomically (:func:`pancls.io.atomic_save`) and re
 :class:`~pathlib.Path`. The numbers come from :mod:`pancls.eval.clinical`:
 
 * :func:`confusion_matrix_png`: counts or row-normalised confusion (rows true, columns predicted);
-* :func:`recall_vs_size_png`: recall of each class against its size (log x), Wilson 95 % bars;
+* :func:`recall_vs_size_png`: recall of each class against its size (log x), 95 % bars;
 * :func:`roc_png`: one-vs-rest ROC curves with their AUC (Fawcett, "An introduction to ROC
   analysis", Pattern Recognition Letters 2006);
 * :func:`reliability_png`: reliability diagram, accuracy against confidence in equal-width bins,
@@ -84,12 +84,15 @@ def recall_vs_size_png(
     class_counts: Dict[str, int],
     path,
     intervals: Optional[Dict[str, Sequence[float]]] = None,
+    interval_name: str = "Wilson 95 % CI",
+    size_name: str = "cases",
 ) -> Path:
-    """Recall of each class against its number of cases (log x), with Wilson 95 % error bars if given.
+    """Recall of each class against its number of cases (log x), with 95 % error bars if given.
 
     ``per_class_recall`` maps a class name to a recall (float or None), to ``(recall, (lo, hi))``, or
-    to a ``clinical_metrics(...)["per_class"]`` entry (``sensitivity`` and ``sensitivity_ci``);
-    ``intervals`` may give the ``(lo, hi)`` separately. Classes with no recall or no case are left out.
+    to a ``clinical_metrics(...)["per_class"]`` entry (``sensitivity`` and its Wilson ``sensitivity_ci``);
+    ``intervals`` may give the ``(lo, hi)`` separately (``interval_name`` says which interval they are, on the
+    y axis; ``size_name`` what ``class_counts`` counts). Classes with no recall or no case are left out.
     """
     plt = _pyplot()
     intervals = intervals or {}
@@ -106,8 +109,8 @@ def recall_vs_size_png(
         ax.annotate(name, (count, recall), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("cases of the class (log scale)")
-    ax.set_ylabel("recall (sensitivity), Wilson 95 % CI")
+    ax.set_xlabel(f"{size_name} of the class (log scale)")
+    ax.set_ylabel(f"recall (sensitivity), {interval_name}")
     ax.set_title("recall against class size", fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -6,19 +6,20 @@ so it can be mailed as one file. Both are written atomically (:func:`pancls.io.a
 
 Sections: run description; headline pooled metrics with their 95 % patient-level bootstrap intervals,
 next to the all-PDAC (majority) and intensity baselines; the pooled confusion matrix; per-class
-sensitivity and specificity with Wilson 95 % intervals, one-vs-rest AUC and predicted share; per-fold
-metrics with mean ± SD across folds; collapse flags; figures.
+sensitivity and specificity with patient-level bootstrap 95 % intervals (Wilson intervals for a summary
+without them), the baselines' sensitivity beside, one-vs-rest AUC and predicted share; per-fold metrics of
+the held-out test folds with mean ± SD across folds; collapse flags; figures.
 
 The ``summary`` consumed (every key optional except ``classes`` and ``pooled``)::
 
     {
       "classes": [str, ...],                      # class names, column order of the probabilities
-      "class_counts": {name: int},                # cases per class in the cohort
+      "class_counts": {name: int},                # patients per class in the cohort
       "folds": int,
       "model": {...},                             # free key/value description of the model
       "pooled": <clinical_metrics dict>,          # out-of-fold predictions of all folds together
       "pooled_calibrated": <clinical_metrics dict> or None,   # after temperature scaling
-      "intervals": <bootstrap_intervals dict>,    # of "pooled"
+      "intervals": <bootstrap_intervals dict>,    # of "pooled"; with "per_class" (per_class=True)
       "intervals_calibrated": <bootstrap_intervals dict>,      # optional, of "pooled_calibrated"
       "per_fold": [{"fold": int, "metrics": <clinical_metrics dict>}, ...],
       "across_folds": <mean_sd_across_folds dict>,  # computed from per_fold when missing
@@ -141,23 +142,39 @@ def _confusion(summary: dict) -> List[tuple]:
 
 
 def _per_class(summary: dict) -> List[tuple]:
-    pooled = summary.get("pooled") or {}
+    # the model's output as predict gives it (after the folds' temperatures): the same argmax as the raw
+    # output, but the pooled one-vs-rest AUC ranks rows of folds with different temperatures
+    pooled = summary.get("pooled_calibrated") or summary.get("pooled") or {}
     per_class = pooled.get("per_class") or {}
     if not per_class:
         return []
     counts = summary.get("class_counts") or {}
     share = pooled.get("predicted_share") or {}
-    headers = ["class", "cases in cohort", "cases evaluated", "sensitivity (95 % CI)",
-               "specificity (95 % CI)", "AUC one-vs-rest", "share of predictions"]
+    boot = (summary.get("intervals") or {}).get("per_class")
+    baselines = {key: base for key, base in (summary.get("baselines") or {}).items() if base}
+    headers = ["class", "patients in cohort", "studies evaluated", "sensitivity (95 % CI)",
+               "specificity (95 % CI)", "AUC one-vs-rest", "share of predictions",
+               *[f"sensitivity, {_baseline_label(key, base)}" for key, base in baselines.items()]]
     rows = []
     for name in summary["classes"]:
         c = per_class.get(name) or {}
-        rows.append([name, str(counts.get(name, NA)), str(c.get("n", NA)),
-                     _with_ci(c.get("sensitivity"), c.get("sensitivity_ci")),
-                     _with_ci(c.get("specificity"), c.get("specificity_ci")),
-                     _num(c.get("auc_ovr")), _num(share.get(name))])
+        if boot:
+            sens, spec = (_with_interval(b.get("estimate"), b) for b in (boot[name]["sensitivity"],
+                                                                          boot[name]["specificity"]))
+        else:
+            sens, spec = (_with_ci(c.get(m), c.get(f"{m}_ci")) for m in ("sensitivity", "specificity"))
+        base_cells = []
+        for base in baselines.values():
+            b = ((base.get("intervals") or {}).get("per_class") or {}).get(name, {}).get("sensitivity")
+            value = (((base.get("pooled") or {}).get("per_class") or {}).get(name) or {}).get("sensitivity")
+            base_cells.append(_with_interval(b.get("estimate"), b) if b else _num(value))
+        rows.append([name, str(counts.get(name, NA)), str(c.get("n", NA)), sens, spec,
+                     _num(c.get("auc_ovr")), _num(share.get(name)), *base_cells])
+    how = ("patient-level percentile bootstrap 95 % intervals (the several studies of a patient move together)"
+           if boot else "Wilson score 95 % intervals (each study counted as an independent case)")
     return [("h", 2, "Per class (pooled)"),
-            ("p", "Sensitivity and specificity one-vs-rest with Wilson score 95 % intervals."),
+            ("p", f"Sensitivity and specificity one-vs-rest with {how}; AUC of the temperature-scaled "
+                  "probabilities" + ("; the baselines' sensitivity on the same resamples." if baselines else ".")),
             ("table", headers, rows)]
 
 
@@ -181,7 +198,7 @@ def _per_fold(summary: dict) -> List[tuple]:
                     + [collapsed])
     rows.append(["mean ± SD", ""] + [_mean_sd(across.get(k)) for k in FOLD_METRICS] + [""])
     return [("h", 2, "Per fold"),
-            ("p", "Metrics of each validation fold; last row the mean ± sample SD across folds."),
+            ("p", "Metrics of each held-out test fold; last row the mean ± sample SD across folds."),
             ("table", headers, rows)]
 
 

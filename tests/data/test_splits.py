@@ -90,3 +90,22 @@ def test_splits_hold_no_identifier_beyond_the_manifest_pseudonyms(tmp_path):
     splits = make_splits(cohort(), CLASSES, 4, 0, 5, Path(tmp_path))
     text = json.dumps(splits)
     assert "images/" not in text  # paths go into the fingerprint only
+
+
+def test_an_inner_split_that_takes_all_of_a_class_is_refused_before_anything_is_written(tmp_path):
+    """A class of 2 patients and 2 folds: fold k trains on 1 patient of it, which the inner validation split
+    may take; the model would then train without the class. Refused with the fold and the class named."""
+    records = [{"patient_id": f"a{i:02d}", "image": f"a{i}.nii.gz", "label": 0} for i in range(20)]
+    records += [{"patient_id": f"b{i}", "image": f"b{i}.nii.gz", "label": 1} for i in range(2)]
+    refused = 0
+    for seed in range(12):
+        try:
+            splits = make_splits(records, ["A", "B"], folds=2, seed=seed, inner_folds=2, root=tmp_path)
+        except UserError as exc:
+            refused += 1
+            assert exc.where == "--folds" and "takes every training patient of class B" in exc.reason
+            continue
+        for k in range(2):  # accepted: every fold trains on both classes
+            assert {r["label"] for r in fold_records(records, splits, k)["train"]} == {0, 1}
+    assert 0 < refused < 12  # both cases occur over these seeds
+    assert not list(tmp_path.iterdir())

@@ -154,6 +154,17 @@ def test_absent_class_does_not_crash():
     json.dumps(m)  # plain python types
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_row_without_finite_probabilities_is_refused_not_scored_as_class_0(bad):
+    """A diverged network's output: read as zeros, its argmax would count as a prediction of class 0."""
+    y = np.array([0, 1, 0])
+    p = softmax(np.random.default_rng(0).normal(size=(3, 3)))
+    p[1] = bad
+    for metric in (lambda: clinical_metrics(y, p, CLASSES3), lambda: bootstrap_intervals(y, p, None, CLASSES3)):
+        with pytest.raises(ValueError, match="1 of 3 rows hold no finite probabilities"):
+            metric()
+
+
 def _toy(n=530, k=5, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, k, n)
@@ -185,19 +196,31 @@ def test_bootstrap_matches_a_naive_patient_resampling():
     y, p, g = _toy(n=120, k=4, seed=5)
     classes = list("ABCD")
     n_boot, seed = 80, 11
+    y[g == g[0]] = 3  # class D: only the rows of one patient, absent from many resamples
+    y[(y == 3) & (g != g[0])] = 0
     fast = bootstrap_intervals(y, p, g, classes, metrics=("balanced_accuracy", "macro_f1", "mcc", "top2"),
-                               n_boot=n_boot, seed=seed)
+                               n_boot=n_boot, seed=seed, per_class=True)
     ids = np.unique(g)
     draws = np.random.default_rng(seed).integers(0, ids.size, size=(n_boot, ids.size))
     vals = {"balanced_accuracy": [], "macro_f1": [], "mcc": [], "top2": []}
+    per_class = {(c, m): [] for c in classes for m in ("sensitivity", "specificity")}
     for row in draws:
         idx = np.concatenate([np.flatnonzero(g == ids[j]) for j in row])
         m = clinical_metrics(y[idx], p[idx], classes)
         for key in vals:
             vals[key].append(m[key])
+        for c, name in per_class:
+            if m["per_class"][c][name] is not None:  # undefined without a case of the class: dropped
+                per_class[c, name].append(m["per_class"][c][name])
     for key, v in vals.items():
         lo, hi = np.quantile(v, [0.025, 0.975])
         assert fast[key]["lo"] == pytest.approx(lo) and fast[key]["hi"] == pytest.approx(hi)
+    whole = clinical_metrics(y, p, classes)["per_class"]
+    for (c, name), v in per_class.items():
+        got = fast["per_class"][c][name]
+        assert got["n_boot"] == len(v) and got["estimate"] == pytest.approx(whole[c][name])
+        assert [got["lo"], got["hi"]] == pytest.approx(list(np.quantile(v, [0.025, 0.975])))
+    assert fast["per_class"]["D"]["sensitivity"]["n_boot"] < n_boot  # some resamples hold no D
 
 
 def test_bootstrap_moves_a_patients_rows_together():
