@@ -1,6 +1,7 @@
 # pancls in a container. Build and run (README, "Docker"):
 #   docker build -t pancls .
-#   docker run --gpus all --ipc=host --rm -v /path/to/ct:/data:ro -v $PWD/runs:/runs pancls cv --out /runs/cv
+#   docker run --gpus all --ipc=host --rm -v /path/to/ct:/data:ro -v $PWD/runs:/runs \
+#       pancls cv --manifest /data/manifest.csv --out /runs/cv
 #   docker run --gpus all --ipc=host --rm -v /path/to/ct:/data:ro -v $PWD/runs:/runs \
 #       pancls predict --model /runs/cv /data/study01 --out /runs/preds.json
 # CPU only: --build-arg BASE_IMAGE=python:3.11-slim-bookworm --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

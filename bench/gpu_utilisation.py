@@ -9,7 +9,7 @@ which at least one kernel ran, so it says whether the data path keeps the GPU bu
 uses it.
 
     python bench/gpu_utilisation.py --skip 60 --json out.json -- \\
-        pancls cv --config configs/cv_synth_full.yaml --fold 0 --epochs 3 --out runs/gpu_cv
+        pancls cv --config pancls/recipes/cv_full.yaml --fold 0 --epochs 3 --out runs/gpu_cv
 """
 from __future__ import annotations
 

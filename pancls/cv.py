@@ -44,7 +44,8 @@ from pancls.train.engine import RESUMABLE_KEYS, TrainConfig
 from pancls.validation import check_scalar
 
 #: The demo recipe that ``pancls cv`` runs without ``--config`` (shipped inside the package).
-DEMO_CONFIG = Path(__file__).parent / "recipes" / "cv_demo_cpu.yaml"
+DEMO_CONFIG = Path(__file__).parent / "recipes" / "cv_demo_cpu.yaml"  # no --manifest: the synthetic demo, CPU
+FULL_CONFIG = Path(__file__).parent / "recipes" / "cv_full.yaml"  # a --manifest without --config: full size
 FOLD_DONE = "fold.json"
 INNER_SELECTED_ON = "inner validation split of the training patients (never the held-out fold)"
 
@@ -190,6 +191,11 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
         log = distributed.main_log(log, ctx)
         records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
         out = Path(out)
+        p = cfg.preprocess
+        log(f"cohort: {len(records)} studies of {len(splits['test_fold'])} patients, {cfg.cv.folds} folds; "
+            f"{cfg.model.backbone} + {cfg.model.head}, loss {cfg.loss.name}, {cfg.train.epochs} epochs; ROI "
+            f"{p.roi} {'x'.join(map(str, p.size))} at {'x'.join(f'{v:g}' for v in p.spacing)} mm; device {device}"
+            + (f" ({cfg.note})" if cfg.note else ""))
         todo = [fold] if fold is not None else list(range(cfg.cv.folds))
         done = ctx.broadcast({k: (out / f"fold_{k}" / FOLD_DONE).exists() for k in todo})
         progress = _Progress(cfg.train.epochs, [k for k in todo if not done[k]], log)

@@ -259,7 +259,9 @@ def run_parallel(cfg, out: Path, *, resume: bool = False, jobs: Optional[int] = 
         raise UserError("fold-parallel workers cannot start under torchrun; use either torchrun (DDP within a "
                         "fold) or --jobs/--gpus (folds side by side)", "--jobs" if jobs is not None else "--gpus")
     if gpus is not None and cfg.device == "cpu":
-        raise UserError("the config asks for device 'cpu'; drop --device cpu or use --jobs N", "--gpus")
+        raise UserError("the run's device is 'cpu' (--device cpu, or the recipe's device: the CPU demo recipe "
+                        "that runs without --manifest has it); add --device cuda, or train on the CPU with --jobs N",
+                        "--gpus")
     out = Path(out)
     records, _, _ = cv.prepare(cfg, out, resume=resume, log=log)  # splits/configs once, before any worker
     done = [k for k in range(cfg.cv.folds) if (out / f"fold_{k}" / cv.FOLD_DONE).exists()]

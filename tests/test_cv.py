@@ -229,7 +229,7 @@ def test_torchscript_round_trip_of_the_3d_model(head, tmp_path):
     assert torch.allclose(loaded(y), model(y), atol=1e-6)
 
 
-@pytest.mark.parametrize("path", [cv.DEMO_CONFIG, *sorted((cv.DEMO_CONFIG.parents[2] / "configs").glob("cv_*.yaml"))],
+@pytest.mark.parametrize("path", [cv.DEMO_CONFIG, cv.FULL_CONFIG, *sorted((cv.DEMO_CONFIG.parents[2] / "configs").glob("cv_*.yaml"))],
                          ids=lambda p: p.name)
 def test_shipped_cv_recipes_load_and_build(path):
     from pancls.schemas import build_model_and_loss
@@ -286,7 +286,7 @@ def test_clinical_defaults_follow_issue_16():
 
     expected = ("tsp_paper_nu7", "logit_adjust")
     assert (cv.CVConfig().model.head, cv.CVConfig().loss.name) == expected
-    for path in (cv.DEMO_CONFIG, cv.DEMO_CONFIG.parents[2] / "configs" / "cv_synth_full.yaml"):
+    for path in (cv.DEMO_CONFIG, cv.FULL_CONFIG):
         cfg = cv.load_config(load_yaml(path))
         assert (cfg.model.head, cfg.loss.name) == expected, path
         model, _ = build_model_and_loss(cv.resolve_model(cfg), cfg.loss, [315, 82, 60, 45, 20, 8])
@@ -397,3 +397,23 @@ def test_the_manifest_path_is_stored_absolute(cohort, tmp_path, monkeypatch):
     monkeypatch.chdir(cohort)
     args = parser.parse_args(["--manifest", "manifest.csv", "--out", str(tmp_path / "r")])
     assert cv_command.build_config(args).data.manifest == str(cohort / "manifest.csv")
+
+
+def test_a_manifest_without_config_gets_the_full_recipe_not_the_cpu_demo(tmp_path, capsys):
+    """`pancls cv --manifest M` on a hospital cohort must not train the CPU demo's quarter-width ResNet-10 on a
+    32 x 32 x 16 ROI with device: cpu; the demo recipe is for the synthetic demo cohort only."""
+    import argparse
+
+    from pancls.commands import cv as command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    own = command.build_config(parser.parse_args(["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path)]))
+    full = cv.load_config(load_yaml(cv.FULL_CONFIG))
+    assert (own.model.backbone, own.preprocess.size, own.train.epochs, own.device) == \
+        (full.model.backbone, full.preprocess.size, full.train.epochs, "auto") == ("resnet18", [64, 64, 32], 60, "auto")
+    demo = command.build_config(parser.parse_args(["--out", str(tmp_path)]))
+    assert (demo.model.backbone, demo.device) == ("resnet10", "cpu")
+    chosen = command.build_config(parser.parse_args(["--manifest", "m.csv", "--config", str(cv.DEMO_CONFIG),
+                                                     "--out", str(tmp_path)]))
+    assert chosen.model.backbone == "resnet10"  # --config wins

@@ -5,7 +5,7 @@ a patient with two labels or folds, paths leaving the dataset root, image/mask g
 
 Typical use:
   pancls check dataset/manifest.csv
-  pancls check dataset/manifest.csv --config configs/cv_synth_full.yaml      the recipe's classes and roots
+  pancls check dataset/manifest.csv --config pancls/recipes/cv_full.yaml      the recipe's classes and roots
 
 Exit status: 0 the manifest is valid (class counts, per fold when it has a fold column), 2 it is not.
 """

@@ -4,7 +4,9 @@ Patient-grouped stratified k folds, inner-split model selection, out-of-fold met
 the all-majority and intensity baselines.
 
 With no --config and no --manifest it runs the synthetic 530-patient demo cohort (written into the cache on
-first use) with a recipe sized for a few minutes on a CPU.
+first use) with a recipe sized for a few minutes on a CPU (pancls/recipes/cv_demo_cpu.yaml). A --manifest
+without --config (your own cohort) gets the full-size recipe (pancls/recipes/cv_full.yaml: 3D ResNet-18,
+64 x 64 x 32 ROI, 60 epochs, device auto), never the CPU demo's; the first line says what runs.
 
 Fold-parallel: --jobs N trains N folds at once on the CPU (one process each, cores // N threads each);
 --gpus 0,1,2,3 trains one fold per listed GPU. The parent writes splits.json once, merges when every fold is
@@ -13,7 +15,7 @@ unfinished folds). See pancls/cv_parallel.py.
 
 Typical use:
   pancls cv --folds 4 --out runs/cv-demo                             the synthetic demo cohort, CPU, minutes
-  pancls cv --config configs/cv_synth_full.yaml --manifest manifest.csv --out runs/cv   a hospital cohort (GPU)
+  pancls cv --manifest manifest.csv --out runs/cv                   a hospital cohort: the full-size recipe
   pancls cv --resume --out runs/cv                                   continue a run from its own config
   pancls cv ... --head softmax                                       the same folds with the linear softmax head
 """
@@ -28,8 +30,8 @@ from pancls.config import apply_flags, apply_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (default: the packaged CPU demo recipe; with --resume, "
-                   "the run's own configs/config.yaml)")
+    p.add_argument("--config", type=Path, help="YAML recipe (default: the packaged full-size recipe with "
+                   "--manifest, the CPU demo recipe without; with --resume, the run's own configs/config.yaml)")
     p.add_argument("--manifest", help="dataset manifest CSV (default: the synthetic demo cohort)")
     p.add_argument("--folds", type=int, help="number of outer folds (default 4)")
     p.add_argument("--fold", type=int, help="train only this fold (0-based); merge with `pancls report RUN`")
@@ -52,14 +54,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     par.add_argument("--gpus", metavar="LIST", help="train one fold per GPU at once, e.g. --gpus 0,1,2,3")
 
 
+def default_recipe(args: argparse.Namespace) -> Path:
+    """The packaged recipe a run without --config starts from: the full-size one for a cohort of one's own
+    (--manifest), the CPU demo for the synthetic demo cohort."""
+    from pancls.cv import DEMO_CONFIG, FULL_CONFIG
+
+    return FULL_CONFIG if args.manifest else DEMO_CONFIG
+
+
 def build_config(args: argparse.Namespace):
-    """The recipe (--config; with --resume the run's own configs/config.yaml; else the packaged demo) with the
-    flags on top (:func:`pancls.commands.common.starting_recipe`)."""
+    """The recipe (--config; with --resume the run's own configs/config.yaml; else :func:`default_recipe`) with
+    the flags on top (:func:`pancls.commands.common.starting_recipe`)."""
     from pancls.commands.common import starting_recipe
     from pancls.config import absolute_paths
-    from pancls.cv import DEMO_CONFIG, load_config, run_config_path
+    from pancls.cv import load_config, run_config_path
 
-    data = starting_recipe(args.config, args.resume, run_config_path(args.out), DEMO_CONFIG)
+    data = starting_recipe(args.config, args.resume, run_config_path(args.out), default_recipe(args))
     flags = {"data.manifest": args.manifest, "cv.folds": args.folds, "model.head": args.head,
              "loss.name": args.loss, "train.epochs": args.epochs, "train.seed": args.seed,
              "cv.seed": args.seed, "device": args.device}
