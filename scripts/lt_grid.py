@@ -92,8 +92,11 @@ def cell_name(dataset: str, ratio: float, name: str, seed: int) -> str:
 
 def run_cell(args, dataset: str, ratio: float, name: str, seed: int) -> dict | None:
     if args.kept:  # report only: the committed results.json of each finished cell, nothing trains
-        kept = args.kept / f"{cell_name(dataset, ratio, name, seed)}.json"
-        return json.loads(kept.read_text()) if kept.is_file() else None
+        for folder in args.kept:  # the first folder that holds the cell
+            kept = folder / f"{cell_name(dataset, ratio, name, seed)}.json"
+            if kept.is_file():
+                return json.loads(kept.read_text())
+        return None
     head, loss, extra = variant(name)
     values = {"{out}": str(args.out), "{dataset}": dataset, "{ratio}": f"{ratio:g}", "{seed}": str(seed)}
     if any("{first_milestone}" in item for item in extra):
@@ -178,9 +181,9 @@ def main() -> int:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--data", type=Path, help="the dataset (needed unless --kept)")
     p.add_argument("--out", type=Path, help="folder of the cells' runs (needed unless --kept)")
-    p.add_argument("--kept", type=Path, metavar="DIR",
+    p.add_argument("--kept", type=Path, nargs="+", metavar="DIR",
                    help="report only, from the finished cells' results.json kept as DIR/<cell>.json (the committed "
-                        "bench/results/<grid>/); nothing trains")
+                        "bench/results/<grid>/; several DIRs: a cell from the first that holds it); nothing trains")
     p.add_argument("--datasets", nargs="+", default=["cifar10"])
     p.add_argument("--ratios", nargs="+", type=float, default=[100.0])
     p.add_argument("--variants", nargs="+", default=["softmax", "tsp_kernel"], choices=VARIANTS,
@@ -198,8 +201,9 @@ def main() -> int:
     args = p.parse_args()
     if not args.kept and (args.data is None or args.out is None):
         p.error("--data and --out are needed to run cells (or give --kept DIR to report kept results)")
-    if args.kept and not args.kept.is_dir():
-        p.error(f"--kept {args.kept}: not a folder")
+    for folder in args.kept or []:
+        if not folder.is_dir():
+            p.error(f"--kept {folder}: not a folder")
     if args.figure and not args.pairs:
         p.error("--figure draws the --pairs: give at least one A:B")
     for pair in args.pairs:
