@@ -106,6 +106,23 @@ def test_kept_results_report_pairs_and_figure_without_training(tmp_path, monkeyp
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_kept_results_from_several_folders_first_one_wins(tmp_path, monkeypatch, capsys):
+    """The three-seed cRT pair of issue 16 lives in two folders: --kept A B reads a cell from the first holding it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for seed in (0, 1):
+        _kept_cell(a, "softmax", seed, 0.60)
+        _kept_cell(a, "tsp_kernel_s16", seed, 0.58)
+    _kept_cell(b, "softmax", 0, 0.10)  # shadowed by a's seed 0
+    _kept_cell(b, "softmax", 2, 0.64)
+    _kept_cell(b, "tsp_kernel_s16", 2, 0.58)
+    monkeypatch.setattr(sys, "argv", ["lt_grid", "--config", str(ROOT / "configs" / "lt_cpu_reduced.yaml"),
+                                      "--kept", str(a), str(b), "--variants", "softmax", "tsp_kernel_s16",
+                                      "--seeds", "0", "1", "2", "--pairs", "softmax:tsp_kernel_s16"])
+    assert lt_grid.main() == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "softmax - tsp_kernel_s16" in line)
+    assert "+2.0, +2.0, +6.0" in row and "| 0,1,2 |" in row
+
+
 def test_grid_needs_data_and_out_unless_kept(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lt_grid", "--config", str(ROOT / "configs" / "lt_cpu_reduced.yaml")])
     with pytest.raises(SystemExit) as exc:
