@@ -170,6 +170,51 @@ def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, caps
     assert kept["series_instance_uid"] in ids and kept["source"] == str(series) and kept["input_sha256"] == digest
 
 
+def test_the_sr_carries_no_patient_or_study_attribute_beyond_the_study_uid(ct_data):
+    """highdicom copies the whole Patient and Study modules and the source's equipment; without keep_ids only the
+    SR's own attributes and the study UID stay, the Type 2 ones empty. Real headers, enriched with what a
+    hospital's series may carry."""
+    import warnings
+
+    from pancls.report.sr import EMPTIED, SR_OWN, build_sr
+
+    files = sorted((ct_data / "series_ct" / "S21570" / "S2010").iterdir())[:3]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    planted = {"PatientAge": "067Y", "PatientWeight": 80, "PatientComments": "DOE^JOHN, VIP",
+               "AdditionalPatientHistory": "history", "OtherPatientIDs": "MRN123", "IssuerOfPatientID": "HOSP",
+               "PhysiciansOfRecord": "WHO^DR", "ClinicalTrialSubjectID": "S1", "StudyDescription": "CT DOE JOHN"}
+    for ds in headers:
+        for keyword, value in planted.items():
+            setattr(ds, keyword, value)
+        ds.StudyDate, ds.AccessionNumber = "20150206", "ACC777"  # Type 2: kept, emptied
+    result = {"predicted": "CP", "probabilities": {"PDAC": 0.2, "CP": 0.8}, "agreement": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        sr = build_sr(headers, result, ["PDAC", "CP"], "model-a")
+        again = build_sr(headers, result, ["PDAC", "CP"], "model-a")
+        kept = build_sr(headers, result, ["PDAC", "CP"], "model-a", keep_ids=True)
+    present = {e.keyword for e in sr}
+    assert present <= SR_OWN | set(EMPTIED) and not present & set(planted)
+    assert "ContributingEquipmentSequence" not in sr  # the source's institution, station, serial, acquisition time
+    assert all(sr[k].value in ("", None) for k in EMPTIED if k in sr)
+    assert sr.StudyInstanceUID == headers[0].StudyInstanceUID
+    text = str(sr)
+    for value in ("DOE", "MRN123", "QMC", "NOTTINGHAM", "067Y", "20150206", "ACC777"):
+        assert value not in text, value
+    assert kept.PatientAge == "067Y" and kept.StudyDescription == "CT DOE JOHN"  # --keep-ids: as a PACS expects
+
+    def device_uid(report):
+        return next(i.UID for i in _walk(report.ContentSequence) if getattr(i, "ValueType", "") == "UIDREF")
+
+    assert device_uid(sr) == device_uid(again)  # one model, one device across its reports
+
+
+def _walk(items):
+    for item in items:
+        yield item
+        yield from _walk(getattr(item, "ContentSequence", []))
+
+
 def test_the_sr_reads_back_with_codes_and_references(runs, ct_data, tmp_path, capsys):
     series = ct_data / "series_ct"
     code, got, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", tmp_path / "sr")
@@ -194,7 +239,7 @@ def test_the_sr_reads_back_with_codes_and_references(runs, ct_data, tmp_path, ca
     codes = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
              for i in items if i.ValueType == "CODE"}
     assert ("SUBTYPE", study["predicted"]) in codes
-    assert ("121071", "126859007") in codes  # Finding: Neoplasm of pancreas (SNOMED CT)
+    assert ("121071", "LESION") in codes  # Finding: pancreatic lesion (private: CP is not a neoplasm)
     probs = {i.ConceptNameCodeSequence[0].CodeValue: float(i.MeasuredValueSequence[0].NumericValue)
              for i in items if i.ValueType == "NUM"}
     for c, p in study["probabilities"].items():

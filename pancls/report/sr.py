@@ -3,7 +3,8 @@
 One Comprehensive SR per predicted DICOM study: a TID 1500 Measurement Report whose one measurement group
 (TID 1501) holds
 
-* the finding type "Neoplasm of pancreas" (SNOMED CT 126859007),
+* the finding type "Pancreatic lesion" (private code ``LESION``: a SNOMED CT neoplasm concept would be wrong for
+  chronic pancreatitis, one of the classes),
 * the predicted subtype as a qualitative evaluation and one probability per class as measurements
   (unit "1", UCUM), in the private coding scheme ``99PANCLS`` (no standard code exists for these subtypes
   as a classifier's output),
@@ -13,7 +14,12 @@ One Comprehensive SR per predicted DICOM study: a TID 1500 Measurement Report wh
 Identifiers: the SR must carry the study's UIDs (StudyInstanceUID, and the referenced SOP instances) to
 attach to the study. Every other patient or study attribute the standard requires is Type 2, present but
 empty: patient name, ID, birth date and sex, study date and time, accession number, referring physician,
-study ID -- unless ``keep_ids`` (then highdicom copies them from the source images, as a PACS expects).
+study ID; and everything else highdicom copies from the source images (patient age, weight, comments and
+history, other ids, physicians, study description, clinical-trial ids, the source's equipment with its
+institution, station, serial number and acquisition time) is removed: the SR keeps only the attributes of
+:data:`SR_OWN` (what it sets itself) and the study UID -- unless ``keep_ids`` (then highdicom copies them all
+from the source images, as a PACS expects). The device observer UID is derived from the model id, so one model
+is one device across its reports.
 """
 from __future__ import annotations
 
@@ -27,6 +33,15 @@ SCHEME = "99PANCLS"
 EMPTIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
            "AccessionNumber", "ReferringPhysicianName", "StudyID")
 RESEARCH_USE = "research use only; not for diagnostic use"
+#: the top-level attributes an SR keeps without keep_ids: those it sets itself (SOP common, SR document series
+#: and general, content) and the study UID that attaches it; everything else copied from the source is removed
+SR_OWN = frozenset((
+    "SpecificCharacterSet", "InstanceCreationDate", "InstanceCreationTime", "SOPClassUID", "SOPInstanceUID",
+    "ContentDate", "ContentTime", "Modality", "Manufacturer", "SeriesDescription",
+    "ReferencedPerformedProcedureStepSequence", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber",
+    "InstanceNumber", "ValueType", "ConceptNameCodeSequence", "ContinuityOfContent",
+    "PerformedProcedureCodeSequence", "CurrentRequestedProcedureEvidenceSequence", "CompletionFlag",
+    "VerificationFlag", "PreliminaryFlag", "ContentTemplateSequence", "ContentSequence"))
 
 
 def check_sr_folder(folder: Path) -> None:
@@ -65,12 +80,13 @@ def build_sr(source_images: Sequence[Any], result: Dict[str, Any], classes: Sequ
                                   value=float(result["agreement"]), unit=unit, algorithm_id=algorithm)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="pancreatic lesion subtype"),
-        finding_type=hd.sr.CodedConcept("126859007", "SCT", "Neoplasm of pancreas"),
+        finding_type=hd.sr.CodedConcept("LESION", SCHEME, "Pancreatic lesion"),
         algorithm_id=algorithm, qualitative_evaluations=[evaluation], measurements=[*measurements, agreement],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source_images[0])])
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=generate_uid(), name="pancls"))
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["pancls model", model_id]), name="pancls"))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
@@ -80,9 +96,11 @@ def build_sr(source_images: Sequence[Any], result: Dict[str, Any], classes: Sequ
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer="pancls",
         series_description="pancls subtype prediction (research use only)", is_complete=True)
     if not keep_ids:
-        for keyword in EMPTIED:
-            if keyword in sr:
-                setattr(sr, keyword, "")
+        for element in list(sr):  # top level only: the content and evidence hold codes, values and UIDs
+            if element.keyword in EMPTIED:
+                element.value = ""
+            elif element.keyword not in SR_OWN:
+                del sr[element.tag]
     return sr
 
 
