@@ -4,14 +4,17 @@ Layout (MONAI Bundle Specification)::
 
     BUNDLE/configs/metadata.json    versions, task, network_data_format (input: windowed CT, output: K probabilities)
     BUNDLE/configs/inference.json   loader + the run's own preprocessing + the network, for ``monai.bundle run``
-    BUNDLE/models/model.ts          TorchScript of the fold ensemble: mean_k softmax(z_k / T_k)
-    BUNDLE/models/model.pt          its state dict (the spec's required file)
+    BUNDLE/models/model.ts          TorchScript of the fold ensemble: mean_k softmax(z_k / T_k), with metadata.json
+                                    and inference.json inside (MONAI's save_net_with_metadata format)
+    BUNDLE/models/model.pt          the state dict of :class:`FoldEnsemble` (the spec's required file)
     BUNDLE/docs/README.md           the run's model card;  docs/license.txt
 
 The preprocessing in ``inference.json`` is :func:`pancls.data.transforms.deterministic_specs` of the run's
-config -- the same list training and ``pancls predict`` instantiate -- so the bundle cannot drift from them.
-It names one pancls transform (``RequireForegroundd``, which refuses an empty mask), so the bundle needs
-pancls importable; the network itself is plain TorchScript.
+config -- the same list training and ``pancls predict`` instantiate -- so the bundle cannot drift from them,
+after a first step that reads the files as ``pancls predict`` does (:class:`pancls.predict.LoadStudyd`:
+orientation checked, the mask aligned on the image's grid or refused). It names pancls transforms (that one,
+and ``RequireForegroundd``, which refuses an empty mask), so the bundle needs pancls importable; the network
+itself is plain TorchScript.
 
 Run it::
 
@@ -75,6 +78,7 @@ def to_torchscript(loaded) -> torch.jit.ScriptModule:
 def inference_config(loaded) -> Dict[str, Any]:
     """``configs/inference.json``: read ``@image`` (and ``@mask``), preprocess, run ``model.ts``, write
     ``@output_dir/probabilities.json``."""
+    from pancls.config import to_dict
     from pancls.data.transforms import IMAGE_KEY, MASK_KEY, deterministic_specs
 
     p = loaded.cfg.preprocess
@@ -90,7 +94,11 @@ def inference_config(loaded) -> Dict[str, Any]:
         "classes": list(loaded.classes),
         "roi": p.roi,
         "network": "$torch.jit.load(os.path.join(@bundle_root, 'models', 'model.ts'), map_location=@device).eval()",
-        "preprocessing": {"_target_": "Compose", "transforms": deterministic_specs(p, keys)},
+        # read as pancls predict reads the files (orientation checked, the mask aligned on the image's grid or
+        # refused), then the run's own deterministic steps
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "pancls.predict.LoadStudyd", "keys": keys, "preprocess": to_dict(p)},
+            *deterministic_specs(p, keys)[1:]]},
         "input": f"$torch.as_tensor(@preprocessing({item})['image'])",
         "probabilities": "$@network(@input[None].float().to(@device)).detach().cpu()[0].tolist()",
         "result": "$dict(classes=@classes, probabilities=dict(zip(@classes, @probabilities)), "
@@ -116,7 +124,10 @@ def bundle_metadata(loaded) -> Dict[str, Any]:
         "changelog": {meta.get("version", "0.1.0"): f"exported by pancls {__version__} from a pancls cv run"},
         "monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "optional_packages_version": {"pancls": __version__, "nibabel": _version_of("nibabel")},
+        # required, not optional: inference.json's first step is pancls's, and it reads with nibabel/SimpleITK
+        # (MONAI >= 1.4 names the key so and rewrites the old "optional_packages_version" with a warning)
+        "required_packages_version": {"pancls": __version__, "nibabel": _version_of("nibabel"),
+                                      "SimpleITK": _version_of("SimpleITK")},
         "authors": "pancls users (the run's owners)",
         "copyright": "the run's owners",
         "intended_use": "Research use only; not a medical device, not for diagnosis or treatment decisions.",
@@ -165,10 +176,17 @@ def _write_bundle(build: Path, loaded, run: Path) -> None:
 
     for sub in ("configs", "models", "docs"):
         (build / sub).mkdir()
-    atomic_write_json(build / "configs" / "metadata.json", bundle_metadata(loaded))
-    atomic_write_json(build / "configs" / "inference.json", inference_config(loaded))
+    from monai.data import save_net_with_metadata
+
+    metadata, inference = bundle_metadata(loaded), inference_config(loaded)
+    atomic_write_json(build / "configs" / "metadata.json", metadata)
+    atomic_write_json(build / "configs" / "inference.json", inference)
     scripted = to_torchscript(loaded)
-    scripted.save(str(build / "models" / "model.ts"))
+    # MONAI's TorchScript-with-metadata format: metadata.json (and inference.json) inside the file, so that
+    # monai.data.load_net_with_metadata and monai.bundle.load(load_ts_module=True) read it (versions come from the
+    # metadata itself: no timestamp, the same run exports the same file)
+    save_net_with_metadata(scripted, str(build / "models" / "model.ts"), include_config_vals=False,
+                           meta_values=metadata, more_extra_files={"inference.json": json.dumps(inference).encode()})
     torch.save(scripted.state_dict(), build / "models" / "model.pt")
     card = run / "MODEL_CARD.md"
     readme = card.read_text(encoding="utf-8") if card.exists() else "# pancls model\n"

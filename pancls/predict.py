@@ -506,6 +506,34 @@ class Preprocessor:
         return torch.as_tensor(out["image"]).as_subclass(torch.Tensor), notes
 
 
+class LoadStudyd:
+    """The first step of an exported bundle's pipeline: ``{"image": path, "mask": path}`` -> what
+    :class:`Preprocessor` gives the run's later steps, read as ``pancls predict`` reads the same files.
+
+    ``LoadImaged`` alone would read a NIfTI without sform/qform with nibabel's guessed (mirrored) affine, and a
+    mask cropped to its extent or half a voxel off the image's grid as if it lay on it (a crop in the wrong
+    place, silently); this step refuses the first two and aligns a mask on the same voxel grid exactly
+    (:meth:`Preprocessor._mask`, :func:`pancls.ct.nifti.load_image`), so that bundle and ``predict`` give the
+    same answer or the same refusal. ``keys`` is ``["image"]`` or ``["image", "mask"]``; the notes of a
+    reoriented or partly outside mask go to ``"notes"``."""
+
+    def __init__(self, keys: Sequence[str], preprocess: Dict[str, Any]):
+        from pancls.config import from_dict
+        from pancls.data.transforms import PreprocessConfig
+
+        self.keys = list(keys)
+        self.pre = Preprocessor(from_dict(PreprocessConfig, preprocess, "preprocess"))
+
+    def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
+        from pancls.ct.nifti import load_image
+
+        img, image = self.pre._image(load_image(data["image"]))
+        out = {**data, "image": image, "notes": []}
+        if "mask" in self.keys:
+            out["mask"], out["notes"] = self.pre._mask(img, Path(data["mask"]))
+        return out
+
+
 # ----------------------------------------------------------------------------------------- predict
 def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False, batch_size: Optional[int] = None,
             progress: bool = True,

@@ -45,7 +45,12 @@ def test_torchscript_is_the_fold_ensemble(bundles, cv_runs):
 
     loaded = load_run(cv_runs["centre"], device="cpu")
     eager = FoldEnsemble([f.model for f in loaded.folds], [f.temperature for f in loaded.folds]).eval()
-    scripted = torch.jit.load(str(bundles["centre"] / "models" / "model.ts"))
+    from monai.data import load_net_with_metadata
+
+    scripted, meta, extra = load_net_with_metadata(str(bundles["centre"] / "models" / "model.ts"),
+                                                   more_extra_files=("inference.json",))
+    assert meta == json.loads((bundles["centre"] / "configs" / "metadata.json").read_text())  # MONAI's TS format
+    assert json.loads(extra["inference.json"]) == json.loads((bundles["centre"] / "configs" / "inference.json").read_text())
     x = torch.rand(3, 1, 16, 16, 8)
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager(x), atol=1e-6)
@@ -70,6 +75,46 @@ def test_monai_bundle_run_gives_the_predict_probabilities(bundles, cv_runs, ct_d
     assert np.allclose([got["probabilities"][c] for c in classes], [expected["probabilities"][c] for c in classes],
                        atol=1e-5)
     assert got["predicted"] == expected["predicted"]
+
+
+def _bundle_run(bundle, image, mask):
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                           "--image", str(image), "--mask", str(mask)], capture_output=True, text=True, timeout=300)
+
+
+def test_the_bundle_aligns_or_refuses_a_mask_as_predict_does(bundles, cv_runs, ct_data, tmp_path):
+    """A mask cropped to its extent (same grid, shifted origin, as DICOM SEG stores it) gives the full mask's
+    answer; one half a voxel off the grid is refused, by predict and by the bundle alike (LoadImaged alone read
+    both as if they lay on the image's grid: a crop in the wrong place, silently)."""
+    import nibabel as nib
+
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    full = nib.load(ct_data / "abdomen" / "pancreas_mask.nii.gz")
+    data = np.asarray(full.dataobj)
+    lo = np.argwhere(data > 0).min(0)
+    hi = np.argwhere(data > 0).max(0) + 1
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    cropped = tmp_path / "cropped.nii.gz"
+    nib.save(nib.Nifti1Image(data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], full.affine @ shift), cropped)
+    off = full.affine.copy()
+    off[:3, 3] += 0.5 * np.abs(np.diag(full.affine)[:3])
+    halfway = tmp_path / "halfway.nii.gz"
+    nib.save(nib.Nifti1Image(data, off), halfway)
+
+    bundle = bundles["mask"]
+    assert _bundle_run(bundle, image, ct_data / "abdomen" / "pancreas_mask.nii.gz").returncode == 0
+    whole = json.loads((bundle / "eval" / "probabilities.json").read_text())
+    done = _bundle_run(bundle, image, cropped)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads((bundle / "eval" / "probabilities.json").read_text())
+    assert got["probabilities"] == pytest.approx(whole["probabilities"], abs=1e-6)
+    done = _bundle_run(bundle, image, halfway)
+    assert done.returncode != 0 and "not on the image's voxel grid" in done.stderr
+    out = tmp_path / "p.json"
+    assert main(["predict", str(image), "--mask", str(halfway), "--model", str(cv_runs["mask"]), "--out", str(out)]) == 1
+    assert "not on the image's voxel grid" in json.loads(out.read_text())["studies"][0]["error"]
 
 
 def test_export_refusals_leave_nothing_behind(cv_runs, tmp_path, capsys):
