@@ -12,12 +12,14 @@ Outputs in ``out``:
   dataset secret; ``patient_id`` hashes the PatientID, or the study when there is none. ``description`` is
   empty unless ``keep_descriptions``. Rows of earlier runs whose image still exists are kept (a run adds
   to or refreshes the dataset);
-* ``inventory.csv``: every series found and every file not used, with its status -- ``converted``, ``up
+* ``.private/inventory.csv``: every series found and every file not used, with its status -- ``converted``, ``up
   to date``, ``skipped`` (not chosen, or not an image; the reason says why), ``refused`` (the input
   cannot be converted right; the reason says why) or ``failed`` (an unexpected error: a bug) -- and
   ``notes`` (where the output differs from what the files describe: a file dropped as a duplicate, an
   unreadable file beside the series, a series split by orientation) and ``warnings`` (what pydicom and
-  nibabel warned about, per file). Input paths appear only here, relative to the source argument.
+  nibabel warned about, per file). Input paths appear only here, relative to the source argument: folder
+  names of an export often carry the patient's name, so the inventory is private like the keys (an
+  ``inventory.csv`` at the top of OUT, where versions before 2026-12-06 wrote it, is removed);
 * ``masks/<study>_<series>.nii.gz`` (+ ``.json``) with ``--masks`` or a ``mask`` column in the label sheet:
   each mask on its volume's voxel grid (the image's affine exactly), and the manifest's ``mask`` column;
   flags ``mask_reoriented`` (same voxels, other axis order) or ``mask_resampled:nearest``;
@@ -102,6 +104,8 @@ INVENTORY_COLUMNS = ["kind", "study_id", "series_id", "series_number", "descript
                      "image", "label", "mask", "path"]
 FINGERPRINT_KEY = "source_fingerprint"
 PRIVATE_DIR = ".private"
+#: every input's row, with its path: private, like the keys (export folder names often carry patient names)
+INVENTORY = f"{PRIVATE_DIR}/inventory.csv"
 #: exit status of ``pancls ingest``: everything converted / some input refused / an unexpected error
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED = 0, 1, 3
 
@@ -154,7 +158,7 @@ class IngestReport:
     failed: List[str] = field(default_factory=list)  # one line each: unexpected errors (bugs)
     labels: bool = False  # a label sheet was given
     labelled: int = 0  # kept volumes with a label from the sheet
-    unlabelled: int = 0  # kept volumes the sheet has no row for (not in manifest.csv; see inventory.csv)
+    unlabelled: int = 0  # kept volumes the sheet has no row for (not in manifest.csv; see the inventory)
     unmatched_rows: List[int] = field(default_factory=list)  # sheet lines that matched no study
     masks: int = 0  # volumes with a mask on their grid
     masks_resampled: int = 0  # ... of which resampled (nearest neighbour) onto it
@@ -172,7 +176,7 @@ class IngestReport:
         return EXIT_FAILED if self.failed else EXIT_REFUSED if self.refused else EXIT_OK
 
     def summary(self) -> str:
-        notes = f", {self.with_notes} with notes (see inventory.csv)" if self.with_notes else ""
+        notes = f", {self.with_notes} with notes (see {INVENTORY})" if self.with_notes else ""
         text = (f"{self.kept} series kept ({self.converted} converted, {self.up_to_date} up to date{notes}), "
                 f"{self.skipped} skipped, {len(self.refused)} refused, {len(self.failed)} failed")
         if self.labels:
@@ -181,7 +185,7 @@ class IngestReport:
         if self.masks:
             text += f"; masks: {self.masks} ({self.masks_resampled} resampled onto the volume's grid)"
         if self.unlabelled or self.unmatched_rows:
-            text += " (see inventory.csv)"
+            text += f" (see {INVENTORY})"
         return text
 
 
@@ -198,8 +202,8 @@ def file_fingerprint(paths: Sequence[Path], origin: Dict[Path, Path], unpacked: 
             member = p.relative_to(unpacked)
         except ValueError:
             source, member = p, ""
-        else:
-            source = Path(origin.get(p, p))  # member keeps the archive's folder (a hash of its path)
+        else:  # the member's path inside its archive (the unpack folder's name is keyed per process)
+            source, member = Path(origin.get(p, p)), Path(*member.parts[1:])
         resolved, size, mtime_ns = file_identity(source)
         lines.append(f"{resolved}\0{member}\0{size}\0{mtime_ns}")
     return "\n".join(sorted(lines))
@@ -365,7 +369,8 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
             if any(r.get("mask") for r in rows):
                 columns = [*MANIFEST_COLUMNS[:2], "mask", *MANIFEST_COLUMNS[2:]]
             atomic_write_text(out / "manifest.csv", _csv_text(rows, columns))
-            atomic_write_text(out / "inventory.csv", _csv_text(inventory, INVENTORY_COLUMNS))
+            atomic_write_text(out / INVENTORY, _csv_text(inventory, INVENTORY_COLUMNS))
+            (out / "inventory.csv").unlink(missing_ok=True)  # where older versions wrote it, paths and all
             _write_key_file(private / KEY_FILE, keys)
             shutil.rmtree(tmp, ignore_errors=True)
     return run.report

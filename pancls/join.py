@@ -19,7 +19,7 @@ it, to the sheet's folder). Keys:
 
 Every problem in the sheet (unknown or empty label, empty key, one key with two labels, a missing column)
 is reported at once before anything is converted, as for a manifest. A row that matches no study, and a
-study without a row, are counted in the summary and listed in ``inventory.csv`` by sheet line / keyed id.
+study without a row, are counted in the summary and listed in ``.private/inventory.csv`` by sheet line / keyed id.
 
 Masks (``--masks DIR``): NIfTI, NRRD/MetaImage and DICOM SEG files anywhere under DIR. A SEG is matched to
 the series it references (ReferencedSeriesSequence), else to its study by the key; any other file by its

@@ -202,7 +202,7 @@ class Study:
     flags: List[str] = field(default_factory=list)
     series: Dict[str, Any] = field(default_factory=dict)  # the DICOM series choice (no identifiers)
     ids: Dict[str, str] = field(default_factory=dict)  # identifiers, written only with keep_ids
-    patient_id: Optional[str] = None  # a manifest's own (pseudonymous) patient_id column
+    patient_id: Optional[str] = None  # a manifest's own patient_id column: written only with keep_ids
     error: Optional[Any] = None  # why the study cannot be predicted (a message or the exception); the batch goes on
     dicom_headers: List[Any] = field(default_factory=list)  # the chosen series' datasets, for the SR
 
@@ -594,8 +594,8 @@ def _base_fields(loaded: LoadedRun, study: Study, keep_ids: bool) -> Dict[str, A
     from pancls import __version__
 
     base: Dict[str, Any] = {"input": study.input, "study": study.study, "kind": study.kind}
-    if study.patient_id is not None:
-        base["patient_id"] = study.patient_id
+    if study.patient_id is not None and keep_ids:  # a hand-made CSV may hold the hospital's own ids: the row
+        base["patient_id"] = study.patient_id      # is found again by input and study (the CSV's row number)
     if study.series:
         base["series"] = dict(study.series)
     base.update(quality_flags=list(study.flags), model_id=loaded.model_id,

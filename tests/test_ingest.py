@@ -58,7 +58,7 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     assert len(gap_lines) == 1 and "gap" in gap_lines[0] and "25" in gap_lines[0]
     assert len(tilt_lines) == 1 and "tilt" in tilt_lines[0] and "18.5" in tilt_lines[0]
     assert len(err) == 2, err
-    assert "5 series kept (5 converted, 0 up to date, 1 with notes (see inventory.csv))" in out_text
+    assert "5 series kept (5 converted, 0 up to date, 1 with notes (see .private/inventory.csv))" in out_text
     assert "2 refused, 0 failed" in out_text
 
     manifest = _csv(out / "manifest.csv")
@@ -74,7 +74,7 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     assert abdomen.shape == (512, 512, 20)
     assert nib.load(out / by_desc["nifti", ""]["image"]).shape == (122, 101, 30)  # the masks were not taken
 
-    inventory = _csv(out / "inventory.csv")
+    inventory = _csv(out / ".private" / "inventory.csv")
     status = {(r["kind"], r["series_number"], r["description"], r["path"]): (r["status"], r["reason"]) for r in inventory}
     localizer = status["series", "100", "", "series_ct/S21570/S1000"]  # series rows name their folder
     assert localizer[0] == "skipped" and "localizer" in localizer[1]
@@ -100,7 +100,7 @@ def test_outputs_carry_no_identifiers(whole_ct, ct_data: Path):
     ds = pydicom.dcmread(ct_data.joinpath(*S2010, "I10"), stop_before_pixels=True)
     secrets = [str(v) for v in (ds.PatientID, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                 ds.SOPInstanceUID) if str(v)]
-    texts = [(out / "manifest.csv").read_text(), (out / "inventory.csv").read_text()]
+    texts = [(out / "manifest.csv").read_text(), (out / ".private" / "inventory.csv").read_text()]
     texts += [p.read_text() for p in (out / "images").glob("*.json")]
     names = " ".join(p.name for p in (out / "images").iterdir())
     for secret in secrets:
@@ -248,7 +248,7 @@ def test_no_identifier_in_any_output_file(ct_data: Path, tmp_path: Path, capsys)
     code, _, err = _run(capsys, *sources, "--out", out)
     assert code == 0, err
     outputs = [p for p in out.rglob("*") if p.is_file() and ".private" not in p.relative_to(out).parts]
-    assert sorted({p.suffix for p in outputs}) == [".csv", ".gz", ".json"] and len(outputs) == 2 + 2 * 3
+    assert sorted({p.suffix for p in outputs}) == [".csv", ".gz", ".json"] and len(outputs) == 1 + 2 * 3  # + inventory in .private
     texts = {}
     for p in outputs:
         if p.name.endswith(".nii.gz"):
@@ -294,7 +294,7 @@ def _leftovers(out: Path, tmp: Path):
 def _snapshot(out: Path):
     """What an ingest produced: manifest, inventory without the status column, every image's voxels,
     affine and sidecar."""
-    inventory = [{k: v for k, v in row.items() if k != "status"} for row in _csv(out / "inventory.csv")]
+    inventory = [{k: v for k, v in row.items() if k != "status"} for row in _csv(out / ".private" / "inventory.csv")]
     images = {}
     for p in sorted((out / "images").iterdir()):
         if p.name.endswith(".nii.gz"):
@@ -355,7 +355,7 @@ def test_default_min_slices_skips_short_series_with_the_reason(ct_data: Path, ca
     assert code == 1 and "1 series kept" in text
     assert len(err.splitlines()) == 2 and all("no usable series" in line and "min_slices=20" in line
                                               for line in err.splitlines())
-    reasons = [r["reason"] for r in _csv(tmp_path / "out" / "inventory.csv") if r["status"] == "skipped"]
+    reasons = [r["reason"] for r in _csv(tmp_path / "out" / ".private" / "inventory.csv") if r["status"] == "skipped"]
     short = [r for r in reasons if "fewer than min_slices=20" in r]
     assert all("lower selection.min_slices" in r for r in short)
     assert any(r.startswith("10 slice(s), fewer than min_slices=20") for r in short)  # S2010

@@ -87,12 +87,17 @@ def test_a_mask_model_refuses_a_study_without_mask_and_the_batch_goes_on(runs, c
 def test_missing_manifest_files_are_all_named_on_the_terminal_only(runs, ct_data, tmp_path, capsys):
     manifest = tmp_path / "batch.csv"
     pd.DataFrame({"image": ["DOE_JOHN/ct.nii.gz", str(ct_data / "abdomen" / "example_ct_sm.nii.gz")],
-                  "mask": ["DOE_JOHN/lesion.nii.gz", ""]}).to_csv(manifest, index=False)
+                  "mask": ["DOE_JOHN/lesion.nii.gz", ""], "patient_id": ["MRN1234", "MRN5678"]}
+                 ).to_csv(manifest, index=False)
     code, got, captured = predict_json(tmp_path, capsys, manifest, "--model", runs["centre"])
     assert code == 1 and [s["status"] for s in got["studies"]] == ["failed", "ok"]
     assert "row 2: image and mask file(s) not found" in got["studies"][0]["error"]
     assert "DOE_JOHN" not in json.dumps(got)  # a CSV's paths may name the patient
+    assert "MRN" not in json.dumps(got)  # and its patient_id may be the hospital's own (--keep-ids writes it)
+    assert [s["study"] for s in got["studies"]] == [1, 2]  # the CSV's rows: how a result is found again
     assert "DOE_JOHN/ct.nii.gz; DOE_JOHN/lesion.nii.gz" in captured.err
+    code, kept, _ = predict_json(tmp_path, capsys, manifest, "--model", runs["centre"], "--keep-ids")
+    assert [s["patient_id"] for s in kept["studies"]] == ["MRN1234", "MRN5678"]
 
 
 def test_a_folder_of_nifti_files_is_pointed_to_the_right_input(runs, ct_data, tmp_path, capsys):

@@ -20,7 +20,7 @@ def test_synthetic_dicom_series_round_trips_through_ingest(tmp_path, capsys):
     manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
     assert len(manifest) == 1  # the localizer is not a second volume
     assert "SYN0001" not in (tmp_path / "out" / "manifest.csv").read_text()  # no patient id in outputs
-    inventory = pd.read_csv(tmp_path / "out" / "inventory.csv")
+    inventory = pd.read_csv(tmp_path / "out" / ".private" / "inventory.csv")
     assert (inventory["reason"].astype(str).str.contains("localizer")).sum() == 1
 
     ingested = nib.as_closest_canonical(nib.load(tmp_path / "out" / manifest.loc[0, "image"]))

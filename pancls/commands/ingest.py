@@ -2,7 +2,7 @@
 
 Walks every SRC (folders recursively, files, zip archives), skips non-image objects, chooses one CT series
 per study, checks its geometry and writes OUT/images/*.nii.gz with JSON sidecars, OUT/manifest.csv (what
-`pancls check` and `pancls cv` read) and OUT/inventory.csv (every series and file, and why it was skipped).
+`pancls check` and `pancls cv` read) and OUT/.private/inventory.csv (every series and file, and why it was skipped; private: it names input paths).
 --labels joins the hospital's label sheet, --masks the lesion masks; the ids in the outputs are
 pseudonyms, and OUT/.private/keys.csv (never share it) maps them back for authorised staff.
 Re-running converts only what changed (--force redoes everything).
@@ -11,7 +11,7 @@ Typical use:
   pancls ingest /data/export --out dataset --labels labels.csv --label-key AccessionNumber --masks masks/
   pancls ingest study.zip ct.nii.gz --out dataset --on-gap resample --on-uneven resample
 
-Exit status: 0 everything converted, 1 some input refused (listed on stderr and in inventory.csv), 3 a series
+Exit status: 0 everything converted, 1 some input refused (listed on stderr and in .private/inventory.csv), 3 a series
 failed with an unexpected error (a bug; traceback in OUT/.private/errors.log), 2 nothing could be done.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and sidecars (off: they may carry names)")
     parser.add_argument("--labels", type=Path, metavar="CSV",
                         help="label sheet (a key column, 'label', optional 'mask'): fills the manifest's label; the "
-                             "manifest then lists the labelled volumes only (the others: inventory.csv)")
+                             "manifest then lists the labelled volumes only (the others: .private/inventory.csv)")
     parser.add_argument("--label-key", default="PatientID", choices=LABEL_KEYS,
                         help="what the sheet's key column holds, matched inside pancls (default PatientID; "
                              "folder: a folder or NIfTI name on the input's path)")

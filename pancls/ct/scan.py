@@ -329,7 +329,9 @@ def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None
                 continue
             if tmp_dir is None:
                 raise ValueError("iter_files needs tmp_dir to extract zip archives")
-            target = Path(tmp_dir) / short_hash(str(path.resolve()))
+            # keyed with this process's secret: a folder name that is a plain hash of a path (which may name
+            # the patient) would be linkable, even in a private temp folder
+            target = Path(tmp_dir) / keyed_id(session_secret(), "zip", str(path.resolve()), 10)
             try:
                 _extract_zip(path, target)
             except UserError as exc:

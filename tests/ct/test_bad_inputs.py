@@ -36,7 +36,7 @@ def _ingest(tmp_path: Path, *sources: Path, **kwargs):
     report = ingest(list(sources), out, progress=False, err=err, **kwargs)
     lines = err.getvalue().splitlines()
     assert all("Traceback" not in line for line in lines)
-    return report, lines, _rows(out / "inventory.csv"), _rows(out / "manifest.csv")
+    return report, lines, _rows(out / ".private" / "inventory.csv"), _rows(out / "manifest.csv")
 
 
 def _series_row(inventory):

@@ -303,7 +303,7 @@ class Result:
 def run_ingest(src: Path, out: Path) -> Result:
     err = io.StringIO()
     ingest([src], out, IngestConfig(selection=SelectionRules(min_slices=1)), progress=False, err=err, workers=1)
-    inventory = _rows(out / "inventory.csv")
+    inventory = _rows(out / ".private" / "inventory.csv")
     manifest = _rows(out / "manifest.csv")
     by_series = {r["series_id"]: r for r in inventory if r["kind"] == "series"}
     volumes = []
