@@ -500,7 +500,8 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         train_rows = [i for i, r in enumerate(records) if splits["test_fold"][r["patient_id"]] != k]
         dest = np.flatnonzero(oof["fold"].to_numpy() == k)
         assert len(dest) == len(test_rows), "predictions.csv does not match the splits"
-        train_patients = {records[i]["patient_id"]: records[i]["label"] for i in train_rows}  # the majority of
+        # one label per patient: the majority of the training patients, not of their studies
+        train_patients = {records[i]["patient_id"]: records[i]["label"] for i in train_rows}
         base_major[dest] = clinical.majority_baseline(list(train_patients.values()), labels_all[test_rows], K)
         base_intensity[dest] = clinical.intensity_baseline(feats[train_rows], labels_all[train_rows],
                                                            feats[test_rows], K, seed=cfg.cv.seed)
