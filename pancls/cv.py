@@ -521,7 +521,8 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
         "pooled": clinical.clinical_metrics(y, raw, classes),
         "pooled_calibrated": clinical.clinical_metrics(y, probs, classes),
         "intervals": clinical.bootstrap_intervals(y, raw, groups, classes, **boot),
-        "intervals_calibrated": clinical.bootstrap_intervals(y, probs, groups, classes, **boot),
+        # per class only once: sensitivity and specificity depend on the argmax alone, which T does not move
+        "intervals_calibrated": clinical.bootstrap_intervals(y, probs, groups, classes, **{**boot, "per_class": False}),
         "per_fold": per_fold,
         "across_folds": clinical.mean_sd_across_folds([f["metrics"] for f in per_fold], headline),
         "folds_detail": fold_records_,
@@ -632,6 +633,11 @@ def _interval(b: Optional[Dict[str, Any]]) -> str:
     return f"{num(b.get('estimate'))} [{num(b.get('lo'))}, {num(b.get('hi'))}]"
 
 
+def _ci(block: Dict[str, Any], metric: str) -> str:
+    """:func:`_interval` of ``metric`` in a :func:`~pancls.eval.clinical.bootstrap_intervals` result."""
+    return _interval(block.get(metric))
+
+
 def _recall_rows(s: Dict[str, Any]):
     """Per class: ``(name, patients, model, all-majority, intensity)`` recall with patient-bootstrap intervals
     (runs summarised before per-class intervals existed: the point estimates alone)."""
@@ -649,9 +655,6 @@ def _recall_rows(s: Dict[str, Any]):
 
 def model_card(cfg: CVConfig, s: Dict[str, Any]) -> str:
     iv, pooled, base = s["intervals"], s["pooled"], s["baselines"]
-
-    def ci(m, block=iv):
-        return _interval(block.get(m))
 
     rows = "\n".join(f"| {c} | {n} | {m} | {a} | {i} |" for c, n, m, a, i in _recall_rows(s))
     return f"""# Model card — pancls cv run
@@ -674,9 +677,9 @@ Preprocessing: spacing {cfg.preprocess.spacing} mm, windows {cfg.preprocess.wind
 ## Out-of-fold results (95 % patient-level bootstrap intervals)
 | | model | all-majority baseline | intensity baseline |
 |---|---|---|---|
-| balanced accuracy | {ci('balanced_accuracy')} | {ci('balanced_accuracy', base['majority']['intervals'])} | {ci('balanced_accuracy', base['intensity']['intervals'])} |
-| macro-F1 | {ci('macro_f1')} | {ci('macro_f1', base['majority']['intervals'])} | {ci('macro_f1', base['intensity']['intervals'])} |
-| top-1 | {ci('top1')} | {ci('top1', base['majority']['intervals'])} | {ci('top1', base['intensity']['intervals'])} |
+| balanced accuracy | {_ci(iv, 'balanced_accuracy')} | {_ci(base['majority']['intervals'], 'balanced_accuracy')} | {_ci(base['intensity']['intervals'], 'balanced_accuracy')} |
+| macro-F1 | {_ci(iv, 'macro_f1')} | {_ci(base['majority']['intervals'], 'macro_f1')} | {_ci(base['intensity']['intervals'], 'macro_f1')} |
+| top-1 | {_ci(iv, 'top1')} | {_ci(base['majority']['intervals'], 'top1')} | {_ci(base['intensity']['intervals'], 'top1')} |
 
 Collapsed folds (one class predicted for >= 90 % of a fold): {s['collapsed_folds'] or 'none'}.
 ECE {s['pooled_calibrated']['ece']:.3f} after temperature scaling ({pooled['ece']:.3f} before).
@@ -705,9 +708,6 @@ def _machine() -> str:
 
 def headline(s: Dict[str, Any], out: Path) -> str:
     """The few lines ``pancls cv`` prints at the end: headline metrics with intervals beside the baselines."""
-    def cell(block, m):
-        return _interval(block.get(m))
-
     base = s["baselines"]
     lines = [f"pancls cv: {s['folds']} folds, {sum(s['class_counts'].values())} patients, "
              f"{s['model']['backbone']} + {s['model']['head']} head, loss {s['model']['loss']}, "
@@ -715,8 +715,8 @@ def headline(s: Dict[str, Any], out: Path) -> str:
              f"{'out-of-fold, 95% CI':<20}{'model':<24}{'all-majority':<24}{'intensity LR':<24}"]
     for m, name in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("top1", "top-1"),
                     ("top2", "top-2")):
-        lines.append(f"{name:<20}{cell(s['intervals'], m):<24}{cell(base['majority']['intervals'], m):<24}"
-                     f"{cell(base['intensity']['intervals'], m):<24}")
+        lines.append(f"{name:<20}{_ci(s['intervals'], m):<24}{_ci(base['majority']['intervals'], m):<24}"
+                     f"{_ci(base['intensity']['intervals'], m):<24}")
     lines.append(f"{'recall, 95% CI':<20}{'model':<24}{'all-majority':<24}{'intensity LR':<24}patients")
     for c, n, model, major, intensity in _recall_rows(s):
         lines.append(f"{c:<20}{model:<24}{major:<24}{intensity:<24}{n}")

@@ -235,12 +235,7 @@ def test_the_sr_reads_back_with_codes_and_references(runs, ct_data, tmp_path, ca
     assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
     assert len(evidence.ReferencedSOPSequence) == study["series"]["n_slices"]
 
-    def walk(items):
-        for item in items:
-            yield item
-            yield from walk(getattr(item, "ContentSequence", []))
-
-    items = list(walk(sr.ContentSequence))
+    items = list(_walk(sr.ContentSequence))
     codes = {(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue)
              for i in items if i.ValueType == "CODE"}
     assert ("SUBTYPE", study["predicted"]) in codes
