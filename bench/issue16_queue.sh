@@ -10,7 +10,8 @@
 # paper form), bf16check (seed 0 of e36's softmax and tSP again with bf16 autocast, against their float32
 # cells), e72 (item 1: the reduced protocol at 72 epochs, bf16, 16-20 min a cell beside another run), r32
 # (item 1: full ResNet-32 at 30 epochs, bf16 + channels-last, 19-29 min a cell). Never run two queues on the
-# same section at once: they would train the same cell into the same folder.
+# same section at once: they would train the same cell into the same folder. noaug_la_more (seeds 3-5 of
+# noaug_la) and paper0 (seed 0 of paper) are parts of other sections: never beside them either.
 # bf16 autocast on this CPU (AMX) trains ResNet-20 x 0.5 1.8x and ResNet-32 2.6x (with channels-last) faster
 # than float32 (bench/train_step.py, one thread, README); the heads always compute in float32
 # (pancls.heads.in_float32), and both sides of every pair use the same precision.
@@ -78,6 +79,11 @@ section_noaug_la() {
     for v in softmax_la tsp_kernel_la; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
   done
 }
+section_noaug_la_more() {  # seeds 3-5 of noaug_la: tSP led on all of seeds 0-2 (-1.4 [-5.1, +2.3]); real or noise?
+  for seed in 3 4 5; do
+    for v in softmax_la tsp_kernel_la; do grid "${PLAIN[@]}" --variants "$v" --seeds "$seed" "${NOAUG[@]}"; done
+  done
+}
 section_learnk() {
   for seed in 0 1 2; do
     for v in tsp_kernel_learnk_la tsp_kernel_learnk; do grid "${AUG[@]}" --variants "$v" --seeds "$seed"; done
@@ -94,6 +100,9 @@ section_probe() {  # a recipe goes on to seeds 1-2 only if seed 0 is not clearly
 section_nu7() {  # the rest of the paper form with nu = 7: seed 1 with LA, and with CE on seeds 2, 0, 1
   grid "${AUG[@]}" --variants tsp_paper_nu7_la --seeds 1
   for seed in 2 0 1; do grid "${AUG[@]}" --variants tsp_paper_nu7 --seeds "$seed"; done
+}
+section_paper0() {  # seed 0 of section_paper alone: its seeds 1-2 only if seed 0 is not clearly behind
+  for v in tsp_paper tsp_paper_la; do grid "${AUG[@]}" --variants "$v" --seeds 0; done
 }
 section_paper() {
   for seed in 0 1 2; do
