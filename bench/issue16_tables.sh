@@ -27,8 +27,10 @@ printf '# Issue 16 tables, rebuilt from the kept results by bench/issue16_tables
 MAIN=(--variants softmax tsp_kernel_s16 softmax_la tsp_kernel_la --seeds 0 1 2
       --pairs softmax:tsp_kernel_s16 softmax_la:tsp_kernel_la)
 grid "Reduced protocol (ResNet-20 x 0.5), 36 epochs, float32" $R/issue16_r20_e36 e36 "36 ep" "${MAIN[@]}"
+# without augmentation the LA pair has seeds 3-5 as well (bench/issue16_queue.sh noaug_la_more)
 grid "Reduced protocol, 36 epochs, no augmentation (item 2)" $R/issue16_r20_e36_noaug noaug "36 ep, no aug" \
-  "${MAIN[@]}"
+  --variants softmax tsp_kernel_s16 softmax_la tsp_kernel_la --seeds 0 1 2 3 4 5 \
+  --pairs softmax:tsp_kernel_s16 softmax_la:tsp_kernel_la
 grid "cRT stage 2 on the frozen seed-s softmax backbone, 10 epochs, class-balanced (item 3; seed 2 in the e36 folder)" \
   $R/issue16_r20_e36 crt_s2 "cRT" --variants crt_softmax crt_tsp --seeds 2 --pairs crt_softmax:crt_tsp
 grid "cRT stage 2, seeds 0-1 (stage 1 retrained on the Intel VM)" $R/issue16_r20_e36_crt crt "cRT" \
