@@ -252,13 +252,54 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
         for folder in (out, out / "configs", out / "figures"):
             remove_stale_temps(folder)
     # creates the folder once the splits exist: a refusal (too few patients for the folds) writes nothing
-    splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root)
+    # a backbone that saw a test fold's patients (model.init_backbone_from) is refused before anything is written
+    splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root,
+                                 check=lambda splits: backbone_sources(cfg, splits))
     dump_yaml(cfg, config_path)
     atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.patient_counts(),
                                              "studies_per_class": manifest.class_counts()})
     write_metadata(out, cfg, classes, records)
     ctx.broadcast(classes), ctx.broadcast(splits)
     return records, classes, splits
+
+
+def backbone_sources(cfg: CVConfig, splits: Dict[str, Any]) -> Dict[int, str]:
+    """Per fold ``k``, the checkpoint that ``model.init_backbone_from`` starts its backbone from (``{}`` without
+    one), refused when that backbone trained on (or was selected with) a patient of this run's test fold ``k``.
+
+    * a ``pancls cv`` run folder (it holds ``splits.json``): fold ``k`` starts from that run's ``fold_k`` (stage 2
+      of a decoupled recipe run per fold); its splits must hold every patient of this run's test fold ``k`` in
+      its own test fold ``k`` (the same manifest, ``cv.folds`` and ``cv.seed`` do);
+    * one fold of a cv run (``RUN/fold_j`` or a checkpoint in it): every fold would start from the one backbone,
+      which trained on the other folds' test patients: refused unless none of them is in that run;
+    * anything else (an ``lt`` run, weights trained on another data set) cannot be checked and is used as given
+      for every fold: its training data must not include this cohort's patients."""
+    source = cfg.model.init_backbone_from
+    if not source:
+        return {}
+    from pancls.data.splits import SPLITS, read_splits
+
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    if (folder / SPLITS).exists():
+        run_dir, their_fold = folder, None
+    elif folder.name.startswith("fold_") and folder.name[5:].isdigit() and (folder.parent / SPLITS).exists():
+        run_dir, their_fold = folder.parent, int(folder.name[5:])
+    else:
+        return {k: source for k in range(cfg.cv.folds)}
+    theirs = read_splits(run_dir / SPLITS)["test_fold"]
+    sources = {}
+    for k in range(cfg.cv.folds):
+        j = k if their_fold is None else their_fold
+        seen = sum(1 for p, f in splits["test_fold"].items() if f == k and p in theirs and theirs[p] != j)
+        if seen:
+            how = ("its splits differ from this run's (same manifest, cv.folds and cv.seed needed)"
+                   if their_fold is None else "one fold's backbone would start every fold; give the cv run "
+                   "folder itself, so that fold k starts from its fold_k")
+            raise UserError(f"model.init_backbone_from: the backbone for fold {k} ({run_dir / f'fold_{j}'}) "
+                            f"trained on {seen} of this run's fold-{k} test patients: {how}", source)
+        sources[k] = str(run_dir / f"fold_{j}") if their_fold is None else source
+    return sources
 
 
 def _check_model_and_loss(cfg: CVConfig, class_counts: Sequence[int]) -> None:
@@ -338,7 +379,8 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     test_loader = _loader(test_ds, cfg.eval_batch_size, cfg.num_workers)
 
     torch.manual_seed(seed)  # initialisation depends on the seed and the fold only
-    model, loss_fn = build_model_and_loss(resolve_model(cfg), cfg.loss, counts.tolist(),
+    model_cfg = dataclasses.replace(resolve_model(cfg), init_backbone_from=backbone_sources(cfg, splits).get(k))
+    model, loss_fn = build_model_and_loss(model_cfg, cfg.loss, counts.tolist(),
                                           init_weights=not (fold_dir / "last.pt").exists())  # a resume has its own
     train_cfg = dataclasses.replace(cfg.train, seed=seed)
 

@@ -417,3 +417,36 @@ def test_a_manifest_without_config_gets_the_full_recipe_not_the_cpu_demo(tmp_pat
     chosen = command.build_config(parser.parse_args(["--manifest", "m.csv", "--config", str(cv.DEMO_CONFIG),
                                                      "--out", str(tmp_path)]))
     assert chosen.model.backbone == "resnet10"  # --config wins
+
+
+def test_a_backbone_from_another_cv_run_starts_each_fold_from_its_own_fold_never_from_one_that_saw_its_test_fold(
+        config, cohort, tmp_path, finished):
+    """model.init_backbone_from in cv (stage 2 of a decoupled recipe): fold k starts from the source run's fold_k,
+    whose training never saw fold k's test patients. One fold's checkpoint for every fold, or a run split
+    otherwise, would evaluate folds with a backbone trained on their test patients: refused before anything is
+    written."""
+    source, *_ = finished
+    splits = json.loads((source / "splits.json").read_text())
+    cfg = config(cohort, tmp_path, **{"model.init_backbone_from": str(source), "model.freeze_backbone": True})
+    assert cv.backbone_sources(cfg, splits) == {k: str(source / f"fold_{k}") for k in range(4)}
+    for one_fold in (source / "fold_0", source / "fold_0" / "last.pt"):
+        bad = config(cohort, tmp_path, **{"model.init_backbone_from": str(one_fold)})
+        with pytest.raises(UserError, match="the backbone for fold 1 .* trained on [0-9]+ of this run's fold-1 test"):
+            cv.backbone_sources(bad, splits)
+        with pytest.raises(UserError, match="give the cv run folder itself"):
+            cv.run(bad, tmp_path / "refused", log=lambda _: None)
+        assert not (tmp_path / "refused").exists()
+    shifted = {**splits, "test_fold": {p: (f + 1) % 4 for p, f in splits["test_fold"].items()}}
+    with pytest.raises(UserError, match="its splits differ from this run's"):
+        cv.backbone_sources(cfg, shifted)
+    elsewhere = tmp_path / "weights.pt"  # not from a cv run: nothing to check, every fold starts from it
+    elsewhere.write_bytes(b"")
+    other = config(cohort, tmp_path, **{"model.init_backbone_from": str(elsewhere)})
+    assert cv.backbone_sources(other, splits) == {k: str(elsewhere) for k in range(4)}
+    # trained: fold 1's frozen backbone is the source's fold 1 backbone, not fold 0's
+    cv.run(cfg, tmp_path / "stage2", fold=1, log=lambda _: None)
+    new = torch.load(tmp_path / "stage2" / "fold_1" / "last.pt", weights_only=False)["model"]
+    own, first = (torch.load(source / f"fold_{j}" / "last.pt", weights_only=False)["model"] for j in (1, 0))
+    keys = [k for k in new if k.startswith("backbone.") and new[k].is_floating_point()]
+    assert keys and all(torch.equal(new[k], own[k]) for k in keys)
+    assert not all(torch.equal(new[k], first[k]) for k in keys)

@@ -17,7 +17,7 @@ import json
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -136,8 +136,10 @@ def make_splits(records: Sequence[Dict[str, Any]], classes: Sequence[str], folds
 
 
 def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classes: Sequence[str], folds: int,
-                        seed: int, inner_folds: int, root: Path) -> Dict[str, Any]:
+                        seed: int, inner_folds: int, root: Path,
+                        check: Optional[Callable[[Dict[str, Any]], Any]] = None) -> Dict[str, Any]:
     """Reuse ``run_dir/splits.json`` when it matches the manifest and the fold settings; write it otherwise.
+    ``check(splits)`` runs before the file is written (a refusal there leaves no folder behind).
 
     A changed manifest or different ``folds``/``seed`` is refused with the reason: re-splitting an existing
     run would mix models trained on different partitions.
@@ -153,8 +155,12 @@ def load_or_make_splits(run_dir: Path, records: Sequence[Dict[str, Any]], classe
             if stored.get(key) != value:
                 raise UserError(f"this run was split with {key}={stored.get(key)}, not {value}; use a new --out "
                                 f"or the run's own setting", path)
+        if check is not None:
+            check(stored)
         return stored
     splits = make_splits(records, classes, folds, seed, inner_folds, root)  # a refusal here leaves no folder
+    if check is not None:
+        check(splits)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, splits)
     return splits
