@@ -1,11 +1,14 @@
 """Long-tail losses: ``create_loss(name, class_counts, **options)``.
 
-Every loss is a :class:`LongTailLoss`: ``forward(logits, target)`` returns the batch mean of
-``w_{y_i} * l_i`` (``l_i`` the per-sample loss, ``w`` the current per-class weights, all ones unless
-the loss re-weights), and ``set_epoch(epoch)`` (0-based) lets deferred re-weighting switch weights.
-Unlike ``torch.nn.functional.cross_entropy(weight=...)``, the weighted sum is divided by the batch
-size, not by the sum of the weights, so the weights' normalisation (they sum to K) sets the loss scale
-as in Cui et al. 2019.
+Every loss is a :class:`LongTailLoss`: ``forward(logits, target)`` returns the weighted batch mean of the
+per-sample losses ``l_i`` under the current per-class weights ``w`` (all ones unless the loss re-weights),
+and ``set_epoch(epoch)`` (0-based) lets deferred re-weighting switch weights. Two normalisations, each its
+reference's:
+
+* ``cb`` (Cui et al. 2019): ``sum_i w_{y_i} l_i / N``; the weights sum to K and set the loss scale;
+* deferred re-weighting (DRW, Cao et al. 2019): ``sum_i w_{y_i} l_i / sum_i w_{y_i}``, what the LDAM-DRW code's
+  ``F.cross_entropy(..., weight=w)`` computes. Divided by N instead, the re-weighted CIFAR-10-LT (IR 100)
+  loss and its gradient are about 0.18 times the reference's (the mean of ``w_y`` over the training set).
 
 ================  ==================================================================================
 name              loss
@@ -71,11 +74,11 @@ def effective_number_weights(class_counts: Sequence[int], beta: float) -> torch.
 class LongTailLoss(nn.Module):
     """Base class: per-sample loss, per-class weights, optional deferred re-weighting (DRW).
 
-    ``loss = mean_i w_{y_i} * per_sample(logits, target)_i``. Without DRW, ``w`` is
-    ``static_weight`` (uniform unless a loss passes its own). With ``drw_epoch = E``,
-    ``w`` is uniform before epoch E and ``effective_number_weights(class_counts, drw_beta)`` from
-    epoch E on (Cao et al., "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss",
-    NeurIPS 2019, sec. 3.3).
+    ``loss = sum_i w_{y_i} l_i / N`` with ``l = per_sample(logits, target)``. Without DRW, ``w`` is
+    ``static_weight`` (uniform unless a loss passes its own). With ``drw_epoch = E``, ``w`` is uniform before
+    epoch E and ``effective_number_weights(class_counts, drw_beta)`` from epoch E on, and the loss is then the
+    weighted mean ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` (Cao et al., "Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss", NeurIPS 2019, sec. 3.3, and their code's weighted cross-entropy).
 
     Parameters
     ----------
@@ -104,6 +107,7 @@ class LongTailLoss(nn.Module):
         self.register_buffer("static_weight", torch.ones(self.num_classes) if static_weight is None
                              else static_weight.float(), persistent=False)
         self.register_buffer("class_weight", torch.ones(self.num_classes), persistent=False)
+        self.weighted_mean = False  # DRW's re-weighted epochs: divide by the batch's sum of weights
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -115,6 +119,7 @@ class LongTailLoss(nn.Module):
         else:
             weight = torch.ones(self.num_classes)
         self.class_weight.copy_(weight)
+        self.weighted_mean = self.drw_epoch is not None and epoch >= self.drw_epoch
 
     def per_sample(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Unweighted loss of each sample, ``(N,)``."""
@@ -123,7 +128,9 @@ class LongTailLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"expected logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
-        return (self.class_weight[target] * self.per_sample(logits, target)).mean()
+        w = self.class_weight[target]
+        total = (w * self.per_sample(logits, target)).sum()
+        return total / (w.sum() if self.weighted_mean else len(target))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, drw_epoch={self.drw_epoch}, drw_beta={self.drw_beta:g}"

@@ -123,10 +123,11 @@ def test_drw_switches_weights_exactly_at_drw_epoch(batch, name):
             assert loss(*batch).item() == pytest.approx(plain(*batch).item(), rel=1e-9)
         else:
             np.testing.assert_allclose(loss.class_weight.double().numpy(), _ref_weights(0.999), rtol=1e-6)
-    # the deferred weights re-weight each sample's loss by its class
+    # the deferred weights re-weight each sample's loss by its class, as a weighted mean (LDAM-DRW's code)
     logits, target = batch
     per_sample = plain.per_sample(logits, target)
-    expected = (torch.as_tensor(_ref_weights(0.999))[target] * per_sample).mean()
+    w = torch.as_tensor(_ref_weights(0.999))[target]
+    expected = (w * per_sample).sum() / w.sum()
     assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
     loss.set_epoch(0)  # a resume at an earlier epoch goes back to uniform
     torch.testing.assert_close(loss.class_weight, torch.ones(K))
@@ -189,3 +190,24 @@ def test_focal_gradient_finite_below_gamma_one_at_certainty():
     create_loss("focal", COUNTS, gamma=0.5)(logits, torch.tensor([0])).backward()
     assert torch.isfinite(logits.grad).all()
 
+
+
+@pytest.mark.parametrize("name", ["ce", "ldam"])
+def test_drw_is_the_ldam_drw_codes_weighted_cross_entropy(batch, name):
+    """After the switch, CE-DRW and LDAM-DRW equal their reference's ``F.cross_entropy(s * z', y, weight=w)``
+    (github.com/kaidic/LDAM-DRW: per_cls_weights normalised to sum to K; torch's weighted mean divides by
+    the batch's sum of weights, not by N)."""
+    import torch.nn.functional as F
+
+    loss = create_loss(name, COUNTS, drw_epoch=1)
+    loss.set_epoch(1)
+    logits, target = batch
+    w = torch.as_tensor(_ref_weights(0.9999))
+    if name == "ldam":  # LDAM-DRW's LDAMLoss: margins C / n^(1/4) scaled to max_m, then s * (z - m_y one-hot)
+        m = 1.0 / np.sqrt(np.sqrt(np.asarray(COUNTS, dtype=np.float64)))
+        m = torch.as_tensor(m * (loss.max_m / m.max()))
+        shifted = logits - F.one_hot(target, K) * m[target][:, None]
+        expected = F.cross_entropy(loss.s * shifted, target, weight=w)
+    else:
+        expected = F.cross_entropy(logits, target, weight=w)
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
