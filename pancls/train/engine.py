@@ -298,6 +298,7 @@ class _Run:
         self.train_loader, self.eval_loader, self.loss_fn, self.evaluate_fn = train_loader, eval_loader, loss_fn, evaluate
         self.log = distributed.main_log(log, self.ctx)
         self.select_metric, self.selected_on, self.save_best = select_metric, selected_on, save_best
+        self.best_due = False  # best.pt to write at this epoch's checkpoint
         self.ckpt_path, self.metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
         self.fingerprint = _fingerprint(cfg, run_config)
         self._check_arguments(model)
@@ -391,6 +392,8 @@ class _Run:
         self.history, self.best, self.last_eval = ckpt["history"], ckpt["best"], ckpt["last_eval"]
         self._restore_rng(ckpt)
         if ctx.is_main:
+            self._repair_best(self.start_epoch)
+        if ctx.is_main:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resumed {self.run_dir} after epoch {self.start_epoch}/{cfg.epochs}")
 
@@ -443,9 +446,7 @@ class _Run:
                              f"{sorted(k for k in record if k.startswith('eval_'))}")
         if self.best is None or record[self.select_metric] > self.best[self.select_metric]:
             self.best = {"selected_on": self.selected_on, "select_metric": self.select_metric, **record}
-            if self.save_best and self.ctx.is_main:
-                save_checkpoint(self.run_dir / BEST, {"epoch": epoch + 1, "model": self.model.state_dict(),
-                                                      "record": record})
+            self.best_due = self.save_best  # written after last.pt (checkpoint_and_log), never ahead of it
 
     # ---------------------------------------------------------------------------------- checkpoint and log
     def checkpoint_and_log(self, epoch: int, record: Dict[str, Any]) -> None:
@@ -467,6 +468,8 @@ class _Run:
             **({"rng_ranks": rng_ranks} if rng_ranks else {}),
             "config": self.fingerprint, "config_hash": config_hash(self.fingerprint),
         })
+        if self.best_due:
+            self.save_best_weights()
         _append_line(self.metrics_path, json.dumps(record))
         scalars = {k: float(v) for k, v in record.items()
                    if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -476,6 +479,36 @@ class _Run:
         if self.tracker is not None:
             self.tracker.log_epoch(scalars, epoch)
         self.log(_summary(record, self.cfg.epochs))
+
+    def save_best_weights(self) -> None:
+        """``best.pt``: the weights of the epoch ``self.best`` records (the model's current ones: called at that
+        epoch's checkpoint, right after ``last.pt``, so that ``best.pt`` is never from an epoch ``last.pt`` does not
+        hold yet; a kill between the two is repaired on resume by :meth:`_repair_best`)."""
+        save_checkpoint(self.run_dir / BEST, {"epoch": self.best["epoch"] + 1, "model": self.model.state_dict(),
+                                              "record": {k: v for k, v in self.best.items()
+                                                         if k not in ("selected_on", "select_metric")}})
+        self.best_due = False
+
+    def _repair_best(self, epoch: int) -> None:
+        """On resume after epoch ``epoch`` (1-based): make ``best.pt`` hold the epoch ``last.pt``'s record names.
+        A kill after ``last.pt`` and before ``best.pt`` leaves an older ``best.pt`` while the best epoch is the
+        checkpoint's own (its weights are the model's, just loaded); a ``best.pt`` from an epoch after the
+        checkpoint (written by a version that saved it first) is from a trajectory being retrained: removed, and
+        written again when training passes the best epoch."""
+        path = self.run_dir / BEST
+        want = None if self.best is None else self.best["epoch"] + 1
+        have = None
+        if path.exists():
+            held = load_checkpoint(path, required=("epoch",))
+            have = int(held["epoch"])
+        if want == have or not self.save_best:
+            return
+        if want == epoch:
+            self.save_best_weights()
+            self.log(f"best.pt rewritten from epoch {epoch}'s checkpoint (the run was stopped between the two)")
+        elif have is not None and have > epoch:
+            path.unlink()
+            self.log(f"best.pt of epoch {have}, after the checkpoint's epoch {epoch}, removed (retrained)")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -307,3 +307,42 @@ def test_a_run_that_predates_an_added_config_key_still_resumes():
         check_same_config(old, {**old, "run.model.freeze_backbone": True}, "x")
     with pytest.raises(UserError, match="other_key"):  # only the listed keys are forgiven
         check_same_config(old, {**old, "run.other_key": None}, "x")
+
+
+def test_best_pt_is_written_after_last_pt_and_repaired_after_a_kill_between_them(tmp_path, monkeypatch):
+    """best.pt never holds an epoch last.pt does not; a kill between the two writes leaves an older best.pt while
+    last.pt's record names its own epoch as best: resume rewrites best.pt from that checkpoint, and the run ends
+    with the best.pt of an uninterrupted run. A best.pt ahead of last.pt (the order before) is removed."""
+    from pancls.train import engine
+
+    cfg = dataclasses.replace(CFG, epochs=4, eval_every=1)
+    _fit(tmp_path / "whole", cfg, save_best=True)
+    whole = load_checkpoint(tmp_path / "whole" / "best.pt")
+
+    class Killed(Exception):
+        pass
+
+    real, seen = engine._Run.save_best_weights, []
+
+    def killed_at_the_last_improvement(self):
+        seen.append(self.best["epoch"] + 1)
+        if seen[-1] == whole["epoch"]:
+            raise Killed  # after last.pt of that epoch, before its best.pt
+        real(self)
+
+    monkeypatch.setattr(engine._Run, "save_best_weights", killed_at_the_last_improvement)
+    with pytest.raises(Killed):
+        _fit(tmp_path / "split", cfg, save_best=True)
+    monkeypatch.undo()
+    last = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert last["epoch"] == whole["epoch"] == last["best"]["epoch"] + 1
+    assert len(seen) == 1 or load_checkpoint(tmp_path / "split" / "best.pt")["epoch"] < whole["epoch"]
+    _fit(tmp_path / "split", cfg, resume=True, save_best=True)
+    again = load_checkpoint(tmp_path / "split" / "best.pt")
+    assert again["epoch"] == whole["epoch"]
+    assert all(torch.equal(again["model"][k], whole["model"][k]) for k in whole["model"])
+    # a best.pt from after the checkpoint's epoch: removed on resume, rewritten by the retraining
+    _fit(tmp_path / "ahead", dataclasses.replace(cfg, epochs=1), save_best=True)
+    torch.save({"epoch": 3, "model": whole["model"]}, tmp_path / "ahead" / "best.pt")
+    _fit(tmp_path / "ahead", cfg, resume=True, save_best=True)
+    assert load_checkpoint(tmp_path / "ahead" / "best.pt")["epoch"] == whole["epoch"]
