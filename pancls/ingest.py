@@ -70,7 +70,7 @@ from pancls.ct.mask import axes_reordered, onto_grid, read_mask
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
 from pancls.ct.select import Decision, SelectionRules, select_series
-from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume
+from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume, check_ct_hu
 from pancls.ct.write import write_volume
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.manifest import AFFINE_ATOL_MM, grid_mismatch
@@ -428,6 +428,7 @@ def _dicom_job(series: Series, inventory: Dict[str, str], run: _Run) -> Job:
 
     def load() -> Volume:
         volume = build_volume(series.paths, run.config.geometry, workers=run.workers, headers=series.headers)
+        check_ct_hu(volume, first.folder)
         volume.meta[FINGERPRINT_KEY] = fingerprint
         volume.meta["series_id"] = series.series_hash
         return volume
@@ -450,6 +451,7 @@ def _nifti_job(path: Path, inventory: Dict[str, str], run: _Run) -> Job:
 
     def load() -> Volume:
         volume = load_nifti(path)
+        check_ct_hu(volume, path)
         volume.meta[FINGERPRINT_KEY] = fingerprint
         return volume
 

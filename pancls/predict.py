@@ -526,8 +526,11 @@ class LoadStudyd:
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         from pancls.ct.nifti import load_image
+        from pancls.ct.volume import check_ct_hu
 
-        img, image = self.pre._image(load_image(data["image"]))
+        volume = load_image(data["image"])
+        check_ct_hu(volume, data["image"])
+        img, image = self.pre._image(volume)
         out = {**data, "image": image, "notes": []}
         if "mask" in self.keys:
             out["mask"], out["notes"] = self.pre._mask(img, Path(data["mask"]))
@@ -543,6 +546,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
     ``error`` (the reason; the file it names too with ``keep_ids``); the others go on. ``on_result(result,
     study, message)`` is called as each study is done, ``message`` being the full one-line failure or None."""
     from tqdm.auto import tqdm
+
+    from pancls.ct.volume import check_ct_hu
 
     if batch_size is None:
         batch_size = 8 if loaded.device.type == "cuda" else 1
@@ -573,6 +578,7 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
                                 "study: pass --mask (one study) or a manifest with a 'mask' column, or use a "
                                 "model trained with roi 'centre'/'box'")
             volume = study.load()
+            check_ct_hu(volume, study.ids.get("source", f"input {study.input}"))
             base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
             if keep_ids:  # a digest of files that hold the patient's name and UIDs links a result to them
                 base["ids"]["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))

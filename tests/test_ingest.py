@@ -57,16 +57,18 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     tilt_lines = [line for line in err if "tilt_variable_spacing" in line]
     assert len(gap_lines) == 1 and "gap" in gap_lines[0] and "25" in gap_lines[0]
     assert len(tilt_lines) == 1 and "tilt" in tilt_lines[0] and "18.5" in tilt_lines[0]
-    assert len(err) == 2, err
-    assert "5 series kept (5 converted, 0 up to date, 1 with notes (see .private/inventory.csv))" in out_text
-    assert "2 refused, 0 failed" in out_text
+    (perfusion,) = [line for line in err if "enhanced" in line]
+    assert "RescaleType US" in perfusion  # the NEMA perfusion map is not CT in HU
+    assert len(err) == 3, err
+    assert "4 series kept (4 converted, 0 up to date, 1 with notes (see .private/inventory.csv))" in out_text
+    assert "3 refused, 0 failed" in out_text  # gap, tilt and the perfusion map (RescaleType US)
 
     manifest = _csv(out / "manifest.csv")
     assert list(manifest[0]) == ["patient_id", "image", "label", "study_id", "series_id", "series_number",
                                  "description", "n_slices", "flags", "source"]
     by_desc = {(r["source"], r["description"]): r for r in manifest}
-    assert set(by_desc) == {("dicom", "STD BRAIN 5MM"), ("dicom", "CT Body 3.0"), ("dicom", ""),
-                            ("dicom", "5/5mm Plain"), ("nifti", "")}
+    assert set(by_desc) == {("dicom", "STD BRAIN 5MM"), ("dicom", "CT Body 3.0"), ("dicom", "5/5mm Plain"),
+                            ("nifti", "")}  # not the perfusion map
     assert all(r["label"] == "" and (out / r["image"]).exists() for r in manifest)
     series = nib.load(out / by_desc["dicom", "STD BRAIN 5MM"]["image"])
     assert series.shape == (512, 512, 10) and np.allclose(series.header.get_zooms(), (0.451172, 0.451172, 5.0), atol=1e-5)
@@ -81,7 +83,7 @@ def test_whole_folder_default_policy(whole_ct, ct_data: Path):
     assert "secondary capture" in status["series", "401", "Exam Summary", "series_ct/S21570/S4010"][1]
     series_status = {r["series_id"]: r["status"] for r in inventory if r["kind"] == "series"}
     assert series_status[by_desc["dicom", "STD BRAIN 5MM"]["series_id"]] == "converted"
-    assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 4 + ["refused"] * 2
+    assert sorted(s for s in series_status.values() if s != "skipped") == ["converted"] * 3 + ["refused"] * 3
     notes = {(r["series_number"], r["description"]): r["notes"] for r in inventory if r["kind"] == "series"}
     assert "duplicate" in notes["2", "5/5mm Plain"]
     assert [k for k, v in notes.items() if v] == [("2", "5/5mm Plain")]
@@ -113,12 +115,12 @@ def test_rerun_is_incremental_and_force_rewrites(whole_ct, ct_data: Path, capsys
     shutil.copytree(out, work, copy_function=shutil.copy2)
     before = _mtimes(work)
     code, text, err = _run(capsys, ct_data, "--out", work, "--keep-descriptions")
-    assert code == 1 and "0 converted, 5 up to date" in text
+    assert code == 1 and "0 converted, 4 up to date" in text
     assert _mtimes(work) == before
     assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")
     (work / "manifest.csv").write_text("patient_id,image\nx,images/gone.nii.gz\n")  # stale rows are dropped
     code, text, err = _run(capsys, ct_data, "--out", work, "--force", "--keep-descriptions")
-    assert code == 1 and "5 converted, 0 up to date" in text
+    assert code == 1 and "4 converted, 0 up to date" in text
     after = _mtimes(work)
     assert set(after) == set(before) and all(after[n] != before[n] for n in before)
     assert _csv(work / "manifest.csv") == _csv(out / "manifest.csv")
@@ -246,9 +248,9 @@ def test_no_identifier_in_any_output_file(ct_data: Path, tmp_path: Path, capsys)
     assert len(values) >= 40 and any("^" in v for v in values)  # real UIDs, names and dates to leak
     out = tmp_path / "out"
     code, _, err = _run(capsys, *sources, "--out", out)
-    assert code == 0, err
+    assert code == 1 and len(err) == 1 and "RescaleType US" in err[0], err  # the perfusion map: refused
     outputs = [p for p in out.rglob("*") if p.is_file() and ".private" not in p.relative_to(out).parts]
-    assert sorted({p.suffix for p in outputs}) == [".csv", ".gz", ".json"] and len(outputs) == 1 + 2 * 3  # + inventory in .private
+    assert sorted({p.suffix for p in outputs}) == [".csv", ".gz", ".json"] and len(outputs) == 1 + 2 * 2  # + inventory in .private
     texts = {}
     for p in outputs:
         if p.name.endswith(".nii.gz"):
@@ -319,7 +321,7 @@ def test_killed_ingest_leaves_nothing_and_a_rerun_equals_an_uninterrupted_run(ct
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     reference = tmp_path / "reference"
-    assert _start(sources, reference, secret, tmp).wait(120) == 0
+    assert _start(sources, reference, secret, tmp).wait(120) == 1  # the perfusion map (RescaleType US) is refused
     out = tmp_path / "out"
     for _attempt in range(5):  # kill while a volume is being written (retried if the run was too quick)
         shutil.rmtree(out, ignore_errors=True)
@@ -341,7 +343,7 @@ def test_killed_ingest_leaves_nothing_and_a_rerun_equals_an_uninterrupted_run(ct
         assert code == 130 and "interrupted" in proc.stderr.read().decode()
         assert _leftovers(out, tmp) == [] and (out / "manifest.csv").exists()
     rerun = _start(sources, out, secret, tmp)
-    assert rerun.wait(120) == 0, rerun.stderr.read().decode()
+    assert rerun.wait(120) == 1, rerun.stderr.read().decode()
     assert _leftovers(out, tmp) == []
     assert _snapshot(out) == _snapshot(reference)
 
@@ -373,3 +375,22 @@ def test_a_folder_of_damaged_files_says_so_not_no_files(ct_data: Path, capsys, t
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 3, err  # each damaged file, then the folder
     assert "no usable series" in err[-1] and "2 damaged file(s) refused" in err[-1] and "no files" not in err[-1]
+
+
+def test_volumes_not_in_hounsfield_units_are_refused(ct_data: Path, capsys, tmp_path: Path):
+    """The perfusion map (RescaleType US) and a CT saved as stored values (HU + 1024) are refused with the reason,
+    not written into manifest.csv (pancls.ct.volume.check_ct_hu, the rule predict applies too)."""
+    img = nib.load(ct_data / "abdomen" / "example_ct_sm.nii.gz")
+    raw = tmp_path / "raw_ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj).astype(np.int16) + 1024, img.affine, img.header), raw)
+    out = tmp_path / "out"
+    code, text, err = _run(capsys, ct_data / "enhanced", raw, "--out", out)
+    assert code == 1 and "0 series kept" in text and "2 refused" in text
+    assert len(err) == 2, err
+    (enhanced,) = [line for line in err if "enhanced" in line]
+    assert "RescaleType US: the values are not Hounsfield units" in enhanced
+    (stored,) = [line for line in err if "raw_ct.nii.gz" in line]
+    assert "not CT in Hounsfield units" in stored and "HU + 1024?" in stored
+    assert _csv(out / "manifest.csv") == [] and not list((out / "images").glob("*.nii.gz"))
+    refused = [r for r in _csv(out / ".private" / "inventory.csv") if r["status"] == "refused"]
+    assert len(refused) == 2

@@ -484,3 +484,23 @@ def test_batched_forward_passes_give_the_same_results(runs, ct_data, tmp_path, c
         assert a["status"] == b["status"] and a.get("predicted") == b.get("predicted")
         if a["status"] == "ok":
             assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-6)
+
+
+def test_volumes_not_in_hounsfield_units_are_failed_rows(runs, ct_data, tmp_path, capsys):
+    """Stored values (HU + 1024), intensities rescaled to 0..1 and the perfusion map (RescaleType US) are refused
+    with the reason (pancls.ct.volume.check_ct_hu, ingest's rule); the real CT beside them is predicted."""
+    image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
+    img = nib.load(image)
+    hu = np.asanyarray(img.dataobj).astype(np.float64)
+    nib.save(nib.Nifti1Image((hu + 1024).astype(np.int16), img.affine, img.header), tmp_path / "stored.nii.gz")
+    scaled = nib.Nifti1Image(((hu - hu.min()) / (hu.max() - hu.min())).astype(np.float32), img.affine)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    code, got, captured = predict_json(tmp_path, capsys, tmp_path / "stored.nii.gz", tmp_path / "scaled.nii.gz",
+                                       ct_data / "enhanced", image, "--model", runs["centre"])
+    assert code == 1
+    assert [s["status"] for s in got["studies"]] == ["failed", "failed", "failed", "ok"]
+    stored, scaled, perfusion = (s["error"] for s in got["studies"][:3])
+    assert "not CT in Hounsfield units" in stored and "HU + 1024?" in stored
+    assert "not CT in Hounsfield units" in scaled and "0..1?" in scaled
+    assert perfusion.startswith("RescaleType US: the values are not Hounsfield units")
+    assert "stored.nii.gz: values" in captured.err  # the terminal names the file; the output only the reason

@@ -125,6 +125,48 @@ class Volume:
             raise ValueError(f"Volume.spacing {self.spacing} disagrees with the affine's column norms")
 
 
+#: What every CT of the abdomen in Hounsfield units holds, checked by :func:`check_ct_hu` before a volume is
+#: converted (``pancls ingest``) or classified (``pancls predict``). Air (-1000 HU: outside the body, in the
+#: bowel and stomach) or fat (-150..-50 HU: subcutaneous, around the pancreas, in the mesentery) fills at least
+#: :data:`HU_AIR_FAT_MIN_FRACTION` of the voxels; measured on the real fixtures: 61 % (abdominal NIfTI), 75 %
+#: (abdominal DICOM), 88 % (phantom), 51 % in a crop of the abdominal NIfTI to the pancreas' bounding box
+#: (no outside air: fat carries it), and 0.00 % in each of them as stored values (HU + 1024, where air lies at
+#: 0..30 and fat at ~900) or rescaled to 0..1. The band reaches -1200 HU (air's noise; padding outside the
+#: reconstruction circle at -2048 or -3024 HU is not counted: raw stored values with such padding still fail).
+HU_AIR_FAT = (-1200, -30)
+HU_AIR_FAT_MIN_FRACTION = 0.01
+#: ... and something as dense as soft tissue (muscle, liver, blood: 40-60 HU unenhanced, more with contrast;
+#: bone 300+ HU). Below it (the fixtures' maxima are 172-1839 HU, 240 in the pancreas crop) the values are
+#: shifted down (the intercept applied twice) or the volume holds no body.
+HU_MIN_MAX = 50
+
+
+def check_ct_hu(volume: "Volume", where: str | os.PathLike) -> None:
+    """Refuse (:class:`UserError` naming ``where``) a volume that cannot be a CT in Hounsfield units: a DICOM
+    RescaleType other than HU (absent means HU for CT), or values without air or fat
+    (:data:`HU_AIR_FAT`) or without soft tissue (:data:`HU_MIN_MAX`) -- raw stored values, rescaled
+    intensities, a perfusion or other parametric map. The one rule ``pancls ingest`` and ``pancls predict``
+    apply to every volume they convert or classify (the readers themselves read any such file faithfully)."""
+    rescale = next((f.split(":", 1)[1] for f in volume.flags if f.startswith("rescale_type:")), None)
+    if rescale is not None:
+        raise UserError(f"RescaleType {rescale}: the values are not Hounsfield units (a perfusion or other "
+                        "parametric map?), not a CT to classify", where)
+    array = volume.array
+    sample = array[::2, ::2] if array.shape[0] > 64 and array.shape[1] > 64 else array  # a quarter is enough
+    lo, hi = HU_AIR_FAT
+    fraction = np.count_nonzero((sample >= lo) & (sample <= hi)) / max(sample.size, 1)
+    low, high = int(array.min()), int(array.max())
+    if fraction < HU_AIR_FAT_MIN_FRACTION:
+        raise UserError(f"values {low}..{high} are not CT in Hounsfield units: {100 * fraction:.2f} % of the voxels "
+                        f"lie between {lo} and {hi} HU (air or fat: at least {100 * HU_AIR_FAT_MIN_FRACTION:g} % in "
+                        "any abdominal CT); raw stored values (RescaleIntercept not applied, HU + 1024?) or "
+                        "rescaled intensities (0..1?)", where)
+    if high < HU_MIN_MAX:
+        raise UserError(f"values {low}..{high} are not CT in Hounsfield units: no voxel reaches {HU_MIN_MAX} HU "
+                        "(soft tissue, contrast, bone); values shifted down (RescaleIntercept applied twice?) or "
+                        "no body in the volume", where)
+
+
 @dataclass
 class _Frame:
     """One 2D plane: where it lies, how to turn its stored values into HU, and where its pixels are."""
