@@ -69,7 +69,7 @@ from pancls.ct.capture import collecting, routed
 from pancls.ct.mask import axes_reordered, onto_grid, read_mask
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
-from pancls.ct.select import Decision, SelectionRules, select_series
+from pancls.ct.select import MIN_SLICES, Decision, SelectionRules, select_series, with_default_min_slices
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume, check_ct_hu
 from pancls.ct.write import write_volume
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
@@ -110,10 +110,11 @@ INVENTORY = f"{PRIVATE_DIR}/inventory.csv"
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED = 0, 1, 3
 
 
-#: ingest's ``selection.min_slices`` when the config leaves it unset: a shorter series (a scout, a single image,
-#: a partial series) is not a volume to train on; it is skipped with the reason in the inventory. Set it in the
-#: config or with --min-slices to keep such series. (``pancls predict`` reads whatever study it is given: 1.)
-INGEST_MIN_SLICES = 20
+#: ingest's ``selection.min_slices`` when the config leaves it unset (:data:`pancls.ct.select.MIN_SLICES`, the
+#: minimum of ``pancls predict`` too): a shorter series (a scout, a single image, a partial series) is not a volume
+#: to train on; it is skipped with the reason in the inventory. Set it in the config or with --min-slices to keep
+#: such series.
+INGEST_MIN_SLICES = MIN_SLICES
 
 
 @dataclass
@@ -330,9 +331,7 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
     os.chmod(private, 0o700)
     if secret_file is None:  # the dataset's own, in .private/ (made on first use)
         secret = load_or_create_secret(private, insecure=insecure_ids)
-    if config.selection.min_slices is None:
-        config = dataclasses.replace(config, selection=dataclasses.replace(config.selection,
-                                                                           min_slices=INGEST_MIN_SLICES))
+    config = dataclasses.replace(config, selection=with_default_min_slices(config.selection))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
                sheet=sheet, masks=finder, label_key=label_key)
     with _exclusive(private), signals_unwind(), routed():

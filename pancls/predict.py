@@ -320,10 +320,10 @@ def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=N
     :class:`UserError` for the whole call (nothing was predicted yet); an input or a study that cannot be read
     (an unreadable manifest, no CT series, an ambiguous choice) becomes a study with ``error`` instead, so that
     the others still run."""
-    from pancls.ct.select import SelectionRules
+    from pancls.ct.select import with_default_min_slices
     from pancls.ct.volume import GeometryPolicy
 
-    rules = rules or SelectionRules()
+    rules = with_default_min_slices(rules)  # ingest's minimum: a single slice or a scout is not a study to classify
     policy = policy or GeometryPolicy()
     inputs = [Path(p) for p in inputs]
     if not inputs:

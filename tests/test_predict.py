@@ -21,9 +21,15 @@ def runs(cv_runs):
     return cv_runs
 
 
+#: the fixtures' short DICOM series (1-10 slices) are predicted with this; the default minimum is 20, as in ingest
+SHORT = ["--min-slices", "1"]
+
+
 def predict_json(tmp_path, capsys, *args):
+    """`pancls predict ARGS` (with :data:`SHORT` unless ARGS set --min-slices) -> (exit code, JSON, captured)."""
     out = tmp_path / f"preds_{len(list(tmp_path.glob('preds_*')))}.json"
-    code = main(["predict", *map(str, args), "--out", str(out), "--device", "cpu"])
+    args = [*map(str, args), *(SHORT if "--min-slices" not in map(str, args) else [])]
+    code = main(["predict", *args, "--out", str(out), "--device", "cpu"])
     captured = capsys.readouterr()
     return code, (json.loads(out.read_text()) if out.exists() else None), captured
 
@@ -151,7 +157,7 @@ def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, caps
     shutil.copytree(ct_data / "gap" / "removed_slices", named)
     for suffix in ("json", "csv"):
         out = tmp_path / f"plain.{suffix}"
-        assert main(["predict", str(series), str(named), "--model", str(runs["centre"]), "--out", str(out)]) == 1
+        assert main(["predict", str(series), str(named), "--model", str(runs["centre"]), "--out", str(out), *SHORT]) == 1
         text = out.read_text()
         leaked = [v for v in ids if v in text] + [p for p in (str(series), "DOE_JOHN") if p in text]
         assert not leaked, leaked
@@ -170,7 +176,7 @@ def test_outputs_carry_no_identifiers_unless_asked(runs, ct_data, tmp_path, caps
     text = out.read_text()
     assert "DOE_JANE" not in text and "cannot read NIfTI" in text and "<file>" in text, text
     keep = tmp_path / "keep.json"
-    assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(keep), "--keep-ids"]) == 0
+    assert main(["predict", str(series), "--model", str(runs["centre"]), "--out", str(keep), "--keep-ids", *SHORT]) == 0
     kept = json.loads(keep.read_text())["studies"][0]["ids"]
     assert kept["series_instance_uid"] in ids and kept["source"] == str(series) and kept["input_sha256"] == digest
 
@@ -399,7 +405,8 @@ def test_bad_invocations_are_one_line_exit_2(runs, ct_data, tmp_path, capsys, ca
 def test_csv_output_has_one_row_per_study(runs, ct_data, tmp_path, capsys):
     out = tmp_path / "p.csv"
     image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
-    assert main(["predict", str(image), str(ct_data / "series_ct"), "--model", str(runs["centre"]), "--out", str(out)]) == 0
+    assert main(["predict", str(image), str(ct_data / "series_ct"), "--model", str(runs["centre"]), "--out", str(out),
+                 *SHORT]) == 0
     table = pd.read_csv(out)
     assert list(table["status"]) == ["ok", "ok"] and list(table["kind"]) == ["nifti", "dicom"]
     probs = table[[c for c in table.columns if c.startswith("p_")]].to_numpy()
@@ -504,3 +511,22 @@ def test_volumes_not_in_hounsfield_units_are_failed_rows(runs, ct_data, tmp_path
     assert "not CT in Hounsfield units" in scaled and "0..1?" in scaled
     assert perfusion.startswith("RescaleType US: the values are not Hounsfield units")
     assert "stored.nii.gz: values" in captured.err  # the terminal names the file; the output only the reason
+
+
+def test_stacks_too_short_to_classify_are_refused_as_in_ingest(runs, ct_data, tmp_path, capsys):
+    """A single slice (the JPEG 2000 study) and the 10-slice series are refused with ingest's reason and minimum
+    (pancls.ct.select.MIN_SLICES); the 20-slice abdominal series beside them is predicted; --min-slices lowers it."""
+    from pancls.ct.select import MIN_SLICES
+    from pancls.ingest import INGEST_MIN_SLICES
+
+    assert MIN_SLICES == INGEST_MIN_SLICES == 20
+    out = tmp_path / "short.json"
+    inputs = [ct_data / "jpeg2000", ct_data / "series_ct", ct_data / "abdomen" / "dicom_series"]
+    code = main(["predict", *map(str, inputs), "--model", str(runs["centre"]), "--out", str(out)])
+    studies = json.loads(out.read_text())["studies"]
+    assert code == 1 and [s["status"] for s in studies] == ["failed", "failed", "ok"]
+    assert "1 slice(s), fewer than min_slices=20 (too short a stack to classify" in studies[0]["error"]
+    assert "10 slice(s), fewer than min_slices=20" in studies[1]["error"] and "--min-slices" in studies[1]["error"]
+    assert "1 of 3 studies predicted, 2 failed" in capsys.readouterr().err
+    code = main(["predict", str(inputs[1]), "--model", str(runs["centre"]), "--out", str(out), "--min-slices", "10"])
+    assert code == 0 and json.loads(out.read_text())["studies"][0]["series"]["n_slices"] == 10

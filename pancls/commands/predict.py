@@ -1,8 +1,8 @@
 """Predict the tumour subtype of new CT studies with a `pancls cv` run folder (the fold ensemble).
 
-INPUT: DICOM study folders or zips (one series per study, chosen by the rules of `pancls ingest`), NIfTI
-files, or a manifest CSV (column image, optional mask and patient_id). Preprocessing and the ROI policy
-come from the run folder. Outputs carry no patient identifiers unless --keep-ids.
+INPUT: DICOM study folders or zips (one series per study, chosen by the rules of `pancls ingest`: at least 20
+slices unless --min-slices), NIfTI files, or a manifest CSV (column image, optional mask and patient_id).
+Preprocessing and the ROI policy come from the run folder. Outputs carry no patient identifiers unless --keep-ids.
 
 Typical use:
   pancls predict --model runs/cv study1/ study2.zip ct.nii.gz --out predictions.csv
@@ -15,9 +15,12 @@ and a row in the output), 2 a problem with the command itself (model folder, out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from pancls.commands.ingest import _positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the results to this .json or .csv (default: JSON on stdout)")
     p.add_argument("--config", type=Path,
                    help="the `pancls ingest` YAML (series selection, geometry policy) to read DICOM with")
+    p.add_argument("--min-slices", type=_positive_int, metavar="N",
+                   help="refuse DICOM series with fewer slices (overrides selection.min_slices; default 20, as "
+                        "pancls ingest: shorter stacks are scouts, single images or partial series)")
     p.add_argument("--sr", type=Path, metavar="DIR", help="also write one DICOM Structured Report per DICOM study")
     p.add_argument("--keep-ids", action="store_true",
                    help="also write input paths and DICOM UIDs (identifying: for local use only)")
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
         check_sr_folder(args.sr)
     ingest_cfg = load_config(args.config)
+    if args.min_slices is not None:
+        ingest_cfg.selection = dataclasses.replace(ingest_cfg.selection, min_slices=args.min_slices)
     loaded = predict.load_run(args.model, fold=args.fold, device=args.device)
     err = sys.stderr
 

@@ -15,16 +15,15 @@ Decision order
    ``"most_slices"``; finally the lowest series number, so the choice is deterministic.
    The winner is kept; the others are skipped as "not preferred: <winner> chosen".
 
-``min_slices`` unset (None) means 1 here, so that a study with a single valid CT object (the
-``jpeg2000`` fixture, a 2-frame enhanced object) is still usable where the caller decides
-(``pancls predict`` reads whatever study it is given). ``pancls ingest`` builds training data and
-fills an unset value with :data:`pancls.ingest.INGEST_MIN_SLICES` (20): a 1-slice or 10-slice
-series is not a volume to classify.
+``min_slices`` unset (None) means 1 in :func:`select_series` itself (the library reads what it is
+given). ``pancls ingest`` and ``pancls predict`` fill an unset value with :data:`MIN_SLICES` (20,
+:func:`with_default_min_slices`): a 1-slice or 10-slice series is not a volume to train on or to
+classify (a model trained on whole abdominal stacks gives a confident answer on a single slice).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,6 +31,10 @@ import numpy as np
 from pancls.ct.geometry import iop_normal
 from pancls.ct.scan import CT_SOP_CLASSES, SECONDARY_CAPTURE_PREFIX, Series, sop_class_name
 from pancls.errors import UserError
+
+#: The fewest slices of a series ``pancls ingest`` and ``pancls predict`` use when ``selection.min_slices`` is
+#: unset: a shorter series is a scout, a single image or a partial series, not a volume to train on or classify.
+MIN_SLICES = 20
 
 
 @dataclass
@@ -41,7 +44,7 @@ class SelectionRules:
     include_description: Optional[str] = None  # regex; when set a series must match (search, case-insensitive)
     exclude_description: Optional[str] = None  # regex; a matching series is excluded
     phase_preference: List[str] = field(default_factory=lambda: ["venous", "portal", "arterial"])
-    min_slices: Optional[int] = None  # None: the caller's default (1 here and in predict; pancls ingest: 20)
+    min_slices: Optional[int] = None  # None: the caller's default (1 here; ingest and predict: MIN_SLICES)
     tie_break: Literal["thinnest", "most_slices"] = "thinnest"
     localizer_angle_deg: float = 45.0
     one_per_study: bool = True  # False keeps every eligible series
@@ -59,6 +62,13 @@ class SelectionRules:
             raise UserError(f"must be >= 1, got {self.min_slices}", "selection.min_slices")
         if not 0 < self.localizer_angle_deg <= 90:
             raise UserError(f"must be in (0, 90], got {self.localizer_angle_deg}", "selection.localizer_angle_deg")
+
+
+def with_default_min_slices(rules: Optional[SelectionRules]) -> SelectionRules:
+    """``rules`` (default ones when None) with an unset ``min_slices`` filled with :data:`MIN_SLICES`: the
+    minimum ``pancls ingest`` and ``pancls predict`` apply."""
+    rules = rules if rules is not None else SelectionRules()
+    return rules if rules.min_slices is not None else replace(rules, min_slices=MIN_SLICES)
 
 
 @dataclass(frozen=True)
@@ -90,7 +100,8 @@ def exclusion_reason(series: Series, rules: SelectionRules, reference: Optional[
             return f"localizer/scout (single {series.orientation_label} slice, {_angle_deg(n, ref):.0f} deg off the study's main series)"
     if series.n_slices < (rules.min_slices or 1):
         return (f"{series.n_slices} slice(s), fewer than min_slices={rules.min_slices} (too short a stack to "
-                "classify: a scout, a single image or a partial series; lower selection.min_slices to keep it)")
+                "classify: a scout, a single image or a partial series; lower selection.min_slices to keep it: "
+                "--min-slices N)")
     desc = first.series_description
     # the description itself is not repeated: reasons go into the inventory, free text only with --keep-descriptions
     if rules.include_description and not re.search(rules.include_description, desc, re.IGNORECASE):
