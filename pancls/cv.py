@@ -21,6 +21,7 @@ Rules that keep the estimate honest:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -37,7 +38,16 @@ from pancls.config import absolute_paths, dump_yaml, from_dict, load_yaml, to_di
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
 from pancls.data.transforms import AugmentConfig, PreprocessConfig
 from pancls.errors import UserError
-from pancls.io import atomic_write_json, atomic_write_text, check_creatable, read_json, remove_stale_temps
+from pancls.io import (
+    LockHeld,
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    check_creatable,
+    hold_lock,
+    read_json,
+    remove_stale_temps,
+)
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.checkpoint import refuse_unresumed
 from pancls.train.engine import RESUMABLE_KEYS, TrainConfig
@@ -186,11 +196,17 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
     from pancls import distributed
     from pancls.lt import resolve_device
 
-    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+    out = Path(out)
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device), contextlib.ExitStack() as held:
+        def lock_run():  # the whole run is this process's (a --fold k process holds its fold's lock only)
+            if ctx.is_main and fold is None and out.is_dir():
+                held.enter_context(hold_lock(out, "this cv run"))
+
         distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)
         log = distributed.main_log(log, ctx)
+        lock_run()  # a run folder that exists: before prepare cleans it; a new one: once prepare made it
         records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
-        out = Path(out)
+        lock_run()
         p = cfg.preprocess
         log(f"cohort: {len(records)} studies of {len(splits['test_fold'])} patients, {cfg.cv.folds} folds; "
             f"{cfg.model.backbone} + {cfg.model.head}, loss {cfg.loss.name}, {cfg.train.epochs} epochs; ROI "
@@ -212,7 +228,14 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
         if missing:
             log(f"folds {missing} are not trained yet; run them (--fold k) and then `pancls report {out}`")
             return read_json(out / f"fold_{fold}" / FOLD_DONE, "fold record")
-        return summarise(out, cfg=cfg, records=records, log=log)
+        try:
+            return summarise(out, cfg=cfg, records=records, log=log)
+        except LockHeld:
+            if fold is None:
+                raise
+            log(f"fold {fold}: done; another process is writing the run's summary (`pancls report {out}` "
+                "rewrites it)")
+            return read_json(out / f"fold_{fold}" / FOLD_DONE, "fold record")
 
 
 def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = None,
@@ -345,9 +368,20 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     Training batches come from one epoch-seeded order (:func:`~pancls.train.samplers.make_batch_sampler`), so a
     DDP run (``ctx``) splits exactly the batches one process trains on; selection, temperature and the test
     predictions run on rank 0 alone (the others return None)."""
+    from pancls.distributed import Context
+
+    ctx = ctx or Context()
+    fold_dir = out / f"fold_{k}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    with hold_lock(fold_dir, f"fold {k} of this cv run") if ctx.is_main else contextlib.nullcontext():
+        return _train_fold(cfg, out, records, splits, k, classes, device, progress, ctx, fold_dir)
+
+
+def _train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Sequence[str], device, progress,
+                ctx, fold_dir: Path) -> Optional[Dict]:
     from pancls.data.splits import fold_records
     from pancls.data.transforms import make_dataset
-    from pancls.distributed import Context, rank_seed
+    from pancls.distributed import rank_seed
     from pancls.eval.clinical import fit_temperature
     from pancls.eval.crowding import mean_angle_to_other_centres
     from pancls.schemas import build_model_and_loss
@@ -355,9 +389,6 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     from pancls.train.engine import BEST, CHECKPOINT, fit, predict_logits
     from pancls.train.samplers import ShardSampler, make_batch_sampler
 
-    ctx = ctx or Context()
-    fold_dir = out / f"fold_{k}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         remove_stale_temps(fold_dir)  # a killed run's half-written checkpoint (only this fold's process writes here)
     parts = fold_records(records, splits, k)  # every class has training patients (make_splits refuses otherwise)
@@ -426,7 +457,7 @@ def train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Seque
     val_y = np.array([r["label"] for r in parts["val"]])
     temperature = fit_temperature(val["logits"], val_y) if cfg.cv.temperature else 1.0
     write_predictions(fold_dir / "predictions.csv", parts["test"], test["logits"], temperature, classes, k)
-    np.save(fold_dir / "test_features.npy", test["features"].astype(np.float32))
+    atomic_save(fold_dir / "test_features.npy", lambda tmp: np.save(tmp, test["features"].astype(np.float32)))
     record = {
         "fold": k, "train_patients": len({r["patient_id"] for r in parts["train"]}),
         "val_patients": len({r["patient_id"] for r in parts["val"]}),
@@ -483,7 +514,18 @@ def intensity_features(cfg: CVConfig, records) -> np.ndarray:
 
 def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Callable[[str], None] = print) -> Dict:
     """Pool the folds' predictions and write ``oof_predictions.csv``, ``summary.json``, the figures, the report
-    and the model card. Re-runnable on a finished run folder (``pancls report RUN``)."""
+    and the model card. Re-runnable on a finished run folder (``pancls report RUN``); holds the run's lock
+    (another process writing the run is refused) and first removes what a killed summary left half-written."""
+    out = Path(out)
+    if not run_config_path(out).exists():  # before the lock file: not written into a folder that is no run
+        raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
+    with hold_lock(out, "this cv run"):
+        for folder in (out, out / "configs", out / "figures"):
+            remove_stale_temps(folder)
+        return _summarise(out, cfg, records, log)
+
+
+def _summarise(out: Path, cfg: Optional[CVConfig], records, log: Callable[[str], None]) -> Dict:
     import pandas as pd
 
     from pancls.data.splits import read_splits
@@ -491,10 +533,7 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
     from pancls.report import figures
     from pancls.report.html import write_report
 
-    out = Path(out)
     if cfg is None:
-        if not run_config_path(out).exists():
-            raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
         cfg = load_config(load_yaml(run_config_path(out)))
     splits = read_splits(out / "splits.json")
     classes = splits["classes"]

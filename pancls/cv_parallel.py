@@ -32,6 +32,7 @@ different thread count may change the order of float sums in the convolutions).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pancls.errors import UserError
+from pancls.io import hold_lock
 
 LOG_DIR = "logs"
 
@@ -164,6 +166,23 @@ def worker_env(threads: int, gpu: Optional[int], base: Optional[Dict[str, str]] 
     return env
 
 
+def die_with_parent(parent: int) -> Optional[Callable[[], None]]:
+    """A worker's ``preexec_fn`` (Linux): the kernel sends the worker SIGTERM when the parent dies, however it
+    dies (SIGKILL, a lost session). Without it a killed ``pancls cv --jobs`` left its workers training, and a
+    ``--resume`` raced them. ``None`` elsewhere (no ``prctl``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before prctl ran
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
 def last_line(path: Path) -> str:
     """The last non-empty line of a worker's log (the CLI's one-line error, or a traceback's final line)."""
     try:
@@ -194,7 +213,8 @@ def train_folds(out: Path, p: Plan, log: Callable[[str], None] = print, poll: fl
                     s.fold, s.started, s.log_path = k, time.perf_counter(), out / LOG_DIR / f"fold_{k}.log"
                     s.log_file = open(s.log_path, "w")  # noqa: SIM115 - closed when the worker ends
                     s.proc = subprocess.Popen(command(out, k), stdout=s.log_file, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, env=worker_env(p.threads, s.gpu))
+                                              stdin=subprocess.DEVNULL, env=worker_env(p.threads, s.gpu),
+                                              preexec_fn=die_with_parent(os.getpid()))
                     where = f"GPU {s.gpu}" if s.gpu is not None else f"{p.threads} thread(s)"
                     log(f"fold {k + 1}/{len(p.todo) + len(p.kept)}: started ({where}, log {s.log_path})")
             time.sleep(poll)
@@ -263,15 +283,22 @@ def run_parallel(cfg, out: Path, *, resume: bool = False, jobs: Optional[int] = 
                         "that runs without --manifest has it); add --device cuda, or train on the CPU with --jobs N",
                         "--gpus")
     out = Path(out)
-    records, _, _ = cv.prepare(cfg, out, resume=resume, log=log)  # splits/configs once, before any worker
-    done = [k for k in range(cfg.cv.folds) if (out / f"fold_{k}" / cv.FOLD_DONE).exists()]
-    p = plan(cfg.cv.folds, done, jobs=jobs, gpus=gpus)
-    for note in p.notes:
-        log(note)
-    for k in p.kept:
-        log(f"fold {k}: finished earlier, kept")
-    outcomes = train_folds(out, p, log=log, command=command)
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        raise UserError(failure_message(failed), out)
-    return cv.summarise(out, cfg=cfg, records=records, log=log)
+    with contextlib.ExitStack() as held:
+        def lock_run():  # the parent's for the whole run; each worker holds its fold's lock
+            if out.is_dir():
+                held.enter_context(hold_lock(out, "this cv run"))
+
+        lock_run()  # a run folder that exists: before prepare cleans it; a new one: once prepare made it
+        records, _, _ = cv.prepare(cfg, out, resume=resume, log=log)  # splits/configs once, before any worker
+        lock_run()
+        done = [k for k in range(cfg.cv.folds) if (out / f"fold_{k}" / cv.FOLD_DONE).exists()]
+        p = plan(cfg.cv.folds, done, jobs=jobs, gpus=gpus)
+        for note in p.notes:
+            log(note)
+        for k in p.kept:
+            log(f"fold {k}: finished earlier, kept")
+        outcomes = train_folds(out, p, log=log, command=command)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise UserError(failure_message(failed), out)
+        return cv.summarise(out, cfg=cfg, records=records, log=log)

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from pancls.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -61,7 +63,7 @@ def is_temp_name(name: str) -> bool:
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files of :func:`atomic_path` directly in ``folder`` (a killed run's leftovers);
-    returns what was removed. Only call it while no other process writes there (hold a lock)."""
+    returns what was removed. Only call it while no other process writes there (:func:`hold_lock`)."""
     folder = Path(folder)
     removed = []
     if folder.is_dir():
@@ -70,6 +72,49 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
                 entry.unlink(missing_ok=True)
                 removed.append(entry)
     return removed
+
+
+#: The lock file of a run folder (:func:`hold_lock`): empty; the lock is the kernel's, not the file's content.
+LOCK = ".lock"
+_HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth
+
+
+class LockHeld(UserError):
+    """Another process holds the lock :func:`hold_lock` asked for (one line and exit 2 on the CLI)."""
+
+
+@contextlib.contextmanager
+def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder/.lock`` for the block, so that two processes never train or write the
+    same run (``what``, e.g. ``"cv run RUN"``); a second process is refused at once in one line, it never waits.
+
+    ``flock`` (the pattern of :func:`owned_temp_dir`): the kernel releases it when its process dies, so a killed
+    run leaves no stale lock to clean (the empty file stays). Re-entrant within one process (a nested block for
+    the same folder holds nothing more). ``folder`` must exist."""
+    import fcntl
+
+    path = Path(folder) / LOCK
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(f"{what} is in use by another pancls process (it holds {LOCK} there); wait for that process "
+                      "to end, or stop it, then rerun", folder) from None
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -131,8 +176,6 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
     """Create ``path`` (with parents) and check a file can be written in it; UserError naming it otherwise.
 
     Run before any work, so that a long run does not fail at its end on a read-only or mistyped ``--out``."""
-    from pancls.errors import UserError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"the {what} exists and is not a folder", path)
@@ -147,8 +190,6 @@ def writable_folder(path: str | os.PathLike, what: str = "output folder") -> Pat
 def _probe_write(folder: Path, what: str) -> None:
     """Create and remove a file in ``folder``: the only test that holds for root, read-only mounts, NFS and ACLs
     (``os.access`` answers yes to root on a read-only filesystem)."""
-    from pancls.errors import UserError
-
     try:
         fd, probe = tempfile.mkstemp(prefix=".pancls-write-test.", dir=folder)
         os.close(fd)
@@ -185,7 +226,7 @@ def read_json(path: str | os.PathLike, what: str = "file", expect: type | None =
     """The JSON content of ``path``; a missing, unreadable or invalid file, or (with ``expect``, e.g. ``dict``)
     content of another type, is a :class:`~pancls.errors.UserError` naming it (``what``: what the file is, e.g.
     "fold record"), so that a damaged run folder gives one line."""
-    from pancls.errors import UserError, exception_text
+    from pancls.errors import exception_text
 
     path = Path(path)
     try:
@@ -216,8 +257,6 @@ def atomic_save(path: str | os.PathLike, writer: Callable[[Path], None]) -> None
 def check_writable_folder(folder: str | os.PathLike, what: str = "the folder") -> None:
     """Refuse, before any work, a folder that a command will write into and cannot: missing or read-only
     (``what`` names it in the message, e.g. "the output's folder")."""
-    from pancls.errors import UserError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{what} does not exist", folder)
@@ -228,8 +267,6 @@ def check_creatable(path: str | os.PathLike, what: str = "output folder") -> Non
     """Refuse, before any work and without creating anything, a folder ``path`` that cannot be made or written
     into: the folder itself when it exists, else its nearest existing parent, gets a test write (for commands
     whose refusals must leave no folder behind, such as ``pancls cv``)."""
-    from pancls.errors import UserError
-
     path = Path(os.path.abspath(path))
     if path.exists() and not path.is_dir():
         raise UserError(f"the {what} exists and is not a folder", path)

@@ -8,6 +8,7 @@ labelled extra because choosing it looks at the test set.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 from pancls.config import dump_yaml, from_dict
 from pancls.data.images import ImageAugmentConfig
 from pancls.errors import UserError
-from pancls.io import atomic_write_json, remove_stale_temps
+from pancls.io import atomic_write_json, hold_lock, remove_stale_temps
 from pancls.schemas import LossConfig, ModelConfig
 from pancls.train.engine import TrainConfig
 from pancls.validation import check_choice, check_scalar
@@ -162,12 +163,13 @@ def run(cfg: LTConfig, out_dir: Path, resume: bool = False, log=print) -> Dict[s
     ``train.batch_size`` is the global batch, rank 0 writes the same run folder one process would."""
     from pancls import distributed
 
-    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device), contextlib.ExitStack() as held:
         distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)  # before the data is read
-        return _run(cfg, out_dir, resume, log, ctx, device)
+        return _run(cfg, out_dir, resume, log, ctx, device, held)
 
 
-def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.device) -> Dict[str, Any]:
+def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.device,
+         held: contextlib.ExitStack) -> Dict[str, Any]:
     from pancls.eval.crowding import mean_angle_to_other_centres, min_angle_to_other_centres, plot_crowding
     from pancls.eval.metrics import classification_report
     from pancls.train.checkpoint import refuse_unresumed
@@ -181,6 +183,8 @@ def _run(cfg: LTConfig, out_dir: Path, resume: bool, log, ctx, device: torch.dev
     train_loader, eval_loader = _loaders(cfg, data, device, ctx)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:  # another process training this run folder: refused
+        held.enter_context(hold_lock(out_dir, "this lt run"))
     refuse_unresumed(has_checkpoint, out_dir, resume)  # before config.yaml is written
     if ctx.is_main:
         remove_stale_temps(out_dir)  # a checkpoint or results file a killed run was writing

@@ -450,3 +450,41 @@ def test_a_backbone_from_another_cv_run_starts_each_fold_from_its_own_fold_never
     keys = [k for k in new if k.startswith("backbone.") and new[k].is_floating_point()]
     assert keys and all(torch.equal(new[k], own[k]) for k in keys)
     assert not all(torch.equal(new[k], first[k]) for k in keys)
+
+
+def test_a_run_or_fold_another_process_trains_is_refused_and_report_cleans_a_killed_summary(
+        config, cohort, tmp_path, finished):
+    """Two processes never train one run (a second `pancls cv --resume` trained the same folds beside the first,
+    its epochs interleaved in metrics.jsonl), nor one fold (a --fold k worker beside a whole-run process);
+    `pancls report` removes what a summary killed mid-write left (only `pancls cv` without --fold did)."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    cfg = cv.load_config(load_yaml(run / "configs" / "config.yaml"))
+    shutil.rmtree(run / "fold_2")  # a fold to train
+    code = ("import sys; from pancls.io import hold_lock\n"
+            "with hold_lock(sys.argv[1], 'x'):\n"
+            "    print('held', flush=True); sys.stdin.read()")
+    for held, call in ((run, dict()), (run / "fold_2", dict(fold=2))):
+        held.mkdir(exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(held)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            with pytest.raises(UserError, match="in use by another pancls process") as info:
+                cv.run(cfg, run, resume=True, log=lambda _: None, **call)
+            assert info.value.where == str(held)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert not (run / "fold_2" / "fold.json").exists()
+    stale = [run / ".summary.json.0a1b2c3d.tmp.json", run / "figures" / ".roc.png.0a1b2c3d.tmp.png"]
+    for path in stale:
+        path.write_bytes(b"half")
+    cv.run(cfg, run, resume=True, fold=2, summary=False, log=lambda _: None)  # a worker: the summary is not its
+    assert all(path.exists() for path in stale)
+    assert main(["report", str(run)]) == 0
+    assert not any(path.exists() for path in stale)

@@ -111,3 +111,35 @@ def test_gpu_and_job_flags_are_one_line_refusals(tiny_cv_config_factory, cohort,
         main(base + ["--jobs", "2", "--gpus", "0"])
     assert "not allowed with argument" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # no refusal wrote anything
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG): Linux")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """SIGKILL of `pancls cv --jobs N` left its fold workers training (ppid 1), and a --resume raced them: a worker
+    now gets SIGTERM from the kernel when its parent dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import subprocess, sys, os; from pancls.cv_parallel import die_with_parent\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],"
+            " preexec_fn=die_with_parent(os.getpid()))\n"
+            "print(child.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", "import time\n" + code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as fh:  # gone, or a zombie of init's waiting to be reaped
+            if fh.read().split(") ")[-1].startswith("Z"):
+                break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker outlived its killed parent")

@@ -105,3 +105,40 @@ def test_read_json_names_the_file_and_the_problem(tmp_path):
     assert info.value.where == str(bad) and str(tmp_path) not in info.value.reason
     with pytest.raises(UserError, match="fold record not found"):
         read_json(tmp_path / "absent.json", "fold record")
+
+
+
+def _holder(folder):
+    """A process holding ``hold_lock(folder)`` until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pancls.io import hold_lock\n"
+            "with hold_lock(sys.argv[1], 'the run'):\n"
+            "    print('held', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip() == "held"
+
+
+def test_hold_lock_refuses_a_second_process_at_once_and_is_free_when_its_holder_is_killed(tmp_path):
+    from pancls.io import LockHeld, hold_lock
+
+    proc, held = _holder(tmp_path)
+    try:
+        assert held
+        with pytest.raises(LockHeld, match="the run is in use by another pancls process"):
+            with hold_lock(tmp_path, "the run"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with hold_lock(tmp_path, "the run"):  # free again once the holder died (SIGKILL: the kernel released it)
+        with hold_lock(tmp_path, "the run"):  # re-entrant within one process
+            pass
+        other, held = _holder(tmp_path)  # the outer block still holds it
+        other.kill(), other.wait()
+        assert not held and "in use by another pancls process" in other.stderr.read()
+    other, held = _holder(tmp_path)
+    other.kill(), other.wait()
+    assert held
