@@ -7,6 +7,8 @@ bug in pancls and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
+from typing import Iterable
 
 
 def one_line(text: object, escape: bool = False) -> str:
@@ -56,3 +58,15 @@ class UserError(Exception):
         self.reason = str(reason) if self.multiline else one_line(reason)
         self.where = None if where is None else one_line(os.fspath(where), escape=True)
         super().__init__(f"{self.where}: {self.reason}" if self.where else self.reason)
+
+
+def redact_names(text: str, names: Iterable[str], placeholder: str = "<file>") -> str:
+    """``text`` with each of ``names`` (the file and folder names and zip member paths of an input) replaced by
+    ``placeholder`` where it stands as a whole name, not inside a longer name or a number. For reasons that reach
+    output files (``pancls predict``'s error column): DICOM files are often named by their SOP Instance UID and
+    folders after the patient, and a reader's or pancls' own message may name the file; the terminal keeps them.
+    Names under 4 characters (``I10``, ``1``) carry no UID or name and would match numbers: they are left."""
+    for name in sorted({str(n) for n in names if len(str(n)) >= 4}, key=len, reverse=True):
+        if name in text:
+            text = re.sub(rf"(?<![\w.\-]){re.escape(name)}(?![\w\-]|\.\w)", placeholder, text)
+    return text

@@ -32,12 +32,12 @@ import io
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
 
-from pancls.errors import UserError, exception_text
+from pancls.errors import UserError, exception_text, redact_names
 
 #: Relative tolerance on the training spacing range before a study is flagged (rounding of headers).
 SPACING_TOLERANCE = 0.05
@@ -205,6 +205,8 @@ class Study:
     patient_id: Optional[str] = None  # a manifest's own patient_id column: written only with keep_ids
     error: Optional[Any] = None  # why the study cannot be predicted (a message or the exception); the batch goes on
     dicom_headers: List[Any] = field(default_factory=list)  # the chosen series' datasets, for the SR
+    #: the input's file and folder names and zip member paths: taken out of the reasons written to output files
+    names: Set[str] = field(default_factory=set)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -215,12 +217,35 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz") or is_itk(path)
 
 
+def input_names(paths: Iterable[Path], source: Path, tmp: Optional[Path] = None) -> Set[str]:
+    """Every name of ``paths`` (files found under the INPUT ``source``) that a reason could repeat: each folder
+    and file name below ``source`` and the source's own, and for a file unpacked from a zip archive under ``tmp``
+    (``tmp/<key>/<member path>``) its member path and each of its parts (:func:`pancls.errors.redact_names`)."""
+    source = Path(source)
+    names = {source.name}
+    for p in map(Path, paths):
+        parts: tuple = ()
+        for root, skip in ((tmp, 1), (source, 0)):
+            if root is None:
+                continue
+            try:
+                parts = p.relative_to(root).parts[skip:]
+            except ValueError:
+                continue
+            break
+        names.update(parts or (p.name,))
+        if len(parts) > 1:
+            names.update("/".join(parts[i:]) for i in range(len(parts) - 1))
+    return names
+
+
 def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress: bool) -> List[Study]:
     from pancls.ct.scan import scan
     from pancls.ct.select import preference_key, select_series
     from pancls.ct.volume import build_volume
 
     result = scan([source], tmp_dir=tmp, progress=progress)
+    names = input_names(result.origin, source, tmp)
     by_study: Dict[str, list] = {}
     for decision in select_series(result.series, rules):
         by_study.setdefault(decision.series.study_hash, []).append(decision)
@@ -228,7 +253,7 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
     for number, decisions in enumerate(by_study.values(), 1):
         kept = [d for d in decisions if d.kept]
         candidates = [d.series for d in decisions if d.kept or d.reason.startswith("not preferred")]
-        study = Study(input=index, study=number, kind="dicom")
+        study = Study(input=index, study=number, kind="dicom", names=names)
         studies.append(study)
         if not kept:
             reasons = sorted({d.reason for d in decisions})
@@ -261,15 +286,16 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
         if nifti:  # give NIfTI files themselves, or a manifest: a folder is read as a DICOM study
             found.insert(0, f"{len(nifti)} NIfTI/NRRD/MetaImage file(s): give each as INPUT, or list them in a "
                                  "manifest CSV")
-        raise UserError("no DICOM image series found" + (f" ({'; '.join(found[:3])})" if found else ""), source)
+        error = UserError("no DICOM image series found" + (f" ({'; '.join(found[:3])})" if found else ""), source)
+        return [Study(input=index, study=0, kind="unknown", error=error, ids={"source": str(source)}, names=names)]
     return studies
 
 
 def _nifti_study(index: int, image: Path, mask: Optional[Path], kind: str = "nifti") -> Study:
     from pancls.ct.nifti import load_image
 
-    study = Study(input=index, study=1, kind=kind, files=[image], mask=mask,
-                  ids={"source": str(image)}, load=lambda: load_image(image))
+    study = Study(input=index, study=1, kind=kind, files=[image], mask=mask, ids={"source": str(image)},
+                  load=lambda: load_image(image), names={image.name, *([mask.name] if mask else [])})
     study.flags.append("contrast_phase_unknown")  # a NIfTI header has no acquisition description
     return study
 
@@ -351,7 +377,7 @@ def collect_studies(inputs: Sequence[Path], mask: Optional[Path] = None, rules=N
                         raise UserError(f"--mask given but the input holds {len(found)} studies", p)
                     found[0].mask = Path(mask)
         except Exception as exc:  # noqa: BLE001 - this input is unusable; the others still run
-            found = [Study(input=index, study=0, kind="unknown", error=exc, ids={"source": str(p)})]
+            found = [Study(input=index, study=0, kind="unknown", error=exc, ids={"source": str(p)}, names={p.name})]
         studies.extend(found)
     return studies
 
@@ -585,7 +611,10 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
             x, notes = pre(volume, study.mask)
             base["quality_flags"] += notes
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
-            results[i] = {**base, "status": "failed", "error": failure_text(exc, where=keep_ids)}
+            # output files get the reason without the input's file names (SOP UIDs, patient folders); the terminal
+            # (on_result) the whole line, names and all
+            error = failure_text(exc, where=keep_ids)
+            results[i] = {**base, "status": "failed", "error": error if keep_ids else redact_names(error, study.names)}
             if on_result:
                 on_result(results[i], study, failure_text(exc))
             continue

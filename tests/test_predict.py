@@ -530,3 +530,39 @@ def test_stacks_too_short_to_classify_are_refused_as_in_ingest(runs, ct_data, tm
     assert "1 of 3 studies predicted, 2 failed" in capsys.readouterr().err
     code = main(["predict", str(inputs[1]), "--model", str(runs["centre"]), "--out", str(out), "--min-slices", "10"])
     assert code == 0 and json.loads(out.read_text())["studies"][0]["series"]["n_slices"] == 10
+
+
+def test_input_file_names_and_zip_members_stay_out_of_the_outputs(runs, ct_data, tmp_path, capsys):
+    """A duplicated slice (both files named in the reason) and a zip whose member fails its CRC: the error column
+    of the JSON and CSV keeps the reason but no file name or member path (SOP Instance UIDs, a patient's folder);
+    the terminal names them."""
+    import zipfile
+
+    series = ct_data / "abdomen" / "dicom_series"
+    slices = sorted(series.iterdir())
+    dup = tmp_path / "DOE_JOHN_1234567"
+    shutil.copytree(series, dup)
+    shutil.copy(slices[5], dup / "CT.1.2.826.0.1.3680043.8.498.777")  # the same slice under another UID
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for f in slices:
+            zf.write(f, f"DOE_JANE/{f.name}")
+    data = bytearray(archive.read_bytes())
+    at = data.find(b"DICM") + 2000  # inside the first member's data: its CRC no longer matches
+    data[at] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    names = {p.name for p in slices} | {f"DOE_JANE/{p.name}" for p in slices} | {"DOE_JOHN", "DOE_JANE",
+                                                                                     "CT.1.2.826.0.1.3680043.8.498.777"}
+    texts = []
+    for suffix in ("json", "csv"):
+        out = tmp_path / f"p.{suffix}"
+        assert main(["predict", str(dup), str(archive), "--model", str(runs["centre"]), "--out", str(out)]) == 1
+        texts.append(out.read_text())
+    studies = json.loads(texts[0])["studies"]
+    assert [s["status"] for s in studies] == ["failed", "failed"]
+    assert studies[0]["error"].startswith("duplicate slice position") and "(<file> and <file>)" in studies[0]["error"]
+    assert "bad zip archive" in studies[1]["error"] and "CRC" in studies[1]["error"]
+    leaked = [n for n in names for text in texts if n in text]
+    assert not leaked, leaked
+    err = capsys.readouterr().err
+    assert "CT.1.2.826.0.1.3680043.8.498.777" in err and "DOE_JOHN" in err  # the operator's terminal

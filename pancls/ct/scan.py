@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 from pancls.ct.capture import collecting
 from pancls.ct.functional import functional_value
 from pancls.ct.geometry import check_orientation, iop_normal, median, slice_normal
-from pancls.errors import UserError, exception_text
+from pancls.errors import UserError, exception_text, redact_names
 from pancls.privacy import keyed_id, session_secret
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -348,17 +348,23 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 def _extract_zip(path: Path, target: Path) -> None:
+    """Extract ``path`` into ``target``; a :class:`UserError` whose reason names no member (member paths are
+    file names of the export, often SOP Instance UIDs, and folder names, often the patient's: the reason reaches
+    output files; the inventory names the archive)."""
+    members: list[str] = []
     try:
         with zipfile.ZipFile(path) as zf:
+            members = zf.namelist()
             for member in zf.infolist():
                 # refuse absolute paths and '..' (zip-slip): they would escape the temp folder
                 dest = (target / member.filename).resolve()
                 if not str(dest).startswith(str(target.resolve())):
-                    raise UserError(f"zip member {member.filename!r} escapes the archive", path)
+                    raise UserError("a zip member escapes the archive (an absolute path or '..')", path)
             zf.extractall(target)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
         # a corrupt member (zlib.error, CRC), unsupported compression or an encrypted member
-        raise UserError(f"bad zip archive: {exception_text(exc, path)}", path) from None
+        text = redact_names(exception_text(exc, path), members, "<member>")
+        raise UserError(f"bad zip archive: {text}", path) from None
     except OSError as exc:
         raise UserError(f"cannot extract zip archive: {exc.strerror or exc}", path) from None
 
