@@ -48,10 +48,11 @@ from pancls.io import (
     read_json,
     remove_stale_temps,
 )
+from pancls.lt import DEVICES
 from pancls.schemas import LossConfig, ModelConfig
-from pancls.train.checkpoint import refuse_unresumed
+from pancls.train.checkpoint import check_same_config, flatten, refuse_unresumed
 from pancls.train.engine import RESUMABLE_KEYS, TrainConfig
-from pancls.validation import check_scalar
+from pancls.validation import check_choice, check_scalar
 
 #: The demo recipe that ``pancls cv`` runs without ``--config`` (shipped inside the package).
 DEMO_CONFIG = Path(__file__).parent / "recipes" / "cv_demo_cpu.yaml"  # no --manifest: the synthetic demo, CPU
@@ -108,6 +109,7 @@ class CVConfig:
     note: str = ""
 
     def __post_init__(self):
+        check_choice(self.device, "device", DEVICES)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.eval_batch_size < 1:
@@ -260,9 +262,7 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
         mine = absolute_paths(to_dict(cfg))  # made absolute, and a library caller's relative ones: one spelling
         for key in _RESUMABLE_TRAIN_KEYS:
             stored["train"].pop(key), mine["train"].pop(key)
-        if stored != mine:
-            raise UserError("the config differs from the run's configs/config.yaml; resume with the same config "
-                            "or choose another --out", out)
+        check_same_config(flatten(stored), flatten(mine), out)  # names each key that differs
     if not ctx.is_main:
         ctx.barrier()  # rank 0 writes the demo cohort, when there is one to write, before the others read it
         _, records = load_records(cfg, log)

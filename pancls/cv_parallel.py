@@ -115,16 +115,21 @@ class Plan:
     notes: List[str] = field(default_factory=list)
 
 
+def check_slots(jobs: Optional[int], gpus: Optional[Sequence[int]]) -> None:
+    """Exactly one of ``jobs`` (at least 1) and ``gpus``, named by their flags."""
+    if (jobs is None) == (gpus is None):
+        raise UserError("give exactly one of --jobs N (CPU) or --gpus LIST", "--jobs")
+    if jobs is not None and jobs < 1:
+        raise UserError(f"must be at least 1 (folds training at once), got {jobs}", "--jobs")
+
+
 def plan(folds: int, done: Sequence[int], *, jobs: Optional[int] = None, gpus: Optional[Sequence[int]] = None,
          cores: Optional[int] = None) -> Plan:
     """Decide the concurrency: ``jobs`` CPU slots or one slot per GPU, clipped to the folds still to train.
 
     ``jobs`` < 1 is refused (``--jobs``); more jobs (or GPUs) than folds to train are clipped, with a note.
     Threads per worker: ``max(1, cores // slots)``."""
-    if (jobs is None) == (gpus is None):
-        raise UserError("give exactly one of --jobs N (CPU) or --gpus LIST", "--jobs")
-    if jobs is not None and jobs < 1:
-        raise UserError(f"must be at least 1 (folds training at once), got {jobs}", "--jobs")
+    check_slots(jobs, gpus)
     cores = cores or available_cores()
     todo = [k for k in range(folds) if k not in set(done)]
     kept = [k for k in range(folds) if k in set(done)]
@@ -271,10 +276,7 @@ def run_parallel(cfg, out: Path, *, resume: bool = False, jobs: Optional[int] = 
     from pancls import cv
     from pancls.distributed import launched_by_torchrun
 
-    if (jobs is None) == (gpus is None):
-        raise UserError("give exactly one of --jobs N (CPU) or --gpus LIST", "--jobs")
-    if jobs is not None and jobs < 1:  # before prepare: a refusal writes nothing
-        raise UserError(f"must be at least 1 (folds training at once), got {jobs}", "--jobs")
+    check_slots(jobs, gpus)  # before prepare: a refusal writes nothing
     if launched_by_torchrun():
         raise UserError("fold-parallel workers cannot start under torchrun; use either torchrun (DDP within a "
                         "fold) or --jobs/--gpus (folds side by side)", "--jobs" if jobs is not None else "--gpus")

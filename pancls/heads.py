@@ -173,8 +173,10 @@ class TSPHead(nn.Module):
     The feature is projected linearly (no bias, so the head ignores the feature's scale) to ``dim``
     dimensions and L2-normalised to ``x``; each class has a learnable centre ``mu_k``, also
     L2-normalised, and ``cos_k = mu_k . x``. On the unit sphere the squared distance is
-    ``||x - mu_k||^2 = 2 (1 - cos_k)``, and both forms are Student-t kernels of that distance: they
-    decay polynomially, not exponentially as the cosine (vMF) head does.
+    ``||x - mu_k||^2 = 2 (1 - cos_k)``, and both forms are Student-t kernels of that distance. In the
+    paper form the kernel is the class probability's own (``p_k`` decays polynomially in the distance, not
+    exponentially as the cosine (vMF) head's); in the kernel form it is the *logit*, and ``p_k ∝ exp(logit_k)``
+    levels off at a constant ratio far from the centre (the logit's floor ``2 s / (1 + 2 kappa)``).
 
     Reference: Yang et al., "T-distributed Spherical Feature Representation for Imbalanced
     Classification", AAAI 2023.

@@ -45,6 +45,10 @@ class Augment2DConfig:
     flip: bool = True
 
 
+#: the values of a run's ``device`` (config key and ``--device``)
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class LTConfig:
     data: LTDataConfig = field(default_factory=LTDataConfig)
@@ -58,7 +62,7 @@ class LTConfig:
     note: str = ""  # free text carried into results.json (e.g. where the paper is vague)
 
     def __post_init__(self) -> None:
-        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        check_choice(self.device, "device", DEVICES)
         check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1)
 
 
@@ -67,10 +71,10 @@ def load_config(mapping: Dict[str, Any]) -> LTConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The ``torch.device`` of a ``device`` setting (:data:`DEVICES`): ``auto`` is CUDA where there is one."""
+    check_choice(name, "device", DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda", "--device")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but no CUDA device is available to this torch build", "--device")
     return torch.device(name)

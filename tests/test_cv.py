@@ -273,7 +273,7 @@ def test_resume_without_config_rereads_the_runs_own_config(finished, tmp_path, c
     assert {k: (run / f"fold_{k}" / "last.pt").stat().st_mtime_ns for k in range(4)} == weights
     assert main(["cv", "--resume", "--out", str(run), "--head", "softmax"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "config differs" in err[0] and str(run) in err[0]
+    assert len(err) == 1 and "config differs" in err[0] and str(run) in err[0] and "model.head: " in err[0]
 
 
 def test_clinical_defaults_follow_issue_16():
@@ -383,6 +383,8 @@ def test_config_values_that_would_fail_after_training_are_refused_when_read(tmp_
     assert main(["cv", "--out", "/proc/pancls_run"]) == 2  # no one can create a folder there, root included
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot write into the run folder's parent folder" in err[0]
+    assert main(["cv", "--out", str(tmp_path / "r"), "--device", "cdua"]) == 2  # lt's one check, with its hint
+    assert "config.device: unknown device 'cdua' (did you mean 'cuda'?)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
