@@ -68,7 +68,7 @@ from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
 from pancls.ct.mask import axes_reordered, onto_grid, read_mask
 from pancls.ct.nifti import load_nifti, save_nifti
-from pancls.ct.scan import ScanResult, Series, scan, sop_class_name
+from pancls.ct.scan import ScanResult, Series, problems_beside, scan, sop_class_name
 from pancls.ct.select import MIN_SLICES, Decision, SelectionRules, select_series, with_default_min_slices
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume, check_ct_hu
 from pancls.ct.write import write_volume
@@ -473,18 +473,14 @@ def _plan(result: ScanResult, sources: List[Path], run: _Run, inventory: List[Di
     reasons_by_source: Dict[Path, List[str]] = {src: [] for src in sources}
     refused_by_source: Dict[Path, int] = {src: 0 for src in sources}
     used_sources = set()
-    unreadable: Dict[Path, List[str]] = {}
-    for skip in result.skipped:
-        if skip.problem:
-            unreadable.setdefault(skip.path.parent, []).append(f"{one_line(skip.path.name, escape=True)}: {skip.reason}")
     for decision in select_series(result.series, config.selection):
         row = _series_inventory_row(decision, run)
         inventory.append(row)
         src = result.origin[decision.series.first.path]
         row["path"] = _relative(decision.series.first.folder, src, run.unpacked)
         if decision.kept:
-            lost = [r for folder in sorted({i.folder for i in decision.series.instances})
-                    for r in unreadable.get(folder, [])]
+            lost = [f"{one_line(s.path.name, escape=True)}: {s.reason}"
+                    for s in problems_beside(decision.series, result.skipped)]
             if lost:
                 shown = "; ".join(lost[:3]) + ("; ..." if len(lost) > 3 else "")
                 note = f"{len(lost)} unreadable file(s) beside this series, the volume may lack slices ({shown})"

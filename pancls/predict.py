@@ -240,7 +240,7 @@ def input_names(paths: Iterable[Path], source: Path, tmp: Optional[Path] = None)
 
 
 def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress: bool) -> List[Study]:
-    from pancls.ct.scan import scan
+    from pancls.ct.scan import problems_beside, scan
     from pancls.ct.select import preference_key, select_series
     from pancls.ct.volume import build_volume
 
@@ -270,6 +270,9 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
             continue
         if len(candidates) > 1:
             study.flags.append(f"series_chosen_among_several:{len(candidates)}")
+        lost = problems_beside(chosen, result.skipped)
+        if lost:  # a truncated or damaged slice is not in the series: the volume may lack it (ingest notes it too)
+            study.flags.append(f"unreadable_files_beside_series:{len(lost)}")
         study.series = {"series_number": first.series_number, "n_slices": chosen.n_slices,
                         "orientation": chosen.orientation_label, "candidates": len(candidates)}
         if key[0] < len(rules.phase_preference):  # the description names a phase of selection.phase_preference
@@ -280,6 +283,9 @@ def _dicom_studies(index: int, source: Path, rules, policy, tmp: Path, progress:
         study.ids = {"source": str(source), "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
                      "series_instance_uid": str(ds.get("SeriesInstanceUID", ""))}
         study.load = (lambda s=chosen: build_volume(s.paths, policy, headers=s.headers))
+    for archive in result.archives:  # a damaged zip may hold a whole study: its own failed row, not silence
+        studies.append(Study(input=index, study=len(studies) + 1, kind="dicom", names=names,
+                             error=UserError(archive.reason, archive.path), ids={"source": str(archive.path)}))
     if not studies:
         found = sorted({s.reason for s in result.skipped})
         nifti = [p for p in source.rglob("*") if _is_nifti(p)] if source.is_dir() else []

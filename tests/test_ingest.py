@@ -394,3 +394,22 @@ def test_volumes_not_in_hounsfield_units_are_refused(ct_data: Path, capsys, tmp_
     assert _csv(out / "manifest.csv") == [] and not list((out / "images").glob("*.nii.gz"))
     refused = [r for r in _csv(out / ".private" / "inventory.csv") if r["status"] == "refused"]
     assert len(refused) == 2
+
+
+def test_a_truncated_zip_beside_a_good_one_is_refused_not_dropped(ct_data: Path, capsys, tmp_path: Path):
+    """A zip archive cut short (an interrupted copy) was "not a DICOM file", skipped: the study in it dropped
+    silently with exit 0. Now it is refused, named on the terminal and in the inventory, exit 1."""
+    src = tmp_path / "export"
+    src.mkdir()
+    for name, files in (("good.zip", sorted(ct_data.joinpath(*S2010).iterdir())),
+                        ("truncated.zip", sorted((ct_data / "abdomen" / "dicom_series").iterdir()))):
+        with zipfile.ZipFile(src / name, "w") as zf:
+            for f in files:
+                zf.write(f, f"study/{f.name}")
+    (src / "truncated.zip").write_bytes((src / "truncated.zip").read_bytes()[:200_000])
+    code, text, err = _run(capsys, src, "--out", tmp_path / "out")
+    assert code == 1 and "1 series kept" in text and "1 refused" in text
+    (line,) = err
+    assert "truncated.zip" in line and "damaged or truncated zip archive" in line
+    rows = [r for r in _csv(tmp_path / "out" / ".private" / "inventory.csv") if r["status"] == "refused"]
+    assert [r["path"] for r in rows] == ["truncated.zip"]

@@ -566,3 +566,27 @@ def test_input_file_names_and_zip_members_stay_out_of_the_outputs(runs, ct_data,
     assert not leaked, leaked
     err = capsys.readouterr().err
     assert "CT.1.2.826.0.1.3680043.8.498.777" in err and "DOE_JOHN" in err  # the operator's terminal
+
+
+def test_lost_slices_and_archives_are_flagged_or_refused(runs, ct_data, tmp_path, capsys):
+    """A slice whose header is cut short and one cut to 100 bytes beside the chosen series: the study is predicted
+    from the slices left, flagged unreadable_files_beside_series (ingest notes them too); a zip archive cut
+    short beside it is a failed row of its own (it may hold a study), not silence."""
+    import zipfile
+
+    series = ct_data / "abdomen" / "dicom_series"
+    slices = sorted(series.iterdir())
+    folder = tmp_path / "export" / "series"
+    shutil.copytree(series, folder)
+    (folder / slices[-1].name).write_bytes(slices[-1].read_bytes()[:600])  # the header cut short
+    (folder / slices[0].name).write_bytes(slices[0].read_bytes()[:100])  # not even the preamble left
+    with zipfile.ZipFile(tmp_path / "export" / "more.zip", "w") as zf:
+        for f in slices[:5]:
+            zf.write(f, f"more/{f.name}")
+    (tmp_path / "export" / "more.zip").write_bytes((tmp_path / "export" / "more.zip").read_bytes()[:4000])
+    code, got, captured = predict_json(tmp_path, capsys, tmp_path / "export", "--model", runs["centre"])
+    studies = got["studies"]
+    assert code == 1 and [s["status"] for s in studies] == ["ok", "failed"], studies
+    assert studies[0]["series"]["n_slices"] == 18 and "unreadable_files_beside_series:2" in studies[0]["quality_flags"]
+    assert "damaged or truncated zip archive" in studies[1]["error"] and "more.zip" not in studies[1]["error"]
+    assert "more.zip" in captured.err

@@ -280,6 +280,28 @@ class ScanResult:
     skipped: List[SkippedFile]
     nifti: List[Path]
     origin: Dict[Path, Path]  # every file found -> the source (argument) it was found under
+    archives: List[SkippedFile] = field(default_factory=list)  # zip archives refused (also in skipped): lost studies?
+
+
+def _cut_short(skip: SkippedFile) -> SkippedFile:
+    """A "not a DICOM file" beside DICOM files: refused as a slice cut short when it is shorter than a DICOM
+    preamble and magic (:data:`DICOM_HEAD`: a copy interrupted at its start), else left skipped."""
+    try:
+        size = skip.path.stat().st_size
+    except OSError:
+        return skip
+    if size >= DICOM_HEAD:
+        return skip
+    return SkippedFile(skip.path, f"truncated file ({size} bytes, shorter than a DICOM preamble) beside DICOM "
+                                  "files: a lost slice?", problem=True)
+
+
+def problems_beside(series: Series, skipped: Sequence[SkippedFile]) -> List[SkippedFile]:
+    """The unreadable files (``problem``) in the folders of ``series``: slices it may have lost (a truncated or
+    damaged file of the series is not in it). ``pancls ingest`` notes them on the series, ``pancls predict``
+    flags the study."""
+    folders = {i.folder for i in series.instances}
+    return [s for s in skipped if s.problem and s.path.parent in folders]
 
 
 def orientation_label(iop: Optional[Sequence[float]], oblique_deg: float = 30.0) -> str:
@@ -325,7 +347,8 @@ def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None
             except OSError:
                 is_zip = False  # unreadable: read_header reports it
             if not is_zip:
-                yield path, src, None
+                damaged = _damaged_zip(path)
+                yield path, src, damaged
                 continue
             if tmp_dir is None:
                 raise ValueError("iter_files needs tmp_dir to extract zip archives")
@@ -339,6 +362,25 @@ def iter_files(sources: Sequence[Path], tmp_dir: Optional[Path] = None
                 yield path, src, exc.reason
                 continue
             yield from ((p, src, problem) for p, _, problem in iter_files([target], tmp_dir))
+
+
+#: the first bytes of a zip archive (local file header, empty archive, spanned archive)
+ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+
+
+def _damaged_zip(path: Path) -> Optional[str]:
+    """Why ``path`` is a damaged zip archive (it starts with a zip signature or is named ``.zip``, and
+    :func:`zipfile.is_zipfile` found no central directory: truncated, e.g. by an interrupted copy), else None.
+    Refused, not skipped as "not a DICOM file": a whole study may be in it."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None  # unreadable: read_header reports it
+    if head in ZIP_SIGNATURES or path.name.lower().endswith(".zip"):
+        return ("damaged or truncated zip archive (its end, the central directory, is missing or unreadable): "
+                "the studies in it cannot be read")
+    return None
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -424,6 +466,11 @@ def read_header(path: Path) -> Instance | SkippedFile:
     return result
 
 
+#: bytes of a DICOM file's preamble and magic ('DICM'); a shorter file is not DICOM, or one cut short
+DICOM_HEAD = 132
+NOT_DICOM = "not a DICOM file"
+
+
 def _read_header(path: Path) -> Instance | SkippedFile:
     try:
         with open(path, "rb") as fh:
@@ -507,11 +554,11 @@ def _classify_without_preamble(path: Path) -> SkippedFile:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         sop_class = str(ds.get("SOPClassUID", "") or "")
     except Exception:  # force=True on arbitrary bytes fails in arbitrary ways
-        return SkippedFile(path, "not a DICOM file")
+        return SkippedFile(path, NOT_DICOM)
     # force=True "parses" almost any bytes; only a real SOP class UID shows it is a DICOM dataset
     if sop_class.startswith("1.2.840.10008."):
         return SkippedFile(path, f"{sop_class_name(sop_class)}: no DICOM preamble/file meta")
-    return SkippedFile(path, "not a DICOM file")
+    return SkippedFile(path, NOT_DICOM)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -752,5 +799,8 @@ def scan(sources: Sequence[Path], workers: Optional[int] = None, tmp_dir: Option
     else:  # not even a disabled bar: its first creation sets up a multiprocessing lock (~3 ms)
         results = parallel_map(read_header, files, workers)
     instances = [r for r in results if isinstance(r, Instance)]
-    skipped = bad_archives + [r for r in results if isinstance(r, SkippedFile)]
-    return ScanResult(series=group_series(instances, secret), skipped=skipped, nifti=nifti, origin=origin)
+    dicom_folders = {i.folder for i in instances}
+    skipped = bad_archives + [_cut_short(r) if r.reason == NOT_DICOM and r.path.parent in dicom_folders else r
+                              for r in results if isinstance(r, SkippedFile)]
+    return ScanResult(series=group_series(instances, secret), skipped=skipped, nifti=nifti, origin=origin,
+                      archives=bad_archives)

@@ -230,3 +230,33 @@ def test_uidless_slice_without_orientation_stays_in_its_series(ct_data: Path, or
     headers[2] = dataclasses.replace(headers[2], orientation=orientation)
     (series,) = group_series(headers)
     assert series.n_slices == 5 and headers[2] in series.instances
+
+
+def test_cut_short_slices_and_damaged_zips_are_problems_not_skips(tmp_path: Path, ct_data: Path):
+    """A slice cut to 100 bytes (no room for 'DICM') beside DICOM files, and a zip archive cut short (zip signature,
+    no central directory), are refused as problems, not skipped as "not a DICOM file"; a short text file alone
+    and one beside nothing stay skips; problems_beside lists the series' lost slice."""
+    from pancls.ct.scan import problems_beside
+
+    series = ct_data / "series_ct" / "S21570" / "S2010"
+    folder = tmp_path / "export" / "series"
+    folder.mkdir(parents=True)
+    for f in sorted(series.iterdir())[:4]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "I50").write_bytes((series / "I50").read_bytes()[:100])
+    archive = tmp_path / "export" / "other_study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir())[4:]:
+            zf.write(f, f"zipped/{f.name}")
+    archive.write_bytes(archive.read_bytes()[:5000])  # an interrupted copy: no central directory
+    alone = tmp_path / "export" / "readme"
+    alone.mkdir()
+    (alone / "notes.txt").write_text("hello\n")
+    result = scan([tmp_path / "export"], tmp_dir=tmp_path / "tmp", progress=False)
+    skipped = {s.path.name: s for s in result.skipped}
+    assert skipped["I50"].problem and "truncated file (100 bytes" in skipped["I50"].reason
+    assert skipped["other_study.zip"].problem and "damaged or truncated zip archive" in skipped["other_study.zip"].reason
+    assert [a.path.name for a in result.archives] == ["other_study.zip"]
+    assert not skipped["notes.txt"].problem and skipped["notes.txt"].reason == "not a DICOM file"
+    (kept,) = result.series
+    assert kept.n_slices == 4 and [s.path.name for s in problems_beside(kept, result.skipped)] == ["I50"]
