@@ -431,6 +431,17 @@ def _to_hu(stored: np.ndarray, frame: _Frame, out: np.ndarray) -> None:
         out[...] = hu
 
 
+def _decode_failure(exc: BaseException, path: Path) -> str:
+    """The reason for a decoder's failure. pydicom's "Unable to decode as exceptions were raised by all available
+    plugins:" puts each plugin's reason on a line of its own (exception_text keeps the first line only, which
+    says nothing): the first plugin's reason is kept instead."""
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    if len(lines) > 1 and "all available plugins" in lines[0]:
+        first = exception_text(RuntimeError(lines[1]), path).split(": ", 1)[1]
+        return f"damaged or truncated compressed pixel data ({first}; every installed decoder failed)"
+    return f"cannot decode pixel data: {exception_text(exc, path)}"
+
+
 def _decode_into(out: np.ndarray, path: Path, header: Header, targets: list[tuple[int, _Frame]],
                  stored: Callable[[], np.ndarray] | None = None) -> None:
     """Decode ``path`` and write each of its frames, converted to HU, into ``out[k]`` (k = sorted plane).
@@ -440,7 +451,7 @@ def _decode_into(out: np.ndarray, path: Path, header: Header, targets: list[tupl
     try:
         pixels = stored() if stored is not None else _stored_values(path, header)
     except Exception as exc:  # noqa: BLE001 - any decoder failure on user data is a bad file, not a bug
-        raise UserError(f"cannot decode pixel data: {exception_text(exc, path)}", path) from None
+        raise UserError(_decode_failure(exc, path), path) from None
     pixels = pixels.reshape((-1,) + pixels.shape[-2:])
     if pixels.shape[1:] != targets[0][1].shape or len(pixels) <= max(fr.index for _, fr in targets):
         raise UserError(f"decoded pixel data has shape {pixels.shape}, the header says "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -285,7 +286,8 @@ def test_missing_decoder_names_transfer_syntax(series_files, tmp_path):
 
     bad = _copy_with(series_files[0], tmp_path / "ls.dcm", TransferSyntaxUID=pydicom.uid.JPEGLSLossless)
     available = get_decoder(pydicom.uid.JPEGLSLossless).is_available
-    expected = "cannot decode pixel data" if available else "transfer syntax JPEG-LS Lossless Image Compression"
+    expected = ("damaged or truncated compressed pixel data" if available
+                else "transfer syntax JPEG-LS Lossless Image Compression")
     with pytest.raises(UserError, match=expected) as err:
         build_volume([bad])
     assert err.value.where == str(bad) and "\n" not in str(err.value)
@@ -417,6 +419,10 @@ def test_worker_process_failure_names_the_file(ct_data, tmp_path):
         shutil.copy(f, tmp_path / f.name)
     bad = tmp_path / files[5].name
     bad.write_bytes(bad.read_bytes()[:-60_000])  # the JPEG 2000 codestream loses its end
-    with pytest.raises(UserError, match="cannot decode pixel data") as err:
+    with pytest.raises(UserError, match="damaged or truncated compressed pixel data") as err:
         build_volume(sorted(tmp_path.iterdir()))
     assert err.value.where == str(bad)
+    # the reason says what happened and keeps the first decoder's own (pydicom's first line listed no plugin)
+    reason = err.value.reason
+    assert reason.startswith("damaged or truncated compressed pixel data (") and "plugins:" not in reason
+    assert re.search(r"\((pylibjpeg|gdcm|pillow|pyjpegls|pylibjpeg-openjpeg)\w*: \w", err.value.reason), err.value.reason
