@@ -396,6 +396,9 @@ class _Run:
         if ctx.is_main:
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resumed {self.run_dir} after epoch {self.start_epoch}/{cfg.epochs}")
+        if self.device.type == "cuda" and not cfg.deterministic:
+            self.log("note: train.deterministic is off on CUDA (cuDNN chooses its kernels per process), so the resumed "
+                     "run is not bit-identical to an uninterrupted one; train.deterministic: true makes it so (slower)")
 
     def _restore_rng(self, ckpt: Mapping[str, Any]) -> None:
         """Each rank's RNG states as they were (``rng_ranks``); on another number of processes the data order
