@@ -272,8 +272,7 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     classes = list(manifest.classes)
     _check_model_and_loss(cfg, list(manifest.class_counts().values()))  # before the run folder is written
     if fold is None:  # nobody else writes here now (a --fold k process may run beside other folds' processes)
-        for folder in (out, out / "configs", out / "figures"):
-            remove_stale_temps(folder)
+        _remove_stale_run_temps(out)
     # creates the folder once the splits exist: a refusal (too few patients for the folds) writes nothing
     # a backbone that saw a test fold's patients (model.init_backbone_from) is refused before anything is written
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root,
@@ -520,9 +519,15 @@ def summarise(out: Path, cfg: Optional[CVConfig] = None, records=None, log: Call
     if not run_config_path(out).exists():  # before the lock file: not written into a folder that is no run
         raise UserError("not a pancls cv run folder (no configs/config.yaml)", out)
     with hold_lock(out, "this cv run"):
-        for folder in (out, out / "configs", out / "figures"):
-            remove_stale_temps(folder)
+        _remove_stale_run_temps(out)
         return _summarise(out, cfg, records, log)
+
+
+def _remove_stale_run_temps(out: Path) -> None:
+    """What a killed process left half-written in the run's own folders (each fold cleans its own when it
+    trains); only while this process holds the run (its lock, or a new folder)."""
+    for folder in (out, out / "configs", out / "figures"):
+        remove_stale_temps(folder)
 
 
 def _summarise(out: Path, cfg: Optional[CVConfig], records, log: Callable[[str], None]) -> Dict:
