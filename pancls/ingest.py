@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
-from pancls.ct.mask import axes_reordered, onto_grid, read_mask
+from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, problems_beside, scan, sop_class_name
 from pancls.ct.select import MIN_SLICES, Decision, SelectionRules, select_series, with_default_min_slices
@@ -347,6 +347,9 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
             # no name is kept for the scan result: the headers of series that are not converted can be freed
             jobs = _plan(scan(sources, workers=workers, tmp_dir=tmp, progress=progress, secret=secret), sources,
                          run, inventory)
+            if finder is not None:  # a mask file that several studies match is refused for each (pancls.join)
+                finder.claim([(job.row["study_id"], job.ids, sheet.match(job.ids)[0] if sheet is not None else None)
+                              for job in jobs], label_key)
             for job in tqdm(jobs, desc="volumes", unit="series", disable=None if progress else True, leave=False):
                 flags = _run_job(job, out, force, run)
                 image = f"images/{job.name}.nii.gz"
@@ -601,7 +604,9 @@ def _join(job: Job, image: str, flags: List[str], out: Path, run: _Run,
         row["label"] = previous.get("label", "")
     inv["label"] = row["label"]
     mask, flag = _mask(job, image, sheet_row, out, run)
-    if mask is None and previous and previous.get("mask") and (out / previous["mask"]).exists():
+    if flag == MASK_REFUSED:  # not an earlier run's mask either: the refusal stands
+        mask, flag = None, None
+    elif mask is None and previous and previous.get("mask") and (out / previous["mask"]).exists():
         mask, flag = previous["mask"], next((f for f in previous.get("flags", "").split(";")
                                              if f.startswith("mask_")), None)
     if mask:
@@ -613,12 +618,14 @@ def _join(job: Job, image: str, flags: List[str], out: Path, run: _Run,
 
 
 MASK_RESAMPLED, MASK_REORIENTED = "mask_resampled:nearest", "mask_reoriented"
+MASK_REFUSED = "refused"  # _mask's flag for a mask found and refused (never written to the manifest)
 
 
 def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _Run
           ) -> tuple[Optional[str], Optional[str]]:
     """``(masks/<name>.nii.gz, flag)`` of a volume whose mask was found, on the image's grid; ``(None,
-    None)`` when there is none (or it was refused: one line on stderr, the reason in the inventory)."""
+    None)`` when there is none, ``(None, MASK_REFUSED)`` when it was refused (one line on stderr, the reason in
+    the inventory)."""
     if run.masks is None:
         return None, None
     source, why = run.masks.find(job.ids, run.label_key, sheet_row)
@@ -626,10 +633,13 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
         if why:
             job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"), f"no mask: {why}"]))
             run.problem(job.label, why)
+            return None, MASK_REFUSED
         return None, None
     name = f"masks/{job.name}.nii.gz"
     target, sidecar_path = out / name, out / "masks" / f"{job.name}.json"
-    fingerprint = run.key("fingerprint", f"{file_fingerprint([source], {}, run.unpacked)}|{job.fingerprint}", 64)
+    # the rules' version: a mask written before a mask was refused beyond 1 % outside the volume is checked again
+    fingerprint = run.key("fingerprint", f"{file_fingerprint([source], {}, run.unpacked)}|{job.fingerprint}|"
+                                         "rules 2", 64)
     sidecar = _read_sidecar(sidecar_path) if target.exists() else None
     if sidecar is not None and sidecar.get(FINGERPRINT_KEY) == fingerprint:
         return name, sidecar.get("flag") or None
@@ -639,12 +649,11 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
         shape = tuple(int(s) for s in img.shape[:3])
         flag = None
         if grid_mismatch(img, nib.Nifti1Image(labels, affine)) is not None:
-            marked = int(np.count_nonzero(labels))
+            lost = check_inside(labels, affine, shape, img.affine)  # refused beyond 1 % (one rule with predict)
             labels, how = onto_grid(labels, affine, shape, img.affine, AFFINE_ATOL_MM)
             flag = (MASK_RESAMPLED if how == "resampled" else
                     MASK_REORIENTED if axes_reordered(affine, img.affine) else None)  # else only cropped
-            lost = marked - int(np.count_nonzero(labels))
-            if how == "reoriented" and lost > 0:
+            if lost > 0:
                 job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"),
                                                                  f"{lost} mask voxel(s) lie outside the volume"]))
         if not labels.any():
@@ -657,7 +666,7 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
     except UserError as exc:
         job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"), f"mask refused: {exc.reason}"]))
         run.problem(source, exc.reason)
-        return None, None
+        return None, MASK_REFUSED
     return name, flag
 
 

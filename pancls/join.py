@@ -24,7 +24,9 @@ study without a row, are counted in the summary and listed in ``.private/invento
 Masks (``--masks DIR``): NIfTI, NRRD/MetaImage and DICOM SEG files anywhere under DIR. A SEG is matched to
 the series it references (ReferencedSeriesSequence), else to its study by the key; any other file by its
 name without suffix being the study's key value (for ``folder``: one of its path parts, the deepest
-wins) or by the sheet's ``mask`` column.
+wins) or by the sheet's ``mask`` column. A mask file that more than one study matches (a mask named by a
+PatientID with two studies of that patient, a sheet row keyed by patient) is refused for each of them: name
+masks after one study (StudyInstanceUID, AccessionNumber, its folder) or give DICOM SEGs.
 """
 from __future__ import annotations
 
@@ -211,6 +213,7 @@ class MaskFinder:
         self.by_stem: Dict[str, List[Path]] = {}
         self.seg_by_series: Dict[str, List[Path]] = {}
         self.seg_by_value: Dict[Tuple[str, str], List[Path]] = {}
+        self.shared: Dict[Path, int] = {}  # mask files (resolved) that several studies match -> how many (claim)
         if folder is None:
             return
         if not folder.is_dir():
@@ -234,8 +237,33 @@ class MaskFinder:
             if value:
                 self.seg_by_value.setdefault((key, value), []).append(path)
 
+    def claim(self, studies: Iterable[Tuple[str, SourceIds, Optional[SheetRow]]], key: str) -> None:
+        """Find the mask of every study of the run (``(study id, ids, sheet row)``) before any is used, so that
+        :meth:`find` refuses a mask file that more than one study matches -- for each of them: a mask is drawn on
+        one scan, and a patient's other studies (a PatientID-named mask, a sheet row keyed by patient) have
+        other voxel grids, where it would mark the wrong voxels or fall partly outside the image."""
+        claims: Dict[Path, set] = {}
+        for study, ids, row in studies:
+            path, _ = self._find(ids, key, row)
+            if path is not None:
+                claims.setdefault(path.resolve(), set()).add(study)
+        self.shared = {path: len(found) for path, found in claims.items() if len(found) > 1}
+
     def find(self, ids: SourceIds, key: str, row: Optional[SheetRow]) -> Tuple[Optional[Path], str]:
-        """The mask of a study, or None and why (empty when no mask was looked for or none exists)."""
+        """The mask of a study, or None and why (empty when no mask was looked for or none exists); a mask that
+        several studies match (see :meth:`claim`) is refused, with how to name masks so that each matches one."""
+        path, why = self._find(ids, key, row)
+        shared = self.shared.get(path.resolve(), 0) if path is not None else 0
+        if shared > 1:
+            by = (f"line {row.line} of the label sheet names it, and that row matches {shared} studies"
+                  if row is not None and row.mask else f"it matches {shared} studies by {key}")
+            return None, (f"mask {path.name} is ambiguous: {by}, and a mask is drawn on one study; key each mask to "
+                          "one study: name it after the study's StudyInstanceUID or AccessionNumber (with --label-key "
+                          "of that name) or its own folder (--label-key folder), or give a DICOM SEG (matched by the "
+                          "series it references)")
+        return path, why
+
+    def _find(self, ids: SourceIds, key: str, row: Optional[SheetRow]) -> Tuple[Optional[Path], str]:
         if row is not None and row.mask:
             base = self.folder or self.sheet_dir
             path = Path(row.mask) if Path(row.mask).is_absolute() else base / row.mask

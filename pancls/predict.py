@@ -502,7 +502,7 @@ class Preprocessor:
         import nibabel as nib
         import numpy as np
 
-        from pancls.ct.mask import axes_reordered, onto_grid, read_mask
+        from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask
         from pancls.data.manifest import AFFINE_ATOL_MM
         from pancls.ingest import MASK_REORIENTED
 
@@ -511,11 +511,12 @@ class Preprocessor:
         if how != "reoriented":
             raise UserError("the mask is not on the image's voxel grid (it would need resampling): give the mask "
                             "drawn on this series", mask)
+        # marked beyond the image's extent (drawn on a longer series?): refused beyond 1 %, as in ingest
+        lost = check_inside(labels, affine, img.shape[:3], img.affine, mask)
         out = nib.Nifti1Image(np.asarray(on, dtype=np.int16), img.affine, header=img.header)
         # noted when its axes had to be reordered (not for a mask that only covers another extent)
         notes = [MASK_REORIENTED] if axes_reordered(affine, img.affine) else []
-        lost = int(np.count_nonzero(labels)) - int(np.count_nonzero(on))
-        if lost:  # marked beyond the image's extent: drawn on a longer series? (ingest notes it too)
+        if lost:
             notes.append(f"mask_voxels_outside_image:{lost}")
         return self._loaded(out, "mask"), notes
 

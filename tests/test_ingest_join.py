@@ -190,3 +190,75 @@ def test_mask_off_the_grid_is_resampled_and_flagged(ct_data: Path, tmp_path: Pat
     assert "mask_resampled:nearest" in row["flags"].split(";")
     mask = nib.load(out / row["mask"])
     assert mask.shape == (122, 101, 30) and 0.5 < np.asanyarray(mask.dataobj).sum() / 644 < 2
+
+
+def _second_study(ct_data: Path, folder: Path, shift_mm: float) -> Path:
+    """The S2010 slices as another study of the same patient (PatientID PLASTIC): new Study/Series/SOP/Frame of
+    Reference UIDs, the slices ``shift_mm`` further along z (another scan's extent)."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True)
+    uids = {k: generate_uid() for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    for f in sorted(ct_data.joinpath(*S2010).iterdir()):
+        ds = pydicom.dcmread(f)
+        for k, v in uids.items():
+            setattr(ds, k, v)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0], ipp[1], ipp[2] + shift_mm]
+        ds.save_as(folder / f.name)
+    return folder
+
+
+def _patient_mask(ct_data: Path, masks: Path) -> Path:
+    """``masks/PLASTIC.nii.gz``: a 20 x 20 box on every slice of S2010's grid, named by the PatientID."""
+    from pancls.ct.volume import build_volume
+
+    volume = build_volume(sorted(ct_data.joinpath(*S2010).iterdir()))
+    data = np.zeros(volume.array.shape, np.uint8)
+    data[200:220, 200:220, :] = 1
+    masks.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, volume.affine), masks / "PLASTIC.nii.gz")
+    return masks / "PLASTIC.nii.gz"
+
+
+def test_a_mask_matching_two_studies_is_refused_for_both(ct_data: Path, tmp_path: Path, capsys):
+    """One PatientID-named mask, two studies of that patient (other Study and Frame of Reference UIDs): the mask
+    was drawn on one of them; both are refused (reason: ambiguous, how to key masks), neither row gets a mask."""
+    _patient_mask(ct_data, tmp_path / "masks")
+    other = _second_study(ct_data, tmp_path / "src" / "later", 25.0)
+    out = tmp_path / "ds"
+    code, text, err = _run(capsys, ct_data.joinpath(*S2010), other, "--out", out, "--masks", tmp_path / "masks",
+                           "--min-slices", "1")
+    assert code == 1, err
+    assert len(err) == 2 and all("mask PLASTIC.nii.gz is ambiguous: it matches 2 studies by PatientID" in e
+                                 and "StudyInstanceUID" in e and "DICOM SEG" in e for e in err), err
+    rows = _csv(out / "manifest.csv")
+    assert len(rows) == 2 and all(not r.get("mask") for r in rows)
+    assert not list(out.glob("masks/*.nii.gz"))
+    notes = [r["notes"] for r in _csv(out / ".private" / "inventory.csv") if r["kind"] == "series"]
+    assert len(notes) == 2 and all("is ambiguous" in n for n in notes)
+
+
+def test_a_mask_mostly_outside_its_volume_is_refused(ct_data: Path, tmp_path: Path, capsys):
+    """The mask of the first scan put on a later one whose slices start 25 mm further: half its voxels fall
+    outside the volume (was: kept with a private note); refused for that study, exit 1. A sliver outside (<= 1 %)
+    is kept with the note."""
+    mask = _patient_mask(ct_data, tmp_path / "masks")
+    other = _second_study(ct_data, tmp_path / "src" / "later", 25.0)
+    out = tmp_path / "ds"
+    code, text, err = _run(capsys, other, "--out", out, "--masks", tmp_path / "masks", "--min-slices", "1")
+    assert code == 1
+    assert len(err) == 1 and "2000 of the mask's 4000 voxels (50.0 %) lie outside the image (at most 1 % may)" in err[0], err
+    assert not _csv(out / "manifest.csv")[0].get("mask")
+    # the same mask with 1 % of its voxels beyond the last slice: on the grid, noted privately
+    near = _second_study(ct_data, tmp_path / "src2" / "same_extent", 0.0)
+    data = np.zeros((512, 512, 11), np.uint8)
+    data[200:220, 200:220, :10] = np.asanyarray(nib.load(mask).dataobj)[200:220, 200:220, :]
+    data[0:4, 0:10, 10] = 1  # 40 of 4040 voxels on a slice the series does not have
+    nib.save(nib.Nifti1Image(data, nib.load(mask).affine), mask)
+    code, text, err = _run(capsys, near, "--out", tmp_path / "ds2", "--masks", tmp_path / "masks", "--min-slices", "1")
+    assert code == 0, err
+    assert _csv(tmp_path / "ds2" / "manifest.csv")[0]["mask"]
+    notes = [r["notes"] for r in _csv(tmp_path / "ds2" / ".private" / "inventory.csv") if r["kind"] == "series"]
+    assert "40 mask voxel(s) lie outside the volume" in notes[0]

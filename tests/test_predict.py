@@ -292,17 +292,25 @@ def test_a_mask_on_another_grid_is_refused(runs, ct_data, tmp_path, capsys):
     assert "not on the image's voxel grid" in got["studies"][0]["error"]
 
 
-def test_a_mask_beyond_the_image_is_flagged_and_one_without_orientation_refused(runs, ct_data, tmp_path, capsys):
+def test_a_mask_beyond_the_image_is_flagged_or_refused_and_one_without_orientation_refused(runs, ct_data, tmp_path, capsys):
     image = ct_data / "abdomen" / "example_ct_sm.nii.gz"
     mask = nib.load(ct_data / "abdomen" / "pancreas_mask.nii.gz")
     data = np.asarray(mask.dataobj)
     longer = np.zeros(data.shape[:2] + (data.shape[2] + 3,), data.dtype)
     longer[..., : data.shape[2]] = data
-    longer[:5, :5, -2:] = 1  # 50 voxels on two slices the image does not have
+    longer[:5, :1, -1:] = 1  # 5 voxels (0.8 %) on a slice the image does not have: kept, flagged
     nib.save(nib.Nifti1Image(longer, mask.affine), tmp_path / "longer.nii.gz")
     code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "longer.nii.gz", "--model", runs["mask"])
     flags = got["studies"][0]["quality_flags"]
-    assert code == 0 and "mask_voxels_outside_image:50" in flags and "mask_reoriented" not in flags  # same axes
+    assert code == 0 and "mask_voxels_outside_image:5" in flags and "mask_reoriented" not in flags  # same axes
+    # 50 voxels (7 %) beyond the image: drawn on another scan; refused (was: flagged, predicted), as ingest does
+    longer[:5, :5, -2:] = 1
+    nib.save(nib.Nifti1Image(longer, mask.affine), tmp_path / "longer.nii.gz")
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", tmp_path / "longer.nii.gz", "--model", runs["mask"])
+    assert code == 1 and got["studies"][0]["status"] == "failed"
+    assert got["studies"][0]["error"] == ("50 of the mask's 694 voxels (7.2 %) lie outside the image (at most 1 % "
+                                          "may): it was drawn on another scan (a longer or shifted series, another "
+                                          "study of the patient?); give the mask drawn on this series")
     code, got, _ = predict_json(tmp_path, capsys, image, "--mask", ct_data / "abdomen" / "pancreas_mask.nii.gz",
                                 "--model", runs["mask"])
     assert code == 0 and not any(f.startswith("mask_") for f in got["studies"][0]["quality_flags"])
