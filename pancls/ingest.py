@@ -22,7 +22,9 @@ Outputs in ``out``:
   ``inventory.csv`` at the top of OUT, where versions before 2026-12-06 wrote it, is removed);
 * ``masks/<study>_<series>.nii.gz`` (+ ``.json``) with ``--masks`` or a ``mask`` column in the label sheet:
   each mask on its volume's voxel grid (the image's affine exactly), and the manifest's ``mask`` column;
-  flags ``mask_reoriented`` (same voxels, other axis order) or ``mask_resampled:nearest``;
+  flags ``mask_reoriented`` (same voxels, other axis order) or ``mask_resampled:nearest``, and ``mask_label:N``
+  with ``--mask-label N`` (the mask is the voxels == N of the file; a mask holding several labels is refused
+  without it);
 * with ``--labels`` (:mod:`pancls.join`) the manifest's ``label`` is filled and the manifest lists only the
   labelled volumes; unlabelled volumes and sheet rows that matched no study are in the inventory (reason
   ``no label ...``; kind ``label``, path ``<sheet>:<line>``). Without it, labels and masks of earlier runs
@@ -66,7 +68,7 @@ from tqdm.auto import tqdm
 
 from pancls.config import from_dict, load_yaml, to_dict
 from pancls.ct.capture import collecting, routed
-from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask
+from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask, select_label
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, problems_beside, scan, sop_class_name
 from pancls.ct.select import MIN_SLICES, Decision, SelectionRules, select_series, with_default_min_slices
@@ -277,6 +279,7 @@ class _Run:
     sheet: Optional[LabelSheet] = None
     masks: Optional[MaskFinder] = None
     label_key: str = "PatientID"  # how masks are matched to studies (also without a sheet)
+    mask_label: Optional[int] = None  # --mask-label: the voxels of this value are each mask's lesion
 
     @property
     def unpacked(self) -> Path:
@@ -299,7 +302,7 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
            workers: Optional[int] = None, progress: bool = True, err=None, keep_descriptions: bool = False,
            insecure_ids: bool = False, secret_file: Optional[Path] = None, labels: Optional[Path] = None,
            label_key: str = "PatientID", masks: Optional[Path] = None,
-           classes: Sequence[str] = DEFAULT_CLASSES) -> IngestReport:
+           classes: Sequence[str] = DEFAULT_CLASSES, mask_label: Optional[int] = None) -> IngestReport:
     """Run the whole pipeline into ``out``; each problem is printed to ``err`` (default stderr) and
     collected in the returned report.
 
@@ -309,7 +312,9 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
     every series gets its row and the manifest and inventory are always written.
 
     ``labels`` (a label sheet matched on ``label_key``, labels from ``classes``) and ``masks`` (a folder of
-    mask files): see :mod:`pancls.join`. With a sheet, manifest.csv lists the labelled volumes only.
+    mask files): see :mod:`pancls.join`. With a sheet, manifest.csv lists the labelled volumes only. A mask must
+    hold one non-zero label, or ``mask_label`` chooses it (:func:`pancls.ct.mask.select_label`; the manifest's
+    flags and the mask's sidecar record it).
     """
     config = config if config is not None else IngestConfig()
     err = err or sys.stderr
@@ -322,6 +327,8 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
         raise UserError(f"unknown label key {label_key!r}; expected one of {', '.join(LABEL_KEYS)}", "--label-key")
     finder = (MaskFinder(None if masks is None else Path(masks), sheet)
               if masks is not None or (sheet is not None and sheet.has_mask_column) else None)
+    if mask_label is not None and finder is None:
+        raise UserError("goes with --masks or a label sheet with a 'mask' column", "--mask-label")
     private = Path(out) / PRIVATE_DIR
     if secret_file is not None:  # a refused secret file leaves no output folder behind
         secret = load_or_create_secret(private, insecure=insecure_ids, file=secret_file)
@@ -333,7 +340,7 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
         secret = load_or_create_secret(private, insecure=insecure_ids)
     config = dataclasses.replace(config, selection=with_default_min_slices(config.selection))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
-               sheet=sheet, masks=finder, label_key=label_key)
+               sheet=sheet, masks=finder, label_key=label_key, mask_label=mask_label)
     with _exclusive(private), signals_unwind(), routed():
         for folder in (out, out / "images", out / "masks", private):  # every folder ingest writes atomically into
             remove_stale_temps(folder)
@@ -607,17 +614,18 @@ def _join(job: Job, image: str, flags: List[str], out: Path, run: _Run,
     if flag == MASK_REFUSED:  # not an earlier run's mask either: the refusal stands
         mask, flag = None, None
     elif mask is None and previous and previous.get("mask") and (out / previous["mask"]).exists():
-        mask, flag = previous["mask"], next((f for f in previous.get("flags", "").split(";")
-                                             if f.startswith("mask_")), None)
+        mask, flag = previous["mask"], ";".join(f for f in previous.get("flags", "").split(";")
+                                                if f.startswith("mask_")) or None
     if mask:
         row["mask"] = inv["mask"] = mask
         report.masks += 1
-        report.masks_resampled += flag == MASK_RESAMPLED
+        report.masks_resampled += MASK_RESAMPLED in (flag or "").split(";")
     row["flags"] = ";".join([*flags, *([flag] if flag else [])])
     return row
 
 
 MASK_RESAMPLED, MASK_REORIENTED = "mask_resampled:nearest", "mask_reoriented"
+MASK_LABEL = "mask_label"  # flag mask_label:N: the mask is the voxels == N of the file (--mask-label)
 MASK_REFUSED = "refused"  # _mask's flag for a mask found and refused (never written to the manifest)
 
 
@@ -639,12 +647,13 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
     target, sidecar_path = out / name, out / "masks" / f"{job.name}.json"
     # the rules' version: a mask written before a mask was refused beyond 1 % outside the volume is checked again
     fingerprint = run.key("fingerprint", f"{file_fingerprint([source], {}, run.unpacked)}|{job.fingerprint}|"
-                                         "rules 2", 64)
+                                         f"rules 2|label {run.mask_label}", 64)
     sidecar = _read_sidecar(sidecar_path) if target.exists() else None
     if sidecar is not None and sidecar.get(FINGERPRINT_KEY) == fingerprint:
         return name, sidecar.get("flag") or None
     try:
         labels, affine, kind = read_mask(source)
+        labels = select_label(labels, run.mask_label)
         img = nib.load(out / image)
         shape = tuple(int(s) for s in img.shape[:3])
         flag = None
@@ -661,8 +670,11 @@ def _mask(job: Job, image: str, sheet_row: Optional[SheetRow], out: Path, run: _
                             (" (it does not overlap the volume)" if flag else ""))
         writable_folder(out / "masks")
         save_nifti(target, labels, img.affine)
+        if run.mask_label is not None:  # what the mask was made of, for a rerun to reproduce it
+            flag = ";".join(filter(None, [flag, f"{MASK_LABEL}:{run.mask_label}"]))
         atomic_write_json(sidecar_path, {FINGERPRINT_KEY: fingerprint, "flag": flag, "format": kind,
-                                         "labels": sorted(int(v) for v in np.unique(labels) if v)})
+                                         "labels": sorted(int(v) for v in np.unique(labels) if v),
+                                         "mask_label": run.mask_label})
     except UserError as exc:
         job.inventory["notes"] = "; ".join(filter(None, [job.inventory.get("notes"), f"mask refused: {exc.reason}"]))
         run.problem(source, exc.reason)

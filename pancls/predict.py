@@ -437,6 +437,27 @@ def quality_flags(volume, loaded: LoadedRun, phase: Optional[str] = None) -> Lis
     return flags
 
 
+def roi_cropped(mask, affine, p) -> List[str]:
+    """``["roi_cropped:<axis>=<needed>><input>mm,..."]`` when a ``roi: mask`` model's crop, the mask's bounding box
+    plus ``margin_mm`` on each side (in output voxels, as ``CropForegroundd`` takes it), is larger than the model's
+    input field of view (``size`` x ``spacing``) along an axis: ``ResizeWithPadOrCropd`` then keeps its centre and
+    cuts the rim, lesion included (the field-of-view check of :func:`quality_flags` is for the other ROIs)."""
+    import math
+
+    idx = np.argwhere(np.asarray(mask))
+    if idx.size == 0:
+        return []
+    a = np.asarray(affine, float)[:3, :3]
+    span = [0.0] * 3  # the bounding box's extent (mm) along R, A, S (each voxel axis to its nearest, as ras_extent)
+    for j in range(3):
+        span[int(np.argmax(np.abs(a[:, j])))] = float((idx[:, j].max() - idx[:, j].min() + 1) * np.linalg.norm(a[:, j]))
+    out = []
+    for axis, mm, s, n, m in zip("RAS", span, p.spacing, p.size, p.margin_voxels, strict=True):
+        if math.ceil(mm / s - 1e-6) + 2 * m > n:
+            out.append(f"{axis}={mm + 2 * m * s:.0f}>{n * s:.0f}mm")
+    return ["roi_cropped:" + ",".join(out)] if out else []
+
+
 class Preprocessor:
     """The run's deterministic pipeline (:func:`pancls.data.transforms.deterministic_specs`) on one study.
 
@@ -494,19 +515,22 @@ class Preprocessor:
         img = nib.Nifti1Image(stored.dataobj, stored.header.get_best_affine(), header=stored.header)
         return img, self._loaded(img, "study")
 
-    def _mask(self, img, mask: Path):
+    def _mask(self, img, mask: Path, label: Optional[int] = None):
         """The mask on the image's voxel grid, and a note when it had to be reoriented. A mask saved in another
         orientation or slice order (same voxels, axes flipped or permuted, e.g. dcm2niix's geometry or DICOM
         SEG) is reordered exactly; one that would need resampling is refused: the lesion drawn on another grid
-        is not this study's lesion voxel for voxel."""
+        is not this study's lesion voxel for voxel. A mask of several labels is refused unless ``label`` (``--mask
+        -label``) chooses the lesion's (:func:`pancls.ct.mask.select_label`); a mask ROI larger than the model's
+        input is noted (:func:`roi_cropped`)."""
         import nibabel as nib
         import numpy as np
 
-        from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask
+        from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask, select_label
         from pancls.data.manifest import AFFINE_ATOL_MM
         from pancls.ingest import MASK_REORIENTED
 
         labels, affine, _ = read_mask(mask)
+        labels = select_label(labels, label, mask)
         on, how = onto_grid(labels, affine, img.shape, img.affine, AFFINE_ATOL_MM)
         if how != "reoriented":
             raise UserError("the mask is not on the image's voxel grid (it would need resampling): give the mask "
@@ -518,14 +542,16 @@ class Preprocessor:
         notes = [MASK_REORIENTED] if axes_reordered(affine, img.affine) else []
         if lost:
             notes.append(f"mask_voxels_outside_image:{lost}")
+        if self.cfg.roi == "mask":
+            notes += roi_cropped(on, img.affine, self.cfg)
         return self._loaded(out, "mask"), notes
 
-    def __call__(self, volume, mask: Optional[Path]):
+    def __call__(self, volume, mask: Optional[Path], mask_label: Optional[int] = None):
         """``(tensor (C, *size), notes)`` for one study."""
         img, image = self._image(volume)
         item, notes = {"image": image}, []
         if mask is not None:
-            item["mask"], notes = self._mask(img, mask)
+            item["mask"], notes = self._mask(img, mask, mask_label)
         transform = self.with_mask if mask is not None else self.image_only
         try:
             out = transform(item)
@@ -573,11 +599,12 @@ class LoadStudyd:
 # ----------------------------------------------------------------------------------------- predict
 def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False, batch_size: Optional[int] = None,
             progress: bool = True,
-            on_result: Optional[Callable[[Dict[str, Any], Study, Optional[str]], None]] = None
-            ) -> List[Dict[str, Any]]:
+            on_result: Optional[Callable[[Dict[str, Any], Study, Optional[str]], None]] = None,
+            mask_label: Optional[int] = None) -> List[Dict[str, Any]]:
     """One result dict per study, in order. A study that fails gets ``status: "failed"`` and its one-line
     ``error`` (the reason; the file it names too with ``keep_ids``); the others go on. ``on_result(result,
-    study, message)`` is called as each study is done, ``message`` being the full one-line failure or None."""
+    study, message)`` is called as each study is done, ``message`` being the full one-line failure or None.
+    ``mask_label``: each mask's lesion is its voxels of this value (recorded as ``mask_label`` in the result)."""
     from tqdm.auto import tqdm
 
     from pancls.ct.volume import check_ct_hu
@@ -601,6 +628,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
     bar = tqdm(studies, desc="studies", unit="study", disable=None if progress else True, leave=False)
     for i, study in enumerate(bar):
         base = _base_fields(loaded, study, keep_ids)
+        if study.mask is not None and mask_label is not None:
+            base["mask_label"] = mask_label
         try:
             if isinstance(study.error, BaseException):
                 raise study.error
@@ -615,7 +644,7 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
             base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
             if keep_ids:  # a digest of files that hold the patient's name and UIDs links a result to them
                 base["ids"]["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))
-            x, notes = pre(volume, study.mask)
+            x, notes = pre(volume, study.mask, mask_label)
             base["quality_flags"] += notes
         except Exception as exc:  # noqa: BLE001 - one bad study never stops the batch
             # output files get the reason without the input's file names (SOP UIDs, patient folders); the terminal
@@ -668,6 +697,8 @@ CSV_TAIL = ["quality_flags", "series_number", "model_id", "config_sha256", "panc
 def to_csv(results: Sequence[Dict[str, Any]], classes: Sequence[str]) -> str:
     buf = io.StringIO()
     columns = [*CSV_FIXED, *[f"p_{c}" for c in classes], *[f"spread_{c}" for c in classes], *CSV_TAIL]
+    if any("mask_label" in r for r in results):
+        columns.insert(columns.index("quality_flags"), "mask_label")
     if any("ids" in r for r in results):
         columns += ["source", "study_instance_uid", "series_instance_uid", "input_sha256"]
     w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")

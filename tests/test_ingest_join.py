@@ -3,6 +3,7 @@ a manifest that ``load_manifest`` accepts, in one command (pancls.join)."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -64,10 +65,14 @@ def test_one_ingest_gives_a_labelled_manifest_with_masks(ct_data: Path, tmp_path
     one sheet row unmatched and one study unlabelled -- both counted and in the inventory, by line / id."""
     seg, box = _seg_for_s2010(ct_data, tmp_path / "masks")
     abdomen = ct_data / "abdomen"
+    source = nib.load(abdomen / "example_seg_dicom.nii.gz")  # TotalSegmentator labels: its pancreas (7) as a mask
+    source = nib.Nifti1Image((np.asanyarray(source.dataobj) == 7).astype(np.uint8), source.affine)
+    pancreas_dicom = tmp_path / "pancreas_dicom.nii.gz"
+    nib.save(source, pancreas_dicom)
     sheet = _write(tmp_path / "labels.csv", [
         ["folder", "label", "mask"],
         ["S21570", "PDAC", ""],                                       # the SEG under --masks (by series UID)
-        ["dicom_series", "IPMN", str(abdomen / "example_seg_dicom.nii.gz")],  # LAS mask, volume LPS/RAS
+        ["dicom_series", "IPMN", str(pancreas_dicom)],  # LAS mask, volume LPS/RAS
         ["example_ct_sm", "NET", str(abdomen / "pancreas_mask.nii.gz")],  # NIfTI input, same grid
         ["no_such_case", "CP", ""],                                   # matches nothing
     ])
@@ -107,7 +112,6 @@ def test_one_ingest_gives_a_labelled_manifest_with_masks(ct_data: Path, tmp_path
     assert found == expected
     # the dcm2niix-geometry mask: the same voxels after the flip (reoriented, not resampled)
     ipmn = np.asanyarray(nib.load(out / rows["IPMN"]["mask"]).dataobj)
-    source = nib.load(abdomen / "example_seg_dicom.nii.gz")
     assert "mask_reoriented" in rows["IPMN"]["flags"].split(";")
     assert np.array_equal(np.bincount(ipmn.ravel()), np.bincount(np.asanyarray(source.dataobj).ravel()))
     ijk = np.argwhere(ipmn == 1)[0]
@@ -262,3 +266,28 @@ def test_a_mask_mostly_outside_its_volume_is_refused(ct_data: Path, tmp_path: Pa
     assert _csv(tmp_path / "ds2" / "manifest.csv")[0]["mask"]
     notes = [r["notes"] for r in _csv(tmp_path / "ds2" / ".private" / "inventory.csv") if r["kind"] == "series"]
     assert "40 mask voxel(s) lie outside the volume" in notes[0]
+
+
+def test_a_label_map_as_mask_is_refused_unless_a_label_is_chosen(ct_data: Path, tmp_path: Path, capsys):
+    """TotalSegmentator's 41-label map in --masks was accepted as a mask (30 % of the volume); refused now, and
+    --mask-label 7 makes its pancreas the mask, recorded in the flags and the mask's sidecar."""
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "example_ct_sm.nii.gz").symlink_to(ct_data / "abdomen" / "example_seg.nii.gz")
+    image, out = ct_data / "abdomen" / "example_ct_sm.nii.gz", tmp_path / "ds"
+    args = (image, "--out", out, "--label-key", "folder", "--masks", tmp_path / "masks")
+    code, text, err = _run(capsys, *args)
+    assert code == 1 and len(err) == 1
+    assert "example_ct_sm.nii.gz: the mask holds 41 labels (1, 2, 3, 4, 5, 6, 7, 8, ...), not one lesion: choose" in err[0]
+    assert "--mask-label N" in err[0] and not _csv(out / "manifest.csv")[0].get("mask")
+    code, text, err = _run(capsys, *args, "--mask-label", 7)
+    assert code == 0, err
+    row = _csv(out / "manifest.csv")[0]
+    assert "mask_label:7" in row["flags"].split(";")
+    mask = np.asanyarray(nib.load(out / row["mask"]).dataobj)
+    pancreas = np.asanyarray(nib.load(ct_data / "abdomen" / "pancreas_mask.nii.gz").dataobj)
+    assert np.array_equal(mask, pancreas)
+    assert json.loads((out / row["mask"].replace(".nii.gz", ".json")).read_text())["mask_label"] == 7
+    code, text, err = _run(capsys, *args)  # another choice (none): the mask is checked again, and refused
+    assert code == 1 and "41 labels" in err[0] and not _csv(out / "manifest.csv")[0].get("mask")
+    code, _, err = _run(capsys, image, "--out", out, "--mask-label", 7)
+    assert code == 2 and err == ["pancls ingest: error: --mask-label: goes with --masks or a label sheet with a 'mask' column"]

@@ -465,9 +465,9 @@ def test_contrast_phase_is_known_from_the_header_or_the_description(runs, ct_dat
 def test_a_mask_model_on_a_dicom_series_with_a_mask_in_another_orientation(runs, ct_data, tmp_path, capsys):
     # the TotalSegmentator labels of the DICOM series in dcm2niix's geometry (x flipped against pancls's volume)
     series, mask = ct_data / "abdomen" / "dicom_series", ct_data / "abdomen" / "example_seg_dicom.nii.gz"
-    code, got, _ = predict_json(tmp_path, capsys, series, "--mask", mask, "--model", runs["mask"])
+    code, got, _ = predict_json(tmp_path, capsys, series, "--mask", mask, "--model", runs["mask"], "--mask-label", 7)
     study = got["studies"][0]
-    assert code == 0 and study["status"] == "ok" and study["mask_used"] is True
+    assert code == 0 and study["status"] == "ok" and study["mask_used"] is True and study["mask_label"] == 7
     assert "mask_reoriented" in study["quality_flags"]
     # the same labels written on pancls's own grid of the series give the same prediction, without the note
     import nibabel as nib
@@ -480,7 +480,7 @@ def test_a_mask_model_on_a_dicom_series_with_a_mask_in_another_orientation(runs,
     labels, affine, _ = read_mask(mask)
     on, how = onto_grid(labels, affine, image.shape, image.affine, 1e-3)
     assert how == "reoriented"
-    nib.save(nib.Nifti1Image(on.astype(np.int16), image.affine), tmp_path / "own_grid.nii.gz")
+    nib.save(nib.Nifti1Image((on == 7).astype(np.int16), image.affine), tmp_path / "own_grid.nii.gz")  # pancreas
     code, again, _ = predict_json(tmp_path, capsys, series, "--mask", tmp_path / "own_grid.nii.gz", "--model",
                                   runs["mask"])
     assert code == 0 and "mask_reoriented" not in again["studies"][0]["quality_flags"]
@@ -598,3 +598,35 @@ def test_lost_slices_and_archives_are_flagged_or_refused(runs, ct_data, tmp_path
     assert studies[0]["series"]["n_slices"] == 18 and "unreadable_files_beside_series:2" in studies[0]["quality_flags"]
     assert "damaged or truncated zip archive" in studies[1]["error"] and "more.zip" not in studies[1]["error"]
     assert "more.zip" in captured.err
+
+
+def test_a_label_map_as_mask_is_refused_unless_a_label_is_chosen(runs, ct_data, tmp_path, capsys):
+    """TotalSegmentator's 41-label map as --mask (30 % of the volume) was predicted without a flag; refused now,
+    and --mask-label 7 (pancreas) gives exactly the prediction of the binary pancreas mask, recorded in the output.
+    The pancreas' box plus margin exceeds the tiny model's 64 x 64 x 36 mm input: flagged roi_cropped."""
+    image, abdomen = ct_data / "abdomen" / "example_ct_sm.nii.gz", ct_data / "abdomen"
+    code, got, captured = predict_json(tmp_path, capsys, image, "--mask", abdomen / "example_seg.nii.gz",
+                                       "--model", runs["mask"])
+    error = got["studies"][0]["error"]
+    assert code == 1 and error.startswith("the mask holds 41 labels (1, 2, 3, 4, 5, 6, 7, 8, ...), not one lesion")
+    assert "--mask-label N" in error and "binary mask" in error and "example_seg" not in error
+    code, chosen, _ = predict_json(tmp_path, capsys, image, "--mask", abdomen / "example_seg.nii.gz", "--mask-label", 7,
+                                   "--model", runs["mask"])
+    code_b, binary, _ = predict_json(tmp_path, capsys, image, "--mask", abdomen / "pancreas_mask.nii.gz",
+                                     "--model", runs["mask"])
+    study = chosen["studies"][0]
+    assert code == code_b == 0 and study["mask_label"] == 7 and "mask_label" not in binary["studies"][0]
+    assert study["probabilities"] == binary["studies"][0]["probabilities"]
+    # bbox 39 x 21 x 18 voxels of 3 mm + 4 mm margins (one 4 / 4.5 mm voxel) against 16 x 16 x 8 voxels
+    assert "roi_cropped:R=125>64mm,A=71>64mm,S=63>36mm" in study["quality_flags"]
+    code, got, _ = predict_json(tmp_path, capsys, image, "--mask", abdomen / "example_seg.nii.gz", "--mask-label", 200,
+                                "--model", runs["mask"])
+    assert code == 1 and "the mask has no voxel of label 200 (--mask-label)" in got["studies"][0]["error"]
+    # a lesion whose box and margins fit the input: no flag; the CSV records the label
+    data = np.zeros((122, 101, 30), np.uint8)
+    data[60:66, 50:56, 10:13] = 3
+    nib.save(nib.Nifti1Image(data, nib.load(image).affine), tmp_path / "small.nii.gz")
+    code = main(["predict", str(image), "--mask", str(tmp_path / "small.nii.gz"), "--mask-label", "3", "--model",
+                 str(runs["mask"]), "--out", str(tmp_path / "p.csv"), "--device", "cpu"])
+    row = pd.read_csv(tmp_path / "p.csv").iloc[0]
+    assert code == 0 and row["mask_label"] == 3 and "roi_cropped" not in str(row["quality_flags"])

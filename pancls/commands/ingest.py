@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", type=Path, metavar="DIR",
                         help="mask files (NIfTI, NRRD, DICOM SEG) matched by the same key or the sheet's 'mask' "
                              "column, put on each volume's grid (resampled nearest-neighbour and flagged if need be)")
+    parser.add_argument("--mask-label", type=_positive_int, metavar="N",
+                        help="the lesion's value in the mask files (e.g. a TotalSegmentator map): its voxels become "
+                             "the mask (flag mask_label:N); without it a mask holding several labels is refused")
     parser.add_argument("--classes", type=_classes, default=list(DEFAULT_CLASSES), metavar="A,B,...",
                         help=f"the allowed labels (default {','.join(DEFAULT_CLASSES)})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     report = ingest(args.sources, args.out, config, force=args.force, workers=args.workers,
                     progress=not args.no_progress, keep_descriptions=args.keep_descriptions,
                     insecure_ids=args.insecure_ids, secret_file=args.secret, labels=args.labels,
-                    label_key=args.label_key, masks=args.masks, classes=args.classes)
+                    label_key=args.label_key, masks=args.masks, classes=args.classes,
+                    mask_label=args.mask_label)
     print(f"pancls ingest: {report.summary()} -> {args.out}")
     return report.exit_code

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="a `pancls cv` run folder")
     p.add_argument("--fold", type=int, help="use only this fold's model (default: the ensemble of all folds)")
     p.add_argument("--mask", type=Path, help="the lesion mask (NIfTI on the image's grid) for a single INPUT")
+    p.add_argument("--mask-label", type=_positive_int, metavar="N",
+                   help="the lesion's value in the mask (e.g. a TotalSegmentator map): its voxels become the mask "
+                        "(recorded as mask_label); without it a mask holding several labels is refused")
     p.add_argument("--out", type=Path, help="write the results to this .json or .csv (default: JSON on stdout)")
     p.add_argument("--config", type=Path,
                    help="the `pancls ingest` YAML (series selection, geometry policy) to read DICOM with")
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         from pancls.report.sr import check_sr_folder
 
         check_sr_folder(args.sr)
+    if args.mask_label is not None and args.mask is None and not any(p.suffix.lower() == ".csv" for p in args.inputs):
+        raise UserError("goes with --mask or a manifest CSV with a 'mask' column", "--mask-label")
     ingest_cfg = load_config(args.config)
     if args.min_slices is not None:
         ingest_cfg.selection = dataclasses.replace(ingest_cfg.selection, min_slices=args.min_slices)
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
                                           Path(tmp), progress=True)
         results = predict.predict(loaded, studies, keep_ids=args.keep_ids, batch_size=args.batch_size,
-                                  on_result=report)
+                                  on_result=report, mask_label=args.mask_label)
         if args.sr is not None:
             from pancls.report.sr import write_study_srs
 

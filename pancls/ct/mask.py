@@ -162,3 +162,23 @@ def check_inside(labels: np.ndarray, affine: np.ndarray, shape: Tuple[int, int, 
                         "longer or shifted series, another study of the patient?); give the mask drawn on this "
                         "series", where)
     return outside
+
+
+def select_label(labels: np.ndarray, label: int | None = None, where: str | os.PathLike | None = None) -> np.ndarray:
+    """The lesion of a mask: ``labels`` as they are when they hold one non-zero value; with ``label`` (the user's
+    ``--mask-label N``) the voxels == N, as 1. A mask with several non-zero values (an organ atlas such as
+    TotalSegmentator's 41 labels, a SEG of several segments) without ``label`` is a :class:`UserError`: its
+    foreground is not one lesion, and the ROI crop around it (30 % of the volume) would be a guess."""
+    values = [int(v) for v in np.unique(labels) if v]
+    shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
+    if label is None:
+        if len(values) > 1:
+            raise UserError(f"the mask holds {len(values)} labels ({shown}), not one lesion: choose the lesion's "
+                            "label with --mask-label N, or give a binary mask (0 = background, 1 = lesion; with "
+                            "nibabel: nib.save(nib.Nifti1Image((data == N).astype('uint8'), img.affine), "
+                            "'lesion.nii.gz'))", where)
+        return labels
+    if label not in values:
+        raise UserError(f"the mask has no voxel of label {label} (--mask-label); it holds "
+                        f"{shown or 'no label at all'}", where)
+    return (labels == label).astype(np.uint8)
