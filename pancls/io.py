@@ -74,6 +74,20 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_stale_temps_of(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` leaves for the one target ``path`` (``.<name>.<8>.tmp...``
+    beside it) when its process is killed; returns what was removed. For an output file in a folder that other
+    programs share (``pancls predict --out``), where :func:`remove_stale_temps` would take theirs too."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            if entry.name.startswith(f".{path.name}.") and entry.is_file() and is_temp_name(entry.name):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 #: The lock file of a run folder (:func:`hold_lock`): empty; the lock is the kernel's, not the file's content.
 LOCK = ".lock"
 _HELD: dict[str, int] = {}  # lock files this process holds -> nesting depth

@@ -699,6 +699,8 @@ def to_csv(results: Sequence[Dict[str, Any]], classes: Sequence[str]) -> str:
     columns = [*CSV_FIXED, *[f"p_{c}" for c in classes], *[f"spread_{c}" for c in classes], *CSV_TAIL]
     if any("mask_label" in r for r in results):
         columns.insert(columns.index("quality_flags"), "mask_label")
+    if any("sr" in r for r in results):  # with --sr: this row's SR file (or why none), not an earlier run's
+        columns.insert(columns.index("error"), "sr")
     if any("ids" in r for r in results):
         columns += ["source", "study_instance_uid", "series_instance_uid", "input_sha256"]
     w = csv.DictWriter(buf, fieldnames=columns, restval="", extrasaction="ignore", lineterminator="\n")

@@ -5,6 +5,7 @@ wrote for that patient (a different code path: the cached dataset and loader); t
 mean of the single-fold predictions; a DICOM series and its `pancls ingest` NIfTI must give the same numbers.
 """
 import json
+import pathlib
 import shutil
 
 import nibabel as nib
@@ -630,3 +631,53 @@ def test_a_label_map_as_mask_is_refused_unless_a_label_is_chosen(runs, ct_data, 
                  str(runs["mask"]), "--out", str(tmp_path / "p.csv"), "--device", "cpu"])
     row = pd.read_csv(tmp_path / "p.csv").iloc[0]
     assert code == 0 and row["mask_label"] == 3 and "roi_cropped" not in str(row["quality_flags"])
+
+
+def test_sr_files_are_named_by_their_own_uid_and_listed_per_row(runs, ct_data, tmp_path, capsys):
+    """SRs were named by position (sr_1_1.dcm): a run on other inputs overwrote another's, and a run whose study
+    failed left the last run's SR to be taken for its own. Now each is <its SOPInstanceUID>.dcm (random, no
+    identifier), never overwritten, and the predictions name each row's file."""
+    series, sr_dir = ct_data / "series_ct", tmp_path / "sr"
+    code, first, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", sr_dir)
+    name = first["studies"][0]["sr"]
+    assert code == 0 and name == f"{pydicom.dcmread(sr_dir / name).SOPInstanceUID}.dcm"
+    assert not name.startswith("sr_") and "PLASTIC" not in name
+    code, second, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", sr_dir)
+    other = second["studies"][0]["sr"]
+    assert code == 0 and other != name and sorted(p.name for p in sr_dir.glob("*.dcm")) == sorted([name, other])
+    # a run whose study fails writes no SR and lists none: the earlier SRs are not this run's
+    code, failed, _ = predict_json(tmp_path, capsys, ct_data / "nonimage", "--model", runs["centre"], "--sr", sr_dir)
+    assert code == 1 and "sr" not in failed["studies"][0] and len(list(sr_dir.glob("*.dcm"))) == 2
+    code = main(["predict", str(series), *SHORT, "--model", str(runs["centre"]), "--sr", str(sr_dir), "--out",
+                 str(tmp_path / "p.csv"), "--device", "cpu"])
+    row = pd.read_csv(tmp_path / "p.csv").iloc[0]
+    assert code == 0 and (sr_dir / row["sr"]).is_file() and len(list(sr_dir.glob("*.dcm"))) == 3
+
+
+def test_a_killed_runs_temporary_files_are_removed_and_never_look_like_srs(runs, ct_data, tmp_path, capsys):
+    """A kill during an SR write left .sr_1_2.dcm.<8>.tmp.dcm, which a forwarding script collecting *.dcm picks
+    up; predict now removes atomic writes' leftovers in --sr and those of its own --out file at the start (another
+    file's in that folder are left), and writes SRs under temporary names that do not end in .dcm."""
+    sr_dir, out = tmp_path / "sr", tmp_path / "preds.json"
+    sr_dir.mkdir()
+    stale = [sr_dir / ".sr_1_2.dcm.a1b2c3d4.tmp.dcm", tmp_path / ".preds.json.a1b2c3d4.tmp.json"]
+    kept = [sr_dir / "forwarded_later.dcm", tmp_path / ".other.csv.a1b2c3d4.tmp.csv"]
+    for p in stale + kept:
+        p.write_bytes(b"partial")
+    seen = []
+    from pancls import io as pancls_io
+
+    real = pancls_io.atomic_path
+
+    def spy(path, suffix=None):
+        seen.append((path, suffix))
+        return real(path, suffix)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(pancls_io, "atomic_path", spy):
+        code = main(["predict", str(ct_data / "series_ct"), *SHORT, "--model", str(runs["centre"]), "--sr",
+                     str(sr_dir), "--out", str(out), "--device", "cpu"])
+    assert code == 0 and not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    sr_writes = [(p, s) for p, s in seen if pathlib.Path(p).parent == sr_dir]
+    assert len(sr_writes) == 1 and sr_writes[0][1] == ""  # .<uid>.dcm.<8>.tmp: not *.dcm

@@ -9,12 +9,17 @@ Typical use:
   pancls predict --model runs/cv ct.nii.gz --mask lesion.nii.gz          a mask-ROI model needs the mask
   pancls predict --model runs/cv /pacs/export/ --sr sr_out/               + one DICOM SR per study
 
+--sr DIR: each SR is DIR/<its SOPInstanceUID>.dcm (new, random: no identifier), never overwritten by a later run;
+the output's `sr` field/column names the file of each study (earlier runs' SRs stay in DIR). Files being written
+do not end in .dcm, and a killed run's are removed by the next run (one run at a time per DIR).
+
 Exit status: 0 every study predicted (and, with --sr, its SR written), 1 some failed (one line each on stderr,
 and a row in the output), 2 a problem with the command itself (model folder, output path, arguments).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -49,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from pancls import predict
     from pancls.errors import UserError
     from pancls.ingest import load_config
-    from pancls.io import owned_temp_dir
+    from pancls.io import hold_lock, owned_temp_dir, remove_stale_temps, remove_stale_temps_of
 
     predict.check_output_path(args.out)
     if args.batch_size is not None and args.batch_size < 1:
@@ -70,7 +75,14 @@ def run(args: argparse.Namespace) -> int:
         if message:  # the terminal gets the file too; output files only the reason (paths may identify)
             print(f"pancls predict: input {result['input']} ({study.kind}): {message}", file=err, flush=True)
 
-    with owned_temp_dir("pancls-predict-inputs-") as tmp:  # zip archives unpack here; a rerun removes a killed run's
+    with contextlib.ExitStack() as stack:
+        if args.sr is not None:  # one run at a time writes SRs there; a killed run's temporary SRs are removed
+            args.sr.mkdir(exist_ok=True)
+            stack.enter_context(hold_lock(args.sr, "the --sr folder"))
+            remove_stale_temps(args.sr)
+        if args.out is not None:  # only this output's temporary files: its folder may be shared
+            remove_stale_temps_of(args.out)
+        tmp = stack.enter_context(owned_temp_dir("pancls-predict-inputs-"))  # zips unpack here; a rerun removes a killed run's
         studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
                                           Path(tmp), progress=True)
         results = predict.predict(loaded, studies, keep_ids=args.keep_ids, batch_size=args.batch_size,

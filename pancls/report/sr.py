@@ -104,15 +104,27 @@ def build_sr(source_images: Sequence[Any], result: Dict[str, Any], classes: Sequ
     return sr
 
 
+def sr_file_name(sr) -> str:
+    """``<SOPInstanceUID>.dcm``: the SR's own new UID (random, so it says nothing about the patient), the name a
+    DICOM store gives an instance. Unique: a run never overwrites another run's SR (the position-based
+    ``sr_<input>_<study>.dcm`` of earlier versions was overwritten by a run on other inputs, and left in place by
+    one whose study failed, to be mistaken for its SR)."""
+    return f"{sr.SOPInstanceUID}.dcm"
+
+
 def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Sequence[Dict[str, Any]],
                     keep_ids: bool = False) -> int:
-    """One ``sr_<input>_<study>.dcm`` per successfully predicted DICOM study; returns how many were written.
+    """One ``<SOPInstanceUID>.dcm`` (:func:`sr_file_name`) per successfully predicted DICOM study; returns how
+    many were written. ``result["sr"]`` names each study's file, so that the predictions file says which SRs this
+    run wrote (the folder keeps earlier runs' SRs: a forwarding script sends each once, by its own UID).
 
     A study whose source headers highdicom refuses (e.g. a malformed attribute it must copy) gets
-    ``result["sr"] = "failed: <reason>"`` and the others are still written; success sets the file name."""
+    ``result["sr"] = "failed: <reason>"`` and the others are still written. Each file is written atomically under
+    a temporary name that does not end in ``.dcm`` (``.<name>.<random>.tmp``), so that a script collecting
+    ``*.dcm`` never picks up a half-written one (a killed run's are removed by the next run)."""
     import warnings
 
-    from pancls.io import atomic_save
+    from pancls.io import atomic_path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +132,6 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
     for study, result in zip(studies, results, strict=True):
         if result["status"] != "ok" or study.kind != "dicom" or not study.dicom_headers:
             continue
-        name = f"sr_{study.input}_{study.study}.dcm"
         try:
             with warnings.catch_warnings():  # highdicom's advice on the source's name formats is not ours to print
                 warnings.simplefilter("ignore", UserWarning)
@@ -128,7 +139,9 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
         except (ValueError, TypeError, AttributeError) as exc:
             result["sr"] = f"failed: {exception_text(exc)}"
             continue
-        atomic_save(folder / name, lambda tmp, sr=sr: sr.save_as(tmp, enforce_file_format=True))
+        name = sr_file_name(sr)
+        with atomic_path(folder / name, suffix="") as tmp:
+            sr.save_as(tmp, enforce_file_format=True)
         result["sr"] = name
         written += 1
     return written
