@@ -32,8 +32,8 @@ Outputs in ``out``:
 * ``.private/``: the dataset ``secret`` (created on first use; never inside an output), ``keys.csv`` (each
   pseudonymous patient/study/series id and image -> PatientID, AccessionNumber, Study/SeriesInstanceUID,
   source and folder, for re-identification by authorised staff: **the one file that must never be
-  shared**), ``lock``, the temporary folder for zip archives and ``errors.log`` (tracebacks of ``failed``
-  series). Keep the whole folder out of anything you share; pancls never reads it into an output.
+  shared**), ``.lock`` (:func:`pancls.io.hold_lock`), the temporary folder for zip archives and
+  ``errors.log`` (tracebacks of ``failed`` series). Keep the whole folder out of anything you share; pancls never reads it into an output.
 
 One series failing never stops the batch: every series and file gets its row, and the manifest and
 inventory are written even when a series fails or the run is interrupted. Each problem is one line
@@ -47,10 +47,8 @@ starts by removing the temporary files a killed run left (in ``out``, ``out/imag
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import os
@@ -60,7 +58,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -81,6 +79,7 @@ from pancls.io import (
     atomic_write_json,
     atomic_write_text,
     file_identity,
+    hold_lock,
     remove_stale_temps,
     signals_unwind,
     writable_folder,
@@ -341,7 +340,8 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
     config = dataclasses.replace(config, selection=with_default_min_slices(config.selection))
     run = _Run(config, secret, keep_descriptions, workers, IngestReport(labels=sheet is not None), err, private,
                sheet=sheet, masks=finder, label_key=label_key, mask_label=mask_label)
-    with _exclusive(private), signals_unwind(), routed():
+    # one ingest per output folder: the lock of cv/lt runs (flock on .private/.lock, released when the process dies)
+    with hold_lock(private, f"the ingest output folder {out}"), signals_unwind(), routed():
         for folder in (out, out / "images", out / "masks", private):  # every folder ingest writes atomically into
             remove_stale_temps(folder)
         tmp = run.unpacked
@@ -383,20 +383,6 @@ def ingest(sources: Sequence[Path], out: Path, config: Optional[IngestConfig] = 
             _write_key_file(private / KEY_FILE, keys)
             shutil.rmtree(tmp, ignore_errors=True)
     return run.report
-
-
-@contextlib.contextmanager
-def _exclusive(private: Path) -> Iterator[None]:
-    """Hold ``private/lock`` (flock: released by the kernel when the process dies, even by SIGKILL)."""
-    with open(private / "lock", "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError("another pancls ingest is writing into this folder", private.parent) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _series_inventory_row(decision: Decision, run: _Run) -> Dict[str, str]:

@@ -413,3 +413,27 @@ def test_a_truncated_zip_beside_a_good_one_is_refused_not_dropped(ct_data: Path,
     assert "truncated.zip" in line and "damaged or truncated zip archive" in line
     rows = [r for r in _csv(tmp_path / "out" / ".private" / "inventory.csv") if r["status"] == "refused"]
     assert [r["path"] for r in rows] == ["truncated.zip"]
+
+
+def test_a_second_ingest_into_the_same_folder_is_refused(ct_data, tmp_path, capsys):
+    """ingest holds OUT/.private/.lock as cv/lt hold theirs (pancls.io.hold_lock, one lock rule): another process
+    writing into OUT (here an open file description holding that flock) refuses this run in one line, exit 2."""
+    import fcntl
+    import os
+
+    from pancls.cli import main
+
+    out = tmp_path / "ds"
+    (out / ".private").mkdir(parents=True)
+    fd = os.open(out / ".private" / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = main(["ingest", str(ct_data / "jpeg2000"), "--out", str(out), "--min-slices", "1", "--no-progress"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    finally:
+        os.close(fd)
+    assert code == 2 and len(err) == 1, err
+    assert f"the ingest output folder {out} is in use by another pancls process" in err[0]
+    assert not (out / "manifest.csv").exists() and not list(out.glob("images/*.nii.gz"))
+    code = main(["ingest", str(ct_data / "jpeg2000"), "--out", str(out), "--min-slices", "1", "--no-progress"])
+    assert code == 0 and (out / "manifest.csv").exists()  # the kernel dropped the lock with its holder
