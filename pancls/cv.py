@@ -200,15 +200,17 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
 
     out = Path(out)
     with distributed.session(resolve_device(cfg.device)) as (ctx, device), contextlib.ExitStack() as held:
-        def lock_run():  # the whole run is this process's (a --fold k process holds its fold's lock only)
-            if ctx.is_main and fold is None and out.is_dir():
+        def lock_run(made: bool):  # the whole run is this process's (a --fold k process holds its fold's only)
+            if ctx.is_main and fold is None and (run_config_path(out).exists() if not made else out.is_dir()):
                 held.enter_context(hold_lock(out, "this cv run"))
 
         distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)
         log = distributed.main_log(log, ctx)
-        lock_run()  # a run folder that exists: before prepare cleans it; a new one: once prepare made it
+        # an existing run: locked before prepare cleans it; a new one (or a folder that is no run yet, where a
+        # refusal must leave nothing): once prepare made it
+        lock_run(made=False)
         records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
-        lock_run()
+        lock_run(made=True)
         p = cfg.preprocess
         log(f"cohort: {len(records)} studies of {len(splits['test_fold'])} patients, {cfg.cv.folds} folds; "
             f"{cfg.model.backbone} + {cfg.model.head}, loss {cfg.loss.name}, {cfg.train.epochs} epochs; ROI "
@@ -290,8 +292,9 @@ def backbone_sources(cfg: CVConfig, splits: Dict[str, Any]) -> Dict[int, str]:
     one), refused when that backbone trained on (or was selected with) a patient of this run's test fold ``k``.
 
     * a ``pancls cv`` run folder (it holds ``splits.json``): fold ``k`` starts from that run's ``fold_k`` (stage 2
-      of a decoupled recipe run per fold); its splits must hold every patient of this run's test fold ``k`` in
-      its own test fold ``k`` (the same manifest, ``cv.folds`` and ``cv.seed`` do);
+      of a decoupled recipe run per fold); it must be a run of the same manifest (fingerprint), whose splits hold
+      every patient of this run's test fold ``k`` in its own test fold ``k`` (the same ``cv.folds`` and
+      ``cv.seed`` do);
     * one fold of a cv run (``RUN/fold_j`` or a checkpoint in it): every fold would start from the one backbone,
       which trained on the other folds' test patients: refused unless none of them is in that run;
     * anything else (an ``lt`` run, weights trained on another data set) cannot be checked and is used as given
@@ -309,7 +312,13 @@ def backbone_sources(cfg: CVConfig, splits: Dict[str, Any]) -> Dict[int, str]:
         run_dir, their_fold = folder.parent, int(folder.name[5:])
     else:
         return {k: source for k in range(cfg.cv.folds)}
-    theirs = read_splits(run_dir / SPLITS)["test_fold"]
+    their_splits = read_splits(run_dir / SPLITS)
+    if their_splits.get("manifest_sha256") != splits["manifest_sha256"]:  # their patients cannot be matched
+        raise UserError(f"model.init_backbone_from: {run_dir} is a cv run of another manifest, so its folds' "
+                        "patients cannot be matched to this run's (a re-ingested cohort has other pseudonyms); "
+                        "start from a cv run of this manifest, or from a checkpoint outside any cv run folder "
+                        "trained on other patients", source)
+    theirs = their_splits["test_fold"]
     sources = {}
     for k in range(cfg.cv.folds):
         j = k if their_fold is None else their_fold

@@ -177,12 +177,13 @@ def die_with_parent(parent: int) -> Optional[Callable[[], None]]:
     ``--resume`` raced them. ``None`` elsewhere (no ``prctl``)."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+    import signal
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
 
     def arm() -> None:
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
         if os.getppid() != parent:  # the parent died before prctl ran
             os.kill(os.getpid(), signal.SIGTERM)
     return arm
@@ -286,13 +287,13 @@ def run_parallel(cfg, out: Path, *, resume: bool = False, jobs: Optional[int] = 
                         "--gpus")
     out = Path(out)
     with contextlib.ExitStack() as held:
-        def lock_run():  # the parent's for the whole run; each worker holds its fold's lock
-            if out.is_dir():
+        def lock_run(made: bool):  # the parent's for the whole run; each worker holds its fold's lock
+            if cv.run_config_path(out).exists() if not made else out.is_dir():
                 held.enter_context(hold_lock(out, "this cv run"))
 
-        lock_run()  # a run folder that exists: before prepare cleans it; a new one: once prepare made it
+        lock_run(made=False)  # as in cv.run: an existing run before prepare cleans it, a new one once made
         records, _, _ = cv.prepare(cfg, out, resume=resume, log=log)  # splits/configs once, before any worker
-        lock_run()
+        lock_run(made=True)
         done = [k for k in range(cfg.cv.folds) if (out / f"fold_{k}" / cv.FOLD_DONE).exists()]
         p = plan(cfg.cv.folds, done, jobs=jobs, gpus=gpus)
         for note in p.notes:

@@ -5,6 +5,7 @@ A reader never sees a half-written file, and a run killed mid-write leaves the p
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -12,12 +13,13 @@ import secrets
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from pancls.errors import UserError
+from pancls.errors import UserError, exception_text
 
 
 @contextlib.contextmanager
@@ -116,13 +118,22 @@ def hold_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot create the lock file {LOCK} of {what} ({exception_text(exc)})", folder) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise LockHeld(f"{what} is in use by another pancls process (it holds {LOCK} there); wait for that process "
-                      "to end, or stop it, then rerun", folder) from None
+                       "to end, or stop it, then rerun", folder) from None
+    except OSError as exc:  # a file system without flock (NFS mounted nolock, some Lustre): run unguarded
+        if exc.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            raise UserError(f"cannot lock {what} ({exception_text(exc)})", folder) from None
+        warnings.warn(f"{folder}: the file system offers no file locks ({exception_text(exc)}); nothing stops a "
+                      "second pancls process from writing this run at the same time", stacklevel=3)
     _HELD[key] = 1
     try:
         yield
@@ -240,7 +251,6 @@ def read_json(path: str | os.PathLike, what: str = "file", expect: type | None =
     """The JSON content of ``path``; a missing, unreadable or invalid file, or (with ``expect``, e.g. ``dict``)
     content of another type, is a :class:`~pancls.errors.UserError` naming it (``what``: what the file is, e.g.
     "fold record"), so that a damaged run folder gives one line."""
-    from pancls.errors import exception_text
 
     path = Path(path)
     try:

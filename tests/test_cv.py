@@ -441,6 +441,10 @@ def test_a_backbone_from_another_cv_run_starts_each_fold_from_its_own_fold_never
     shifted = {**splits, "test_fold": {p: (f + 1) % 4 for p, f in splits["test_fold"].items()}}
     with pytest.raises(UserError, match="its splits differ from this run's"):
         cv.backbone_sources(cfg, shifted)
+    other_ids = {**splits, "manifest_sha256": "0" * 64,  # a re-ingested cohort: no patient id in common
+                 "test_fold": {f"x{p}": f for p, f in splits["test_fold"].items()}}
+    with pytest.raises(UserError, match="a cv run of another manifest"):
+        cv.backbone_sources(cfg, other_ids)
     elsewhere = tmp_path / "weights.pt"  # not from a cv run: nothing to check, every fold starts from it
     elsewhere.write_bytes(b"")
     other = config(cohort, tmp_path, **{"model.init_backbone_from": str(elsewhere)})
@@ -490,3 +494,21 @@ def test_a_run_or_fold_another_process_trains_is_refused_and_report_cleans_a_kil
     assert all(path.exists() for path in stale)
     assert main(["report", str(run)]) == 0
     assert not any(path.exists() for path in stale)
+
+
+def test_a_refused_run_leaves_nothing_in_an_existing_folder_and_lock_errors_are_one_line(cohort, tmp_path):
+    """A refusal writes nothing: not even the run lock's file in a folder that holds no run yet; a lock file
+    that cannot be made is one line, not a traceback."""
+    import os
+
+    from pancls.io import hold_lock
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert main(["cv", "--manifest", str(cohort / "manifest.csv"), "--out", str(existing), "--folds", "5",
+                 "--device", "cpu", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert os.listdir(existing) == ["notes.txt"]
+    with pytest.raises(UserError, match="cannot create the lock file .lock of the run"):
+        with hold_lock("/proc", "the run"):
+            pass
