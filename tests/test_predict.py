@@ -635,13 +635,14 @@ def test_a_label_map_as_mask_is_refused_unless_a_label_is_chosen(runs, ct_data, 
 
 def test_sr_files_are_named_by_their_own_uid_and_listed_per_row(runs, ct_data, tmp_path, capsys):
     """SRs were named by position (sr_1_1.dcm): a run on other inputs overwrote another's, and a run whose study
-    failed left the last run's SR to be taken for its own. Now each is <its SOPInstanceUID>.dcm (random, no
-    identifier), never overwritten, and the predictions name each row's file."""
+    failed left the last run's SR to be taken for its own. Now each is sr_<random>.dcm, never overwritten, and
+    the predictions name each row's file; not by the SR's SOPInstanceUID, which a PACS resolves to the patient."""
     series, sr_dir = ct_data / "series_ct", tmp_path / "sr"
     code, first, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", sr_dir)
     name = first["studies"][0]["sr"]
-    assert code == 0 and name == f"{pydicom.dcmread(sr_dir / name).SOPInstanceUID}.dcm"
-    assert not name.startswith("sr_") and "PLASTIC" not in name
+    uid = pydicom.dcmread(sr_dir / name).SOPInstanceUID
+    assert code == 0 and name.startswith("sr_") and name.endswith(".dcm") and len(name) == len("sr_.dcm") + 24
+    assert uid not in name and uid not in json.dumps(first) and "PLASTIC" not in name
     code, second, _ = predict_json(tmp_path, capsys, series, "--model", runs["centre"], "--sr", sr_dir)
     other = second["studies"][0]["sr"]
     assert code == 0 and other != name and sorted(p.name for p in sr_dir.glob("*.dcm")) == sorted([name, other])

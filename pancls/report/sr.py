@@ -104,19 +104,21 @@ def build_sr(source_images: Sequence[Any], result: Dict[str, Any], classes: Sequ
     return sr
 
 
-def sr_file_name(sr) -> str:
-    """``<SOPInstanceUID>.dcm``: the SR's own new UID (random, so it says nothing about the patient), the name a
-    DICOM store gives an instance. Unique: a run never overwrites another run's SR (the position-based
+def sr_file_name() -> str:
+    """``sr_<24 random hex digits>.dcm``: unique, so a run never overwrites another run's SR (the position-based
     ``sr_<input>_<study>.dcm`` of earlier versions was overwritten by a run on other inputs, and left in place by
-    one whose study failed, to be mistaken for its SR)."""
-    return f"{sr.SOPInstanceUID}.dcm"
+    one whose study failed, to be mistaken for its SR), and derived from nothing, so the predictions file can name
+    it without an identifier: the SR's own SOPInstanceUID, once the SR is in a PACS, finds the patient."""
+    import secrets
+
+    return f"sr_{secrets.token_hex(12)}.dcm"
 
 
 def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Sequence[Dict[str, Any]],
                     keep_ids: bool = False) -> int:
-    """One ``<SOPInstanceUID>.dcm`` (:func:`sr_file_name`) per successfully predicted DICOM study; returns how
-    many were written. ``result["sr"]`` names each study's file, so that the predictions file says which SRs this
-    run wrote (the folder keeps earlier runs' SRs: a forwarding script sends each once, by its own UID).
+    """One ``sr_<random>.dcm`` (:func:`sr_file_name`) per successfully predicted DICOM study; returns how many
+    were written. ``result["sr"]`` names each study's file, so that the predictions file says which SRs this run
+    wrote (the folder keeps earlier runs' SRs: a forwarding script sends each once, by its own UID).
 
     A study whose source headers highdicom refuses (e.g. a malformed attribute it must copy) gets
     ``result["sr"] = "failed: <reason>"`` and the others are still written. Each file is written atomically under
@@ -139,7 +141,7 @@ def write_study_srs(folder: Path, loaded, studies: Sequence[Any], results: Seque
         except (ValueError, TypeError, AttributeError) as exc:
             result["sr"] = f"failed: {exception_text(exc)}"
             continue
-        name = sr_file_name(sr)
+        name = sr_file_name()
         with atomic_path(folder / name, suffix="") as tmp:
             sr.save_as(tmp, enforce_file_format=True)
         result["sr"] = name
