@@ -285,12 +285,15 @@ class ScanResult:
 
 def _cut_short(skip: SkippedFile) -> SkippedFile:
     """A "not a DICOM file" beside DICOM files: refused as a slice cut short when it is shorter than a DICOM
-    preamble and magic (:data:`DICOM_HEAD`: a copy interrupted at its start), else left skipped."""
+    preamble and magic (:data:`DICOM_HEAD`: a copy interrupted at its start) and its bytes can be the start of
+    one (all NUL, the usual preamble, possibly ``DICM`` after it: empty, or a copy that stopped in the first
+    block), else left skipped: a short text file (``md5.txt``, ``README``) beside the slices is no slice."""
     try:
         size = skip.path.stat().st_size
+        head = skip.path.read_bytes()[:DICOM_HEAD] if size < DICOM_HEAD else b""
     except OSError:
         return skip
-    if size >= DICOM_HEAD:
+    if size >= DICOM_HEAD or head[:128].strip(b"\0") or not b"DICM".startswith(head[128:]):
         return skip
     return SkippedFile(skip.path, f"truncated file ({size} bytes, shorter than a DICOM preamble) beside DICOM "
                                   "files: a lost slice?", problem=True)

@@ -244,6 +244,7 @@ def test_cut_short_slices_and_damaged_zips_are_problems_not_skips(tmp_path: Path
     for f in sorted(series.iterdir())[:4]:
         (folder / f.name).write_bytes(f.read_bytes())
     (folder / "I50").write_bytes((series / "I50").read_bytes()[:100])
+    (folder / "md5.txt").write_text("ab\n")  # a short text file beside the slices: no slice (review)
     archive = tmp_path / "export" / "other_study.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for f in sorted(series.iterdir())[4:]:
@@ -258,5 +259,6 @@ def test_cut_short_slices_and_damaged_zips_are_problems_not_skips(tmp_path: Path
     assert skipped["other_study.zip"].problem and "damaged or truncated zip archive" in skipped["other_study.zip"].reason
     assert [a.path.name for a in result.archives] == ["other_study.zip"]
     assert not skipped["notes.txt"].problem and skipped["notes.txt"].reason == "not a DICOM file"
+    assert not skipped["md5.txt"].problem and skipped["md5.txt"].reason == "not a DICOM file"
     (kept,) = result.series
     assert kept.n_slices == 4 and [s.path.name for s in problems_beside(kept, result.skipped)] == ["I50"]
