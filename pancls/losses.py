@@ -130,10 +130,31 @@ class LongTailLoss(nn.Module):
             raise ValueError(f"expected logits of shape (N, {self.num_classes}), got {tuple(logits.shape)}")
         w = self.class_weight[target]
         total = (w * self.per_sample(logits, target)).sum()
-        return total / (w.sum() if self.weighted_mean else len(target))
+        if not self.weighted_mean:
+            return total / len(target)
+        return total / (len(target) * _mean_weight(w.detach()))
+
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, drw_epoch={self.drw_epoch}, drw_beta={self.drw_beta:g}"
+
+
+def _mean_weight(w: torch.Tensor) -> torch.Tensor:
+    """The mean of the samples' weights ``w`` over the global batch: over every DDP rank's slice.
+
+    A weighted mean is ``sum_i w_i l_i / sum_i w_i`` over the global batch. Each rank returns its partial sum
+    divided by ``n_rank * mean_global(w)``, the per-rank-mean convention of the engine (which scales a rank's loss
+    by its share of the global batch before DDP averages the gradients), so that the DDP gradient is exactly the
+    one-process one; in one process this is ``sum_i w_i``. Dividing by the rank's own ``sum w`` weighted each
+    rank's slice by its own class mix. Only while gradients are computed: evaluation shards differ in length
+    between ranks and must not communicate."""
+    import torch.distributed as dist
+
+    if not (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return w.mean()
+    both = torch.stack([w.sum(), torch.tensor(float(len(w)), device=w.device, dtype=w.dtype)])
+    dist.all_reduce(both)
+    return both[0] / both[1]
 
 
 def _focal(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -45,12 +45,12 @@ def _load(path: Path) -> dict:
 def runs(tmp_path_factory, process_env):
     """One single-process and one 2-process run of each variant (all in two launches)."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    _single(process_env, one, "tensor", "dataloader", "batchnorm")
-    _ddp(process_env, two, "tensor", "dataloader", "batchnorm", "sync_bn")
+    _single(process_env, one, "tensor", "dataloader", "batchnorm", "drw")
+    _ddp(process_env, two, "tensor", "dataloader", "batchnorm", "sync_bn", "drw")
     return one, two
 
 
-@pytest.mark.parametrize("variant", ["tensor", "dataloader"])
+@pytest.mark.parametrize("variant", ["tensor", "dataloader", "drw"])
 def test_two_processes_train_what_one_process_trains(runs, variant):
     one, two = runs
     a, b = _load(one / f"{variant}.result.pt"), _load(two / f"{variant}.result.pt")

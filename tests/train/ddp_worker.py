@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from pancls import distributed
+from pancls.losses import create_loss
 from pancls.train.engine import TrainConfig, fit
 from pancls.train.loaders import TensorBatchLoader
 from pancls.train.samplers import ShardSampler, make_batch_sampler, sample_weights
@@ -30,7 +31,7 @@ from pancls.train.samplers import ShardSampler, make_batch_sampler, sample_weigh
 COUNTS = [47, 24, 12, 6]
 CFG = TrainConfig(epochs=4, batch_size=16, lr=0.05, warmup_epochs=1, milestones=(3,), gamma=0.1, amp="off",
                   sampler="class_balanced", sampler_start_epoch=2, progress=False, seed=1, tensorboard=False)
-VARIANTS = ("tensor", "dataloader", "batchnorm", "sync_bn")
+VARIANTS = ("tensor", "dataloader", "batchnorm", "sync_bn", "drw")  # drw: the tensor run with a DRW loss
 
 
 def blobs(counts, seed=0, spread=0.6):
@@ -77,8 +78,9 @@ def train(out: Path, variant: str, ctx: distributed.Context, resume=False, epoch
         if kill_after is not None and line.startswith(f"epoch {kill_after}/"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    result = fit(net, train_loader, eval_loader, nn.CrossEntropyLoss(), cfg, out / variant, device="cpu",
-                 resume=resume, log=log)
+    # DRW's weighted mean divides by the global batch's sum of weights, not by each rank's (pancls.losses)
+    loss = create_loss("ce", COUNTS, drw_epoch=1) if variant == "drw" else nn.CrossEntropyLoss()
+    result = fit(net, train_loader, eval_loader, loss, cfg, out / variant, device="cpu", resume=resume, log=log)
     if ctx.is_main:
         torch.save({"model": net.state_dict(), "history": result.history, "eval_logits": result.eval_logits,
                     "world_size": ctx.world_size}, out / f"{variant}.result.pt")
