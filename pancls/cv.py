@@ -448,7 +448,11 @@ def _train_fold(cfg: CVConfig, out: Path, records, splits, k: int, classes: Sequ
     if not ctx.is_main:
         return None
 
-    if cfg.cv.select == "best_inner" and (fold_dir / BEST).exists():
+    if cfg.cv.select == "best_inner":
+        if not (fold_dir / BEST).exists():  # never silently the last epoch instead of the selected one
+            raise UserError(f"fold {k}: no {BEST} holds the epoch the inner validation split selected (a run "
+                            f"stopped by an older pancls between its two checkpoints); delete {fold_dir} and "
+                            "rerun with --resume to train the fold again", fold_dir)
         chosen = load_checkpoint(fold_dir / BEST)
         model.load_state_dict(chosen["model"])
         selected_epoch, checkpoint = int(chosen["epoch"]), BEST

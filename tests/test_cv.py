@@ -512,3 +512,17 @@ def test_a_refused_run_leaves_nothing_in_an_existing_folder_and_lock_errors_are_
     with pytest.raises(UserError, match="cannot create the lock file .lock of the run"):
         with hold_lock("/proc", "the run"):
             pass
+
+
+def test_a_fold_without_its_selected_weights_is_refused_not_scored_with_the_last_epoch(finished, tmp_path):
+    """best_inner selection needs best.pt; without it (a run stopped between its two checkpoints by an older
+    pancls) the fold was silently scored with last.pt, the one thing the inner split did not choose."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    (run / "fold_1" / "best.pt").unlink()
+    (run / "fold_1" / "fold.json").unlink()
+    cfg = cv.load_config(load_yaml(run / "configs" / "config.yaml"))
+    with pytest.raises(UserError, match="fold 1: no best.pt holds the epoch the inner validation split selected"):
+        cv.run(cfg, run, resume=True, log=lambda _: None)

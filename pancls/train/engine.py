@@ -511,7 +511,9 @@ class _Run:
             self.log(f"best.pt rewritten from epoch {epoch}'s checkpoint (the run was stopped between the two)")
         elif have is not None and have > epoch:
             path.unlink()
-            self.log(f"best.pt of epoch {have}, after the checkpoint's epoch {epoch}, removed (retrained)")
+            self.log(f"note: best.pt of epoch {have}, after the checkpoint's epoch {epoch}, removed (it is retrained); "
+                     f"the best epoch so far ({want}) has no weights left, so unless a later epoch does better "
+                     "there is no best.pt to select (a cv fold then refuses and asks to retrain it)")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -341,8 +341,17 @@ def test_best_pt_is_written_after_last_pt_and_repaired_after_a_kill_between_them
     again = load_checkpoint(tmp_path / "split" / "best.pt")
     assert again["epoch"] == whole["epoch"]
     assert all(torch.equal(again["model"][k], whole["model"][k]) for k in whole["model"])
-    # a best.pt from after the checkpoint's epoch: removed on resume, rewritten by the retraining
-    _fit(tmp_path / "ahead", dataclasses.replace(cfg, epochs=1), save_best=True)
-    torch.save({"epoch": 3, "model": whole["model"]}, tmp_path / "ahead" / "best.pt")
-    _fit(tmp_path / "ahead", cfg, resume=True, save_best=True)
-    assert load_checkpoint(tmp_path / "ahead" / "best.pt")["epoch"] == whole["epoch"]
+    # a best.pt from after the checkpoint's epoch (the order before): removed on resume; when the best epoch so far
+    # is earlier than the checkpoint and no later epoch beats it, no weights hold it any more: said, not hidden
+    ahead = tmp_path / "ahead"
+    _fit(ahead, dataclasses.replace(cfg, epochs=2), save_best=True)
+    last = load_checkpoint(ahead / "last.pt")
+    last["best"] = {**last["best"], "epoch": 0, "eval_top1": 2.0}  # epoch 1 best, beyond any later epoch's top-1
+    torch.save(last, ahead / "last.pt")
+    torch.save({"epoch": 3, "model": whole["model"]}, ahead / "best.pt")
+    lines = []
+    train, evaluation = _loaders(cfg)
+    fit(_model(), train, evaluation, _DeferredReweightedCE(), cfg, ahead, device="cpu", resume=True,
+        log=lines.append, save_best=True)
+    assert not (ahead / "best.pt").exists()
+    assert any("best.pt of epoch 3, after the checkpoint's epoch 2, removed" in line for line in lines)
