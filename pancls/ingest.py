@@ -69,7 +69,14 @@ from pancls.ct.capture import collecting, routed
 from pancls.ct.mask import axes_reordered, check_inside, onto_grid, read_mask, select_label
 from pancls.ct.nifti import load_nifti, save_nifti
 from pancls.ct.scan import ScanResult, Series, problems_beside, scan, sop_class_name
-from pancls.ct.select import MIN_SLICES, Decision, SelectionRules, select_series, with_default_min_slices
+from pancls.ct.select import (
+    MIN_SLICES,
+    Decision,
+    SelectionRules,
+    check_stack,
+    select_series,
+    with_default_min_slices,
+)
 from pancls.ct.volume import FREE_TEXT_META, GeometryPolicy, Volume, build_volume, check_ct_hu
 from pancls.ct.write import write_volume
 from pancls.data.classes import DEFAULT_CLASSES, check_classes
@@ -447,6 +454,7 @@ def _nifti_job(path: Path, inventory: Dict[str, str], run: _Run) -> Job:
     def load() -> Volume:
         volume = load_nifti(path)
         check_ct_hu(volume, path)
+        check_stack(volume, path, run.config.selection.min_slices)  # a DICOM series' rule, for a file
         volume.meta[FINGERPRINT_KEY] = fingerprint
         return volume
 

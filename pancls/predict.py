@@ -585,10 +585,12 @@ class LoadStudyd:
 
     def __call__(self, data: Dict[str, Any]) -> Dict[str, Any]:
         from pancls.ct.nifti import load_image
+        from pancls.ct.select import check_stack
         from pancls.ct.volume import check_ct_hu
 
         volume = load_image(data["image"])
         check_ct_hu(volume, data["image"])
+        check_stack(volume, data["image"])
         img, image = self.pre._image(volume)
         out = {**data, "image": image, "notes": []}
         if "mask" in self.keys:
@@ -600,13 +602,16 @@ class LoadStudyd:
 def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False, batch_size: Optional[int] = None,
             progress: bool = True,
             on_result: Optional[Callable[[Dict[str, Any], Study, Optional[str]], None]] = None,
-            mask_label: Optional[int] = None) -> List[Dict[str, Any]]:
+            mask_label: Optional[int] = None, min_slices: Optional[int] = None) -> List[Dict[str, Any]]:
     """One result dict per study, in order. A study that fails gets ``status: "failed"`` and its one-line
     ``error`` (the reason; the file it names too with ``keep_ids``); the others go on. ``on_result(result,
     study, message)`` is called as each study is done, ``message`` being the full one-line failure or None.
-    ``mask_label``: each mask's lesion is its voxels of this value (recorded as ``mask_label`` in the result)."""
+    ``mask_label``: each mask's lesion is its voxels of this value (recorded as ``mask_label`` in the result).
+    ``min_slices``: a volume given as one file (NIfTI ...) with fewer slices fails (default
+    :data:`pancls.ct.select.MIN_SLICES`, as a DICOM series' selection)."""
     from tqdm.auto import tqdm
 
+    from pancls.ct.select import check_stack
     from pancls.ct.volume import check_ct_hu
 
     if batch_size is None:
@@ -641,6 +646,8 @@ def predict(loaded: LoadedRun, studies: Sequence[Study], keep_ids: bool = False,
                                 "model trained with roi 'centre'/'box'")
             volume = study.load()
             check_ct_hu(volume, study.ids.get("source", f"input {study.input}"))
+            if study.kind != "dicom":  # a DICOM series met min_slices when it was selected
+                check_stack(volume, study.ids.get("source", f"input {study.input}"), min_slices)
             base["quality_flags"] = study.flags + quality_flags(volume, loaded, study.series.get("phase"))
             if keep_ids:  # a digest of files that hold the patient's name and UIDs links a result to them
                 base["ids"]["input_sha256"] = input_checksum(study.files + ([study.mask] if study.mask else []))

@@ -396,6 +396,20 @@ def test_volumes_not_in_hounsfield_units_are_refused(ct_data: Path, capsys, tmp_
     assert len(refused) == 2
 
 
+def test_a_single_slice_nifti_is_refused_as_a_short_dicom_series_is(ct_data: Path, capsys, tmp_path: Path):
+    """A DICOM series under min_slices is refused by selection; a NIfTI holding one slice went through (review):
+    the same minimum now applies to a volume given as one file (pancls.ct.select.check_stack)."""
+    img = nib.load(ct_data / "abdomen" / "example_ct_sm.nii.gz")
+    one = tmp_path / "one_slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[:, :, 20:21], img.affine), one)
+    code = main(["ingest", str(one), "--out", str(tmp_path / "out"), "--no-progress"])  # the default minimum
+    text, err = capsys.readouterr()
+    assert code == 1 and "1 refused" in text and "1 slice(s), fewer than min_slices=20" in err
+    assert "one_slice.nii.gz" in err
+    code, text, err = _run(capsys, one, "--out", tmp_path / "out1", "--min-slices", "1")
+    assert code == 0, err
+
+
 def test_a_truncated_zip_beside_a_good_one_is_refused_not_dropped(ct_data: Path, capsys, tmp_path: Path):
     """A zip archive cut short (an interrupted copy) was "not a DICOM file", skipped: the study in it dropped
     silently with exit 0. Now it is refused, named on the terminal and in the inventory, exit 1."""

@@ -539,6 +539,19 @@ def test_stacks_too_short_to_classify_are_refused_as_in_ingest(runs, ct_data, tm
     assert "1 of 3 studies predicted, 2 failed" in capsys.readouterr().err
     code = main(["predict", str(inputs[1]), "--model", str(runs["centre"]), "--out", str(out), "--min-slices", "10"])
     assert code == 0 and json.loads(out.read_text())["studies"][0]["series"]["n_slices"] == 10
+    # the same rule for a volume given as one file (review: one slice of the abdominal NIfTI had status ok)
+    import nibabel as nib
+
+    ct = nib.load(ct_data / "abdomen" / "example_ct_sm.nii.gz")
+    k = ct.shape[2] // 2
+    one = tmp_path / "one_slice.nii.gz"
+    shift = np.eye(4)
+    shift[2, 3] = k  # the slice where it lay
+    nib.save(nib.Nifti1Image(np.asanyarray(ct.dataobj)[:, :, k:k + 1], ct.affine @ shift), one)
+    code = main(["predict", str(one), "--model", str(runs["centre"]), "--out", str(out)])
+    (study,) = json.loads(out.read_text())["studies"]
+    assert code == 1 and study["status"] == "failed" and "1 slice(s), fewer than min_slices=20" in study["error"]
+    assert main(["predict", str(one), "--model", str(runs["centre"]), "--out", str(out), "--min-slices", "1"]) == 0
 
 
 def test_input_file_names_and_zip_members_stay_out_of_the_outputs(runs, ct_data, tmp_path, capsys):

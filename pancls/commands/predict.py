@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         studies = predict.collect_studies(args.inputs, args.mask, ingest_cfg.selection, ingest_cfg.geometry,
                                           Path(tmp), progress=True)
         results = predict.predict(loaded, studies, keep_ids=args.keep_ids, batch_size=args.batch_size,
-                                  on_result=report, mask_label=args.mask_label)
+                                  on_result=report, mask_label=args.mask_label,
+                                  min_slices=ingest_cfg.selection.min_slices)
         if args.sr is not None:
             from pancls.report.sr import write_study_srs
 

@@ -71,6 +71,18 @@ def with_default_min_slices(rules: Optional[SelectionRules]) -> SelectionRules:
     return rules if rules.min_slices is not None else replace(rules, min_slices=MIN_SLICES)
 
 
+def check_stack(volume, where, min_slices: Optional[int] = None) -> None:
+    """Refuse (:class:`UserError` naming ``where``) a volume with fewer than ``min_slices`` (default
+    :data:`MIN_SLICES`) voxels along its third axis (superior in RAS order): the rule :func:`select_series`
+    applies to a DICOM series, for a volume that came as one file (NIfTI, NRRD, MetaImage), where there is no
+    series to select. A single axial slice saved as NIfTI was classified with status ok."""
+    need = MIN_SLICES if min_slices is None else min_slices
+    depth = int(volume.array.shape[2]) if volume.array.ndim >= 3 else 1
+    if depth < need:
+        raise UserError(f"{depth} slice(s), fewer than min_slices={need} (too short a stack to classify: a single "
+                        "image or a partial volume; lower selection.min_slices or --min-slices to keep it)", where)
+
+
 @dataclass(frozen=True)
 class Decision:
     series: Series
