@@ -279,10 +279,12 @@ def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = Non
     # a backbone that saw a test fold's patients (model.init_backbone_from) is refused before anything is written
     splits = load_or_make_splits(out, records, classes, cfg.cv.folds, cfg.cv.seed, cfg.cv.inner_folds, manifest.root,
                                  check=lambda splits: backbone_sources(cfg, splits))
-    dump_yaml(cfg, config_path)
-    atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.patient_counts(),
-                                             "studies_per_class": manifest.class_counts()})
-    write_metadata(out, cfg, classes, records)
+    if fold is None or not exists:  # a --fold k worker of an existing run leaves the run's own files alone: it
+        # does not hold the run's lock, and the process writing the summary may be sweeping temporary files there
+        dump_yaml(cfg, config_path)
+        atomic_write_json(out / "classes.json", {"classes": classes, "patients_per_class": manifest.patient_counts(),
+                                                 "studies_per_class": manifest.class_counts()})
+        write_metadata(out, cfg, classes, records)
     ctx.broadcast(classes), ctx.broadcast(splits)
     return records, classes, splits
 
