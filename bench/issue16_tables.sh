@@ -41,7 +41,8 @@ grid "cRT stage 2, seeds 0-2 together (the paired verdict of docs/reproduction.m
 grid "Recipes for tSP (item 3), 36 epochs, against tSP + LA and softmax + LA" $R/issue16_r20_e36 recipes "36 ep" \
   --variants softmax softmax_la tsp_kernel_s16 tsp_kernel_la tsp_kernel_learnk_la tsp_kernel_learnk \
   tsp_kernel_fix16_la tsp_paper tsp_paper_la tsp_paper_nu7 tsp_paper_nu7_la --seeds 0 1 2 \
-  --pairs tsp_kernel_la:tsp_kernel_learnk_la softmax_la:tsp_kernel_learnk_la tsp_kernel_s16:tsp_kernel_learnk \
+  --pairs tsp_kernel_la:tsp_kernel_learnk_la softmax_la:tsp_kernel_learnk_la tsp_paper_nu7_la:tsp_kernel_learnk_la \
+  tsp_paper_nu7:tsp_kernel_learnk tsp_kernel_s16:tsp_kernel_learnk \
   softmax:tsp_kernel_learnk tsp_kernel_la:tsp_kernel_fix16_la softmax_la:tsp_kernel_fix16_la \
   tsp_kernel_la:tsp_paper_la tsp_kernel_la:tsp_paper_nu7_la softmax_la:tsp_paper_nu7_la \
   tsp_kernel_s16:tsp_paper_nu7 softmax:tsp_paper_nu7
