@@ -200,17 +200,14 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
 
     out = Path(out)
     with distributed.session(resolve_device(cfg.device)) as (ctx, device), contextlib.ExitStack() as held:
-        def lock_run(made: bool):  # the whole run is this process's (a --fold k process holds its fold's only)
-            if ctx.is_main and fold is None and (run_config_path(out).exists() if not made else out.is_dir()):
-                held.enter_context(hold_lock(out, "this cv run"))
-
+        owns_run = ctx.is_main and fold is None  # a --fold k process holds its fold's lock only
         distributed.per_rank_batch(cfg.train.batch_size, ctx.world_size)
         log = distributed.main_log(log, ctx)
-        # an existing run: locked before prepare cleans it; a new one (or a folder that is no run yet, where a
-        # refusal must leave nothing): once prepare made it
-        lock_run(made=False)
+        if owns_run:
+            lock_run(held, out, made=False)
         records, classes, splits = prepare(cfg, out, resume=resume, fold=fold, log=log, ctx=ctx)
-        lock_run(made=True)
+        if owns_run:
+            lock_run(held, out, made=True)
         p = cfg.preprocess
         log(f"cohort: {len(records)} studies of {len(splits['test_fold'])} patients, {cfg.cv.folds} folds; "
             f"{cfg.model.backbone} + {cfg.model.head}, loss {cfg.loss.name}, {cfg.train.epochs} epochs; ROI "
@@ -240,6 +237,14 @@ def run(cfg: CVConfig, out: Path, *, resume: bool = False, fold: Optional[int] =
             log(f"fold {fold}: done; another process is writing the run's summary (`pancls report {out}` "
                 "rewrites it)")
             return read_json(out / f"fold_{fold}" / FOLD_DONE, "fold record")
+
+
+def lock_run(held: contextlib.ExitStack, out: Path, made: bool) -> None:
+    """Hold the whole run's lock in ``held``: before :func:`prepare` (``made=False``) only for an existing run,
+    which prepare then cleans; after it (``made=True``) for a new one, so that a refusal leaves nothing, not
+    even a lock file, in a folder that is no run yet. Re-entrant: calling both is the rule."""
+    if run_config_path(out).exists() if not made else out.is_dir():
+        held.enter_context(hold_lock(out, "this cv run"))
 
 
 def prepare(cfg: CVConfig, out: Path, *, resume: bool, fold: Optional[int] = None,

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pancls.errors import UserError
-from pancls.io import hold_lock
 
 LOG_DIR = "logs"
 
@@ -287,13 +286,9 @@ def run_parallel(cfg, out: Path, *, resume: bool = False, jobs: Optional[int] = 
                         "--gpus")
     out = Path(out)
     with contextlib.ExitStack() as held:
-        def lock_run(made: bool):  # the parent's for the whole run; each worker holds its fold's lock
-            if cv.run_config_path(out).exists() if not made else out.is_dir():
-                held.enter_context(hold_lock(out, "this cv run"))
-
-        lock_run(made=False)  # as in cv.run: an existing run before prepare cleans it, a new one once made
+        cv.lock_run(held, out, made=False)  # the parent's for the whole run; each worker holds its fold's lock
         records, _, _ = cv.prepare(cfg, out, resume=resume, log=log)  # splits/configs once, before any worker
-        lock_run(made=True)
+        cv.lock_run(held, out, made=True)
         done = [k for k in range(cfg.cv.folds) if (out / f"fold_{k}" / cv.FOLD_DONE).exists()]
         p = plan(cfg.cv.folds, done, jobs=jobs, gpus=gpus)
         for note in p.notes:
